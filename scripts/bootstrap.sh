@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs what building the eBPF side needs, only when it is missing.
+# Idempotent: a second run on a ready machine does nothing but check.
+#   - the nightly toolchain's rust-src (for -Z build-std=core on bpfel-unknown-none)
+#   - LLVM 22's development package (bpf-linker links against libLLVM 22)
+#   - bpf-linker 0.13.0 built against that LLVM
+# The versions are the ones verified in shared/TOOLCHAIN.md; change them together.
+set -euo pipefail
+
+BPF_LINKER_VERSION=0.13.0
+LLVM_MAJOR=22
+LLVM_PREFIX=/usr/lib/llvm-${LLVM_MAJOR}
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+    log "must run as root (it installs packages, and the supervisor needs CAP_BPF/CAP_NET_ADMIN)"
+    exit 2
+fi
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+    log "installing the nightly toolchain"
+    rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+    log "adding rust-src to nightly"
+    rustup component add rust-src --toolchain nightly
+fi
+
+if [ ! -x "${LLVM_PREFIX}/bin/llvm-config" ] || ! dpkg -s "libpolly-${LLVM_MAJOR}-dev" >/dev/null 2>&1; then
+    log "installing llvm-${LLVM_MAJOR}-dev"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" >/dev/null
+fi
+
+# iproute2 for the tests' network namespaces; python3 for the socket-activation example.
+for tool in ip python3; do
+    if ! command -v "$tool" >/dev/null; then
+        log "missing $tool"; export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq; apt-get install -y -qq iproute2 python3 >/dev/null
+    fi
+done
+
+if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
+    log "building bpf-linker ${BPF_LINKER_VERSION} against LLVM ${LLVM_MAJOR} (about two minutes)"
+    LLVM_SYS_221_PREFIX="${LLVM_PREFIX}" PATH="${LLVM_PREFIX}/bin:${PATH}" \
+        cargo install bpf-linker --locked --version "${BPF_LINKER_VERSION}" \
+        --no-default-features --features "llvm-${LLVM_MAJOR}"
+fi
+
+if ! command -v cargo-nextest >/dev/null; then
+    log "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi
+
+# bpffs: the supervisor mounts it itself when missing; the tests need it too.
+if ! mountpoint -q /sys/fs/bpf; then
+    mount -t bpf bpf /sys/fs/bpf
+fi
+log "ready"

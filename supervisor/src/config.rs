@@ -1,0 +1,379 @@
+//! The service configuration (TOML), as DESIGN.md defines it.
+//!
+//! Parsing is strict: unknown keys are errors, and every error names the file and,
+//! where toml can tell, the line and the key. Validation that needs more than one
+//! key (a listener name used twice, more sockets than the selector holds) happens
+//! in [`Config::validate`] so that `upgrade` can refuse a bad file before anything
+//! changes.
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, de};
+use supervisor_common::{BalanceMode, MAX_SOCKETS};
+
+use crate::error::InputError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub service: ServiceConfig,
+    #[serde(rename = "listen", default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// The file it was read from, for messages.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default = "defaults::workers")]
+    pub workers: u32,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub ready: ReadyMode,
+    #[serde(default = "defaults::ready_timeout", with = "duration")]
+    pub ready_timeout: Duration,
+    #[serde(default = "defaults::drain_signal", deserialize_with = "signal")]
+    pub drain_signal: nix::sys::signal::Signal,
+    #[serde(default = "defaults::drain_timeout", with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(default = "defaults::runtime_dir")]
+    pub runtime_dir: PathBuf,
+    #[serde(default = "defaults::bpffs")]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyMode {
+    /// The worker sends `READY=1` on `NOTIFY_SOCKET`.
+    #[default]
+    Notify,
+    /// The worker is ready as soon as it has been exec'd.
+    Exec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    #[serde(deserialize_with = "socket_addr")]
+    pub address: SocketAddr,
+    #[serde(default = "defaults::sockets_per_worker")]
+    pub sockets_per_worker: u32,
+    #[serde(default = "defaults::receive_buffer", deserialize_with = "byte_size")]
+    pub receive_buffer: u64,
+    #[serde(default, deserialize_with = "balance")]
+    pub balance: Balance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balance(pub BalanceMode);
+
+impl Default for Balance {
+    fn default() -> Self {
+        Balance(BalanceMode::Random)
+    }
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            BalanceMode::Random => "random",
+            BalanceMode::Hash => "hash",
+        })
+    }
+}
+
+mod defaults {
+    use std::{path::PathBuf, time::Duration};
+
+    pub fn workers() -> u32 {
+        1
+    }
+    pub fn ready_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn drain_signal() -> nix::sys::signal::Signal {
+        nix::sys::signal::Signal::SIGTERM
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn runtime_dir() -> PathBuf {
+        PathBuf::from("/run/supervisor")
+    }
+    pub fn bpffs() -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/supervisor")
+    }
+    pub fn sockets_per_worker() -> u32 {
+        1
+    }
+    pub fn receive_buffer() -> u64 {
+        4 << 20
+    }
+}
+
+/// Durations as humans write them: "10s", "500ms", "1m 30s".
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| de::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. \"10s\" or \"500ms\"")))
+    }
+}
+
+fn signal<'de, D: Deserializer<'de>>(d: D) -> Result<nix::sys::signal::Signal, D::Error> {
+    let text = String::deserialize(d)?;
+    let name = if text.starts_with("SIG") { text.clone() } else { format!("SIG{text}") };
+    name.parse()
+        .map_err(|_| de::Error::custom(format!("unknown signal {text:?}; write e.g. \"SIGTERM\" or \"SIGUSR2\"")))
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        de::Error::custom(format!(
+            "invalid address {text:?}; write an IPv4 \"127.0.0.1:5300\" or IPv6 \"[::1]:5300\" address with a port"
+        ))
+    })
+}
+
+fn balance<'de, D: Deserializer<'de>>(d: D) -> Result<Balance, D::Error> {
+    let text = String::deserialize(d)?;
+    match text.as_str() {
+        "random" => Ok(Balance(BalanceMode::Random)),
+        "hash" => Ok(Balance(BalanceMode::Hash)),
+        other => Err(de::Error::custom(format!(
+            "unknown balance mode {other:?}; expected \"random\" or \"hash\""
+        ))),
+    }
+}
+
+/// "4MiB", "512KiB", "8M", "65536": binary units (K/M/G and KiB/MiB/GiB both mean 1024-based).
+///
+/// Hand-written rather than a crate: twenty lines, and the crates that parse sizes
+/// disagree on whether "MB" is 10^6 or 2^20; socket buffers are always 2^n-minded.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}; write e.g. \"4MiB\" or \"262144\""))?;
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "KiB" | "k" => 1 << 10,
+        "M" | "MB" | "MiB" => 1 << 20,
+        "G" | "GB" | "GiB" => 1 << 30,
+        other => return Err(format!("invalid size unit {other:?} in {text:?}; use KiB, MiB or GiB")),
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Number(n) => Ok(n),
+        Size::Text(text) => parse_byte_size(&text).map_err(de::Error::custom),
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Every error names the file.
+    pub fn load(path: &Path) -> Result<Config, InputError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            InputError::new(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, InputError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            // toml's message carries "line N, column M" and the offending key;
+            // flatten it to one line so it reads well in a journal.
+            let message = e.message().to_string();
+            let location = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    let key = text[span.clone()].lines().next().unwrap_or("").trim();
+                    format!(":{line}: at `{key}`")
+                })
+                .unwrap_or_default();
+            InputError::new(format!("{}{location}: {message}", path.display()))
+        })?;
+        config.path = path.to_path_buf();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), InputError> {
+        let bad = |key: &str, why: String| {
+            Err(InputError::new(format!("{}: {key}: {why}", self.path.display())))
+        };
+        let name = &self.service.name;
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            || name.starts_with('.')
+        {
+            return bad(
+                "service.name",
+                format!("{name:?} must be non-empty and use only letters, digits, '-', '_' and '.' (it names pins and files)"),
+            );
+        }
+        if self.service.command.is_empty() || self.service.command[0].is_empty() {
+            return bad("service.command", "must name a program: command = [\"/path/to/worker\", \"--flag\"]".into());
+        }
+        if self.service.workers == 0 {
+            return bad("service.workers", "must be at least 1".into());
+        }
+        if self.service.ready_timeout.is_zero() {
+            return bad("service.ready_timeout", "must be more than 0".into());
+        }
+        if self.listeners.is_empty() {
+            return bad("listen", "at least one [[listen]] section is needed".into());
+        }
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let key = |k: &str| format!("listen[{i}].{k}");
+            if listener.name.is_empty()
+                || !listener.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return bad(
+                    &key("name"),
+                    format!("{:?} must be non-empty and use only letters, digits, '-' and '_' (it is the LISTEN_FDNAMES entry and a pin directory)", listener.name),
+                );
+            }
+            if listener.name == "xdp" {
+                return bad(&key("name"), "\"xdp\" is reserved for the XDP filter's pins".into());
+            }
+            if !names.insert(listener.name.clone()) {
+                return bad(&key("name"), format!("{:?} is used by two listeners", listener.name));
+            }
+            if !addresses.insert(listener.address) {
+                return bad(&key("address"), format!("{} is used by two listeners", listener.address));
+            }
+            if listener.address.port() == 0 {
+                return bad(&key("address"), "needs a fixed port (0 would give every socket a different one)".into());
+            }
+            if listener.sockets_per_worker == 0 {
+                return bad(&key("sockets_per_worker"), "must be at least 1".into());
+            }
+            let sockets = u64::from(self.service.workers) * u64::from(listener.sockets_per_worker);
+            if sockets > u64::from(MAX_SOCKETS) {
+                return bad(
+                    &key("sockets_per_worker"),
+                    format!("workers × sockets_per_worker = {sockets}, more than the {MAX_SOCKETS} sockets a generation can hold"),
+                );
+            }
+            if listener.receive_buffer < 4096 || listener.receive_buffer > (1 << 31) - 1 {
+                return bad(&key("receive_buffer"), format!("{} bytes is out of range (4KiB to 2GiB)", listener.receive_buffer));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sockets one generation creates for a listener.
+    pub fn sockets_for(&self, listener: &ListenerConfig) -> u32 {
+        self.service.workers * listener.sockets_per_worker
+    }
+
+    /// The service's pin directory: `<bpffs>/<service>`.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.service.bpffs.join(&self.service.name)
+    }
+
+    /// The control socket: `<runtime_dir>/<service>.sock`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.service.runtime_dir.join(format!("{}.sock", self.service.name))
+    }
+
+    /// The lock that keeps two supervisors off one service.
+    pub fn lock_file(&self) -> PathBuf {
+        self.service.runtime_dir.join(format!("{}.lock", self.service.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, InputError> {
+        Config::parse(text, Path::new("svc.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[service]
+name = "echo"
+command = ["/bin/true"]
+
+[[listen]]
+name = "echo"
+address = "127.0.0.1:5300"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.service.workers, 1);
+        assert_eq!(config.service.ready, ReadyMode::Notify);
+        assert_eq!(config.service.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.listeners[0].receive_buffer, 4 << 20);
+        assert_eq!(config.listeners[0].balance.0, BalanceMode::Random);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = MINIMAL.replace("workers", "wrokers").replace("command =", "wrokers = 2\ncommand =");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("svc.toml:5:"), "{err}");
+        assert!(err.contains("wrokers"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = parse(&MINIMAL.replace("127.0.0.1:5300", "localhost")).unwrap_err().to_string();
+        assert!(err.contains("invalid address \"localhost\""), "{err}");
+        let err = parse(&format!("{MINIMAL}balance = \"round-robin\"\n")).unwrap_err().to_string();
+        assert!(err.contains("unknown balance mode"), "{err}");
+        let err = parse(&MINIMAL.replace("[[listen]]", "[[listen]]\nreceive_buffer = \"4 parsecs\"")).unwrap_err().to_string();
+        assert!(err.contains("receive_buffer") || err.contains("invalid size"), "{err}");
+    }
+
+    #[test]
+    fn too_many_sockets_is_refused() {
+        let text = MINIMAL.replace("command =", "workers = 33\ncommand =").replace("[[listen]]", "[[listen]]\nsockets_per_worker = 2");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("listen[0].sockets_per_worker"), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_byte_size("4MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_byte_size("512K").unwrap(), 512 << 10);
+        assert_eq!(parse_byte_size("65536").unwrap(), 65536);
+        assert!(parse_byte_size("4 parsecs").is_err());
+    }
+}

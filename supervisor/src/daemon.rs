@@ -1,0 +1,324 @@
+//! `supervisor run`: start-up, the event loop, and shutdown.
+//!
+//! Start-up checks everything an operator can get wrong before it changes
+//! anything (config, privileges, the port, the command), and undoes what it did if
+//! a later step fails: a refused start leaves no pins, sockets or processes.
+//!
+//! Everything runs on one thread (a current-thread tokio runtime on the main
+//! thread). That is a correctness choice, not only a simple one: workers are forked
+//! with `PR_SET_PDEATHSIG`, which is tied to the forking thread.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Result;
+use nix::fcntl::{Flock, FlockArg};
+use tokio::{
+    io::BufReader,
+    net::UnixStream,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+use crate::{
+    bpffs,
+    config::Config,
+    control::{self, Event, Request},
+    error::{InputError, exit_code},
+    maps::ListenerDataplane,
+    notify::{NotifySocket, Registry},
+    status, systemd,
+    upgrade::{self, Progress, Shared, State},
+    worker::WorkerSpec,
+};
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let service = config.service.name.clone();
+
+    std::fs::create_dir_all(&config.service.runtime_dir).map_err(|e| {
+        InputError::new(format!("cannot create runtime_dir {}: {e}", config.service.runtime_dir.display()))
+    })?;
+    let _lock = lock(&config)?;
+    let spec = Arc::new(worker_spec(&config, String::new())?);
+    bpffs::ensure(&config.service.bpffs)?;
+
+    let pin_dir = config.pin_dir();
+    let cleanup_pins = |dir: &Path| {
+        let _ = std::fs::remove_dir_all(dir);
+    };
+    let mut dataplanes = Vec::new();
+    for listener in &config.listeners {
+        match ListenerDataplane::load(&listener.name, &pin_dir.join(&listener.name)) {
+            Ok(dataplane) => dataplanes.push(dataplane),
+            Err(e) => {
+                cleanup_pins(&pin_dir);
+                return Err(e);
+            }
+        }
+    }
+
+    let notify = NotifySocket::bind(&service)?;
+    let spec = Arc::new(WorkerSpec {
+        notify_socket: notify.env_value.clone(),
+        ..(*spec).clone()
+    });
+    let registry = Registry::default();
+    tokio::spawn(notify.serve(registry.clone()));
+    let control_path = config.control_socket();
+    let listener = control::bind(&control_path)?;
+
+    let shared: Shared = Arc::new(Mutex::new(State {
+        config: config.clone(),
+        dataplanes,
+        generations: Vec::new(),
+        next_generation: 1,
+        upgrading_to: None,
+        spec: spec.clone(),
+        registry,
+    }));
+
+    let progress = Progress::new(None);
+    let first = upgrade::begin(&shared, &config)?;
+    if let Err(e) = upgrade::run(&shared, first, config.clone(), spec, &progress).await {
+        unpin_everything(&shared, &pin_dir);
+        let _ = std::fs::remove_file(&control_path);
+        return Err(e.context(format!("service {service}: the first generation did not start")));
+    }
+    systemd::ready(&format!("generation {first} serving"));
+
+    let result = event_loop(&shared, config_path.to_path_buf(), listener).await;
+
+    let drain_timeout = shared.lock().unwrap().config.service.drain_timeout;
+    systemd::stopping("draining all generations");
+    upgrade::stop_all(&shared, drain_timeout, &Progress::new(None)).await;
+    unpin_everything(&shared, &pin_dir);
+    let _ = std::fs::remove_file(&control_path);
+    tracing::info!("service {service}: stopped");
+    result
+}
+
+fn unpin_everything(shared: &Shared, pin_dir: &Path) {
+    let state = shared.lock().unwrap();
+    for dataplane in &state.dataplanes {
+        dataplane.unpin_all();
+    }
+    // The service directory goes too when nothing else (an XDP link) is left in it.
+    let _ = std::fs::remove_dir(pin_dir);
+}
+
+/// One supervisor per service: an exclusive, non-blocking flock on
+/// `<runtime_dir>/<service>.lock`, released by the kernel when we die.
+fn lock(config: &Config) -> Result<Flock<File>> {
+    let path = config.lock_file();
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| InputError::new(format!("cannot open lock file {}: {e}", path.display())))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        InputError::new(format!(
+            "another supervisor is already running service {:?} (lock {} is held: {e})",
+            config.service.name,
+            path.display()
+        ))
+        .into()
+    })
+}
+
+/// Resolves the command (so a missing program is reported now, not at fork time)
+/// and the user the workers run as.
+pub fn worker_spec(config: &Config, notify_socket: String) -> Result<WorkerSpec, InputError> {
+    let command = &config.service.command;
+    let program = resolve_program(&command[0]).ok_or_else(|| {
+        InputError::new(format!(
+            "{}: service.command: {:?} is not an executable file{}",
+            config.path.display(),
+            command[0],
+            if command[0].contains('/') { "" } else { " found in PATH" }
+        ))
+    })?;
+    let credentials = match &config.service.user {
+        None => None,
+        Some(name) => {
+            let user = nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| InputError::new(format!("{}: service.user: no user {name:?} on this host", config.path.display())))?;
+            Some((user.uid.as_raw(), user.gid.as_raw()))
+        }
+    };
+    let inherited_env = std::env::vars()
+        .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
+        .collect();
+    Ok(WorkerSpec {
+        program: program.to_string_lossy().into_owned(),
+        argv: command.clone(),
+        inherited_env,
+        notify_socket,
+        credentials,
+        ready: config.service.ready,
+        drain_signal: config.service.drain_signal,
+    })
+}
+
+fn resolve_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        let path = if path.is_relative() { std::env::current_dir().ok()?.join(path) } else { path };
+        return executable(&path).then_some(path);
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| executable(p))
+}
+
+enum Command {
+    Stop,
+}
+
+async fn event_loop(shared: &Shared, config_path: PathBuf, listener: tokio::net::UnixListener) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    let config_path = Arc::new(Mutex::new(config_path));
+    let mut upgrades: Vec<JoinHandle<()>> = Vec::new();
+    loop {
+        upgrades.retain(|task| !task.is_finished());
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining and stopping"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: draining and stopping"); break; }
+            _ = sighup.recv() => {
+                let path = config_path.lock().unwrap().clone();
+                tracing::info!("SIGHUP: upgrading with {}", path.display());
+                let shared = shared.clone();
+                upgrades.push(tokio::spawn(async move {
+                    if let Err(e) = upgrade_from_file(&shared, &path, Progress::new(None)).await {
+                        tracing::error!("upgrade refused or failed: {e:#}");
+                    }
+                }));
+            }
+            Some(Command::Stop) = commands.recv() => { tracing::info!("stop requested"); break; }
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => { tracing::warn!("control socket: {e}"); continue; }
+                };
+                if !control::peer_allowed(&stream) {
+                    tracing::warn!("control connection from a user that may not control this supervisor: refused");
+                    continue;
+                }
+                let shared = shared.clone();
+                let commands_tx = commands_tx.clone();
+                let config_path = config_path.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(&shared, stream, commands_tx, config_path).await {
+                        tracing::warn!("control connection: {e:#}");
+                    }
+                });
+            }
+            _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
+                systemd::watchdog();
+            }
+        }
+    }
+    for task in upgrades {
+        task.abort();
+    }
+    Ok(())
+}
+
+/// Re-reads the config and upgrades. `InputError`s mean nothing changed.
+async fn upgrade_from_file(shared: &Shared, path: &Path, progress: Progress) -> Result<u32> {
+    let config = Config::load(path)?;
+    let spec = {
+        let state = shared.lock().unwrap();
+        let notify_socket = state.spec.notify_socket.clone();
+        drop(state);
+        Arc::new(worker_spec(&config, notify_socket)?)
+    };
+    let number = upgrade::begin(shared, &config)?;
+    systemd::reloading(&format!("upgrading to generation {number}"));
+    let result = upgrade::run(shared, number, config, spec, &progress).await;
+    let serving = serving_generation(shared);
+    match &result {
+        Ok(()) => systemd::ready(&format!("generation {number} serving")),
+        Err(e) => systemd::ready(&format!("upgrade to generation {number} failed ({e:#}); generation {serving} serving")),
+    }
+    result.map(|()| number)
+}
+
+fn serving_generation(shared: &Shared) -> u32 {
+    shared
+        .lock()
+        .unwrap()
+        .generations
+        .iter()
+        .filter(|g| g.state == upgrade::GenerationState::Serving)
+        .map(|g| g.number)
+        .max()
+        .unwrap_or(0)
+}
+
+async fn serve_connection(
+    shared: &Shared,
+    stream: UnixStream,
+    commands: mpsc::UnboundedSender<Command>,
+    config_path: Arc<Mutex<PathBuf>>,
+) -> Result<()> {
+    let mut stream = BufReader::new(stream);
+    let request = match control::read_request(&mut stream).await {
+        Ok(request) => request,
+        Err(e) => {
+            let message = format!("{e:#}");
+            control::send(&mut stream, &Event::Error { exit_code: 2, message }).await?;
+            return Ok(());
+        }
+    };
+    match request {
+        Request::Status => {
+            let status = status::collect(&shared.lock().unwrap());
+            control::send(&mut stream, &Event::Status { status: serde_json::to_value(status)? }).await?;
+        }
+        Request::Stop => {
+            let _ = commands.send(Command::Stop);
+            control::send(&mut stream, &Event::Done { message: "stopping: draining all generations".into() }).await?;
+        }
+        Request::Upgrade { config } => {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let progress = Progress::new(Some(tx));
+            let shared_for_task = shared.clone();
+            let path = config.clone();
+            // The upgrade runs in its own task: it completes even if the CLI goes away.
+            let task = tokio::spawn(async move { upgrade_from_file(&shared_for_task, &path, progress).await });
+            while let Some((at_ms, text)) = rx.recv().await {
+                // A CLI that went away does not stop the upgrade.
+                let _ = control::send(&mut stream, &Event::Phase { at_ms, text }).await;
+            }
+            let final_event = match task.await {
+                Ok(Ok(number)) => {
+                    *config_path.lock().unwrap() = config;
+                    Event::Done { message: format!("generation {number} serves") }
+                }
+                Ok(Err(e)) => Event::Error { exit_code: exit_code(&e), message: format!("{e:#}") },
+                Err(e) => Event::Error { exit_code: 1, message: format!("upgrade task ended: {e}") },
+            };
+            control::send(&mut stream, &final_event).await?;
+        }
+    }
+    Ok(())
+}
+
+/// How long the CLI waits for the daemon's answer to a status request.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,158 @@
+//! `supervisor`: zero-downtime upgrades for UDP services.
+use std::{io::Write, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use supervisor::{
+    config::Config,
+    control::{self, Event, Request},
+    daemon,
+    error::{EXIT_BAD_INPUT, EXIT_FAILED, exit_code},
+    status,
+};
+
+#[derive(Parser)]
+#[command(version, about = "Zero-downtime upgrade supervisor for UDP services (SK_REUSEPORT + eBPF)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the supervisor in the foreground. SIGHUP upgrades, SIGTERM drains and exits.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Ask the running supervisor for a new generation (re-reading the config).
+    /// Prints each phase; exits 0 only when the new generation serves.
+    Upgrade {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Generations, workers and per-socket counters.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain every generation and stop the supervisor.
+    Stop {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SUPERVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    // One thread: see daemon.rs for why.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => match daemon::run(&config).await {
+                Ok(()) => 0,
+                Err(e) => fail(&e),
+            },
+            Command::Upgrade { config } => upgrade(&config).await,
+            Command::Status { config, json } => status_command(&config, json).await,
+            Command::Stop { config } => stop(&config).await,
+        }
+    });
+    ExitCode::from(code as u8)
+}
+
+fn fail(error: &anyhow::Error) -> i32 {
+    eprintln!("error: {error:#}");
+    exit_code(error)
+}
+
+async fn upgrade(path: &std::path::Path) -> i32 {
+    // Refuse a bad file here already, with the same message the daemon would give.
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut code = EXIT_FAILED;
+    let result = control::call(&config.control_socket(), &Request::Upgrade { config: absolute }, |event| match event {
+        Event::Phase { at_ms, text } => {
+            println!("[{:>4}.{:03}s] {text}", at_ms / 1000, at_ms % 1000);
+            let _ = std::io::stdout().flush();
+        }
+        Event::Done { message } => {
+            println!("upgrade succeeded: {message}");
+            code = 0;
+        }
+        Event::Error { exit_code, message } => {
+            eprintln!("error: upgrade failed: {message}");
+            code = exit_code;
+        }
+        Event::Status { .. } => {}
+    })
+    .await;
+    match result {
+        Ok(()) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+async fn status_command(path: &std::path::Path, json: bool) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    let mut code = EXIT_FAILED;
+    let socket = config.control_socket();
+    let call = control::call(&socket, &Request::Status, |event| {
+        if let Event::Status { status } = event {
+            if json {
+                println!("{status}");
+            } else {
+                match serde_json::from_value::<status::Status>(status) {
+                    Ok(status) => print!("{}", status::render(&status)),
+                    Err(e) => eprintln!("error: malformed status: {e}"),
+                }
+            }
+            code = 0;
+        }
+    });
+    match tokio::time::timeout(daemon::STATUS_TIMEOUT, call).await {
+        Ok(Ok(())) => code,
+        Ok(Err(e)) => fail(&e),
+        Err(_) => {
+            eprintln!("error: the supervisor did not answer within {:?}", daemon::STATUS_TIMEOUT);
+            EXIT_FAILED
+        }
+    }
+}
+
+async fn stop(path: &std::path::Path) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    let mut code = EXIT_BAD_INPUT;
+    let result = control::call(&config.control_socket(), &Request::Stop, |event| {
+        if let Event::Done { message } = event {
+            println!("{message}");
+            code = 0;
+        }
+    })
+    .await;
+    match result {
+        Ok(()) => code,
+        Err(e) => fail(&e),
+    }
+}

@@ -1,0 +1,266 @@
+//! User space's half of the maps contract (the other half is `supervisor-ebpf`,
+//! the shared layouts are in `supervisor-common`).
+//!
+//! One [`ListenerDataplane`] per `[[listen]]`: the selector program and its maps,
+//! pinned under `<bpffs>/<service>/<listener>/`, plus the operations the upgrade
+//! state machine needs: build a generation's socket array, put it in a slot, flip
+//! the control word, read the counters, retire a generation.
+use std::{
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray},
+    programs::SkReuseport,
+    util::nr_cpus,
+};
+use supervisor_common::{
+    COUNTER_ENTRIES, Control, GENERATION_SLOTS, MAX_SOCKETS, SocketCounters, counter_index,
+    map_names, pin_names, program_names,
+};
+
+use crate::{ebpf::SELECTOR_OBJECT, error::InputError, sys::ControlWord};
+
+/// `BPF_MAP_TYPE_REUSEPORT_SOCKARRAY` from the kernel's uapi.
+const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
+
+pub struct ListenerDataplane {
+    pub listener: String,
+    pub dir: PathBuf,
+    /// Keeps the loaded program (and with it the maps) alive.
+    ebpf: Ebpf,
+    generations: ArrayOfMaps<MapData, MapData>,
+    counters: PerCpuArray<MapData, SocketCounters>,
+    control: ControlWord,
+}
+
+/// One generation's `REUSEPORT_SOCKARRAY` for one listener, pinned as `gen-<N>`.
+pub struct GenerationArray {
+    pub generation: u32,
+    pub slot: u32,
+    pub pin: PathBuf,
+    _map: MapData,
+}
+
+impl Drop for GenerationArray {
+    fn drop(&mut self) {
+        self.unpin();
+    }
+}
+
+impl GenerationArray {
+    /// Removes the `gen-<N>` pin. The map itself lives on while the `GENERATIONS`
+    /// slot still refers to it (until a later generation takes the slot); its
+    /// sockets leave it by themselves when they close.
+    pub fn unpin(&self) {
+        if let Err(e) = std::fs::remove_file(&self.pin)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove pin {}: {e}", self.pin.display());
+        }
+    }
+}
+
+impl ListenerDataplane {
+    /// Loads the selector for one listener and pins it with its maps in `dir`.
+    ///
+    /// Pins left by a supervisor that died are replaced: the caller holds the
+    /// service's lock, so nothing else uses them, and its workers (and with them
+    /// the sockets those pins referred to) died with it.
+    pub fn load(listener: &str, dir: &Path) -> Result<ListenerDataplane> {
+        if dir.exists() {
+            tracing::info!("removing stale pins in {}", dir.display());
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot remove stale pins in {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create pin directory {}", dir.display()))?;
+        let result = Self::load_into(listener, dir);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        result
+    }
+
+    fn load_into(listener: &str, dir: &Path) -> Result<ListenerDataplane> {
+        let mut ebpf = EbpfLoader::new().load(SELECTOR_OBJECT).map_err(|e| {
+            if is_permission_error(&e) {
+                anyhow::Error::new(InputError::new(format!(
+                    "missing privileges for bpf(): loading the selector failed ({e}); run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
+                )))
+            } else {
+                anyhow::Error::new(e).context("loading the selector's eBPF object")
+            }
+        })?;
+        let program: &mut SkReuseport = ebpf
+            .program_mut(program_names::SELECTOR)
+            .context("the eBPF object has no selector program")?
+            .try_into()?;
+        program.load().context("the kernel refused the selector program")?;
+        program
+            .pin(dir.join(pin_names::SELECTOR))
+            .context("pinning the selector program")?;
+
+        let take = |ebpf: &mut Ebpf, name: &str, pin: &str| -> Result<Map> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))?;
+            let path = dir.join(pin);
+            map_data(&map)
+                .pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+            Ok(map)
+        };
+        let control = take(&mut ebpf, map_names::CONTROL, pin_names::CONTROL)?;
+        let generations = take(&mut ebpf, map_names::GENERATIONS, pin_names::GENERATIONS)?;
+        let counters = take(&mut ebpf, map_names::COUNTERS, pin_names::COUNTERS)?;
+
+        let control = ControlWord::map(map_data(&control).fd().as_fd())
+            .context("mapping the selector's control word")?;
+        control.store(Control::NONE.to_word());
+        Ok(ListenerDataplane {
+            listener: listener.to_string(),
+            dir: dir.to_path_buf(),
+            ebpf,
+            generations: ArrayOfMaps::try_from(generations)?,
+            counters: PerCpuArray::try_from(counters)?,
+            control,
+        })
+    }
+
+    /// Attaches the selector to the reuseport group `socket` belongs to. Idempotent:
+    /// the group keeps one program, and every socket that joins it later uses it.
+    pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
+        let program: &SkReuseport = self
+            .ebpf
+            .program(program_names::SELECTOR)
+            .context("selector program missing")?
+            .try_into()?;
+        program
+            .attach(socket)
+            .context("attaching the selector to the socket group (SO_ATTACH_REUSEPORT_EBPF)")
+    }
+
+    /// Creates generation `generation`'s fresh socket array holding `sockets` at
+    /// indices 0.., pins it as `gen-<N>`, zeroes the slot's counters and stores it in
+    /// the slot. The selector does not look at the slot until [`Self::flip`].
+    pub fn install_generation(
+        &mut self,
+        generation: u32,
+        slot: u32,
+        sockets: &[BorrowedFd<'_>],
+    ) -> Result<GenerationArray> {
+        anyhow::ensure!(slot < GENERATION_SLOTS, "slot {slot} out of range");
+        anyhow::ensure!(sockets.len() as u32 <= MAX_SOCKETS, "too many sockets");
+        let name = format!("{}{generation}", pin_names::GENERATION_PREFIX);
+        let obj = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
+            4,
+            4,
+            MAX_SOCKETS,
+            0,
+        );
+        // Kernel map names allow [A-Za-z0-9_.] only; the pin keeps the dash.
+        let map_data = MapData::create(obj, &format!("gen_{generation}"), None)
+            .with_context(|| format!("creating the socket array for generation {generation}"))?;
+        let mut map = Map::ReusePortSockArray(map_data);
+        {
+            let mut array = ReusePortSockArray::try_from(&mut map)?;
+            for (index, socket) in sockets.iter().enumerate() {
+                array.set(index as u32, socket, 0).with_context(|| {
+                    format!("adding socket {index} to generation {generation}'s socket array")
+                })?;
+            }
+        }
+        let Map::ReusePortSockArray(map_data) = map else {
+            unreachable!("constructed as a ReusePortSockArray above")
+        };
+        let pin = self.dir.join(&name);
+        map_data
+            .pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        let array = GenerationArray {
+            generation,
+            slot,
+            pin,
+            _map: map_data,
+        };
+        self.zero_counters(slot)?;
+        self.generations
+            .set(slot, &array._map, 0)
+            .with_context(|| format!("storing generation {generation} in slot {slot}"))?;
+        Ok(array)
+    }
+
+    /// The atomic switch: from the next datagram on, the selector reads `control`.
+    pub fn flip(&self, control: Control) {
+        self.control.store(control.to_word());
+    }
+
+    pub fn working(&self) -> Control {
+        Control::from_word(self.control.load())
+    }
+
+    fn zero_counters(&mut self, slot: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
+        for socket in 0..MAX_SOCKETS {
+            let zeros = PerCpuValues::try_from(vec![SocketCounters::default(); cpus])?;
+            self.counters
+                .set(counter_index(slot, socket), zeros, 0)
+                .context("zeroing counters")?;
+        }
+        Ok(())
+    }
+
+    /// The selector's counters for one socket of a slot, summed over CPUs.
+    pub fn counters(&self, slot: u32, socket: u32) -> SocketCounters {
+        let index = counter_index(slot, socket);
+        debug_assert!(index < COUNTER_ENTRIES);
+        match self.counters.get(&index, 0) {
+            Ok(values) => values.iter().fold(SocketCounters::default(), |sum, c| SocketCounters {
+                selected: sum.selected + c.selected,
+                fallback: sum.fallback + c.fallback,
+                errors: sum.errors + c.errors,
+            }),
+            Err(e) => {
+                tracing::warn!("reading counters: {e}");
+                SocketCounters::default()
+            }
+        }
+    }
+
+    /// Removes this listener's pins (on shutdown).
+    pub fn unpin_all(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+fn map_data(map: &Map) -> &MapData {
+    match map {
+        Map::Array(m)
+        | Map::ArrayOfMaps(m)
+        | Map::PerCpuArray(m)
+        | Map::ReusePortSockArray(m) => m,
+        other => panic!("unexpected map kind {other:?}"),
+    }
+}
+
+fn is_permission_error(error: &aya::EbpfError) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}

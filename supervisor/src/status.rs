@@ -1,0 +1,176 @@
+//! `supervisor status`: what serves, what drains, and per socket what the selector
+//! sent to it (its per-CPU counters), what is queued and what the kernel dropped.
+use std::{fmt::Write as _, os::fd::AsFd, time::UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{sys, upgrade::State, worker::WorkerStatus};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub service: String,
+    pub pid: u32,
+    pub upgrade_in_progress: bool,
+    pub upgrading_to: Option<u32>,
+    pub generations: Vec<GenerationStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    pub generation: u32,
+    pub state: String,
+    pub slot: u32,
+    pub started_unix_ms: u64,
+    pub workers: Vec<WorkerStatusOut>,
+    pub listeners: Vec<ListenerStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkerStatusOut {
+    pub index: u32,
+    pub pid: Option<i32>,
+    pub state: String,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub address: String,
+    pub balance: String,
+    pub working: bool,
+    pub sockets: Vec<SocketStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SocketStatus {
+    pub index: u32,
+    pub worker: u32,
+    pub selected: u64,
+    pub errors: u64,
+    pub fallback: u64,
+    pub queue_bytes: u32,
+    pub drops: u32,
+}
+
+pub fn collect(state: &State) -> Status {
+    let generations = state
+        .generations
+        .iter()
+        .map(|generation| {
+            let workers = generation
+                .workers
+                .iter()
+                .map(|w| {
+                    let s: WorkerStatus = w.status.borrow().clone();
+                    WorkerStatusOut {
+                        index: w.index,
+                        pid: s.pid,
+                        state: serde_json::to_value(s.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        restarts: s.restarts,
+                        last_exit: s.last_exit,
+                        status: s.status,
+                    }
+                })
+                .collect();
+            let listeners = generation
+                .listeners
+                .iter()
+                .zip(state.dataplanes.iter())
+                .map(|(listener, dataplane)| {
+                    let working = dataplane.working();
+                    ListenerStatus {
+                        name: listener.name.clone(),
+                        address: listener.address.to_string(),
+                        balance: crate::config::Balance(listener.balance).to_string(),
+                        working: working.generation == generation.number && working.socket_count > 0,
+                        sockets: listener
+                            .sockets
+                            .iter()
+                            .enumerate()
+                            .map(|(index, socket)| {
+                                let counters = dataplane.counters(generation.slot, index as u32);
+                                let mem = sys::socket_meminfo(socket.as_fd()).unwrap_or_default();
+                                SocketStatus {
+                                    index: index as u32,
+                                    worker: index as u32 / listener.sockets_per_worker,
+                                    selected: counters.selected,
+                                    errors: counters.errors,
+                                    fallback: counters.fallback,
+                                    queue_bytes: mem.queued_bytes,
+                                    drops: mem.drops,
+                                }
+                            })
+                            .collect(),
+                    }
+                })
+                .collect();
+            GenerationStatus {
+                generation: generation.number,
+                state: serde_json::to_value(generation.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                slot: generation.slot,
+                started_unix_ms: generation
+                    .started
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
+                workers,
+                listeners,
+            }
+        })
+        .collect();
+    Status {
+        service: state.config.service.name.clone(),
+        pid: std::process::id(),
+        upgrade_in_progress: state.upgrading_to.is_some(),
+        upgrading_to: state.upgrading_to,
+        generations,
+    }
+}
+
+/// The human-readable form.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "service {} (supervisor pid {})", status.service, status.pid);
+    if let Some(target) = status.upgrading_to {
+        let _ = writeln!(out, "upgrade to generation {target} in progress");
+    }
+    for generation in &status.generations {
+        let _ = writeln!(out, "generation {} {} (slot {})", generation.generation, generation.state, generation.slot);
+        for w in &generation.workers {
+            let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let _ = write!(out, "  worker {} pid {pid} {} restarts {}", w.index, w.state, w.restarts);
+            if let Some(text) = &w.status {
+                let _ = write!(out, " status {text:?}");
+            }
+            let _ = writeln!(out);
+        }
+        for l in &generation.listeners {
+            let _ = writeln!(
+                out,
+                "  listener {} {} balance {}{}",
+                l.name,
+                l.address,
+                l.balance,
+                if l.working { " (receiving new datagrams)" } else { "" }
+            );
+            let _ = writeln!(out, "    socket worker   selected  errors fallback  queued  drops");
+            for s in &l.sockets {
+                let _ = writeln!(
+                    out,
+                    "    {:>6} {:>6} {:>10} {:>7} {:>8} {:>7} {:>6}",
+                    s.index, s.worker, s.selected, s.errors, s.fallback, s.queue_bytes, s.drops
+                );
+            }
+        }
+    }
+    out
+}

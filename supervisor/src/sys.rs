@@ -1,0 +1,495 @@
+//! Every `unsafe` block and raw syscall of the supervisor lives here, each with the
+//! invariant that makes it sound written next to it. The rest of the crate uses the
+//! safe functions below.
+//!
+//! - [`spawn_worker`]: fork + exec with the socket-activation fds moved to 3.. and
+//!   `LISTEN_PID` written in the child, after fork, as systemd does. Nothing in the
+//!   crates we use can do that: `std::process::Command` builds the environment
+//!   before fork, and the child's pid is only known after it.
+//! - pidfds ([`pidfd_open`], [`pidfd_signal`], [`pidfd_try_wait`]): race-free handles
+//!   on worker processes (a pid can be reused, a pidfd cannot).
+//! - [`ControlWord`]: the mmap of the selector's `CONTROL` map, so the generation flip
+//!   is one atomic 8-byte store.
+//! - [`socket_meminfo`]: `SO_MEMINFO`, the receive-queue bytes and drop count of a
+//!   socket (nix has no wrapper for it).
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// Everything a worker's exec needs, allocated before fork: after fork in a
+/// multi-threaded process the child may only call async-signal-safe functions, so it
+/// must not allocate (another thread may have held the allocator's lock at fork time).
+pub struct PreparedExec {
+    program: CString,
+    /// NUL-terminated argv strings; `argv_ptrs` points into them.
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    /// Environment entries as owned byte buffers, each NUL-terminated. The
+    /// `LISTEN_PID=` entry has room for any pid; the child writes its own pid there.
+    env: Vec<Vec<u8>>,
+    listen_pid_entry: Option<usize>,
+    /// fds to place at 3, 4, ... in the child, in order.
+    fds: Vec<RawFd>,
+    credentials: Option<(libc::uid_t, libc::gid_t)>,
+}
+
+const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
+/// Digits reserved for the pid (pid_max is at most 2^22, 7 digits).
+const PID_DIGITS: usize = 20;
+
+impl PreparedExec {
+    /// `program` must be a path (the caller resolves `PATH` beforehand, so a missing
+    /// command is reported before anything is forked).
+    pub fn new(
+        program: &str,
+        argv: &[String],
+        env: &[(String, String)],
+        with_listen_pid: bool,
+        fds: Vec<RawFd>,
+        credentials: Option<(u32, u32)>,
+    ) -> io::Result<Self> {
+        let cstring = |s: &str| {
+            CString::new(s).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} contains a NUL byte"))
+            })
+        };
+        let program = cstring(program)?;
+        let argv: Vec<CString> = argv.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+
+        let mut entries: Vec<Vec<u8>> = Vec::with_capacity(env.len() + 1);
+        for (key, value) in env {
+            let entry = cstring(&format!("{key}={value}"))?;
+            entries.push(entry.into_bytes_with_nul());
+        }
+        let listen_pid_entry = with_listen_pid.then(|| {
+            let mut entry = LISTEN_PID_PREFIX.to_vec();
+            entry.resize(LISTEN_PID_PREFIX.len() + PID_DIGITS + 1, 0);
+            entries.push(entry);
+            entries.len() - 1
+        });
+        Ok(PreparedExec {
+            program,
+            _argv: argv,
+            argv_ptrs,
+            env: entries,
+            listen_pid_entry,
+            fds,
+            credentials,
+        })
+    }
+}
+
+/// A forked and exec'd worker.
+pub struct Spawned {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+}
+
+/// Forks and execs a worker. Returns once the exec has succeeded (or with the exec's
+/// error: `ENOENT`, `EACCES`, ...), so a bad command fails the generation at once.
+///
+/// The child: joins its own process group (a Ctrl-C on the supervisor's terminal
+/// must not reach workers before the supervisor drains them), asks for SIGTERM when
+/// the supervisor dies (no orphan keeps a socket of a dead supervisor), resets
+/// signal dispositions and mask, places the sockets at 3.. without `FD_CLOEXEC`,
+/// drops privileges if asked, writes `LISTEN_PID`, and execs.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the process: the
+/// caller must fork from a thread that lives as long as the supervisor (the daemon
+/// runs its event loop, and so every spawn, on the main thread).
+pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
+    // Pointers into `prepared`, taken before fork so the child only reads them.
+    let mut env_ptrs: Vec<*const libc::c_char> =
+        prepared.env.iter().map(|e| e.as_ptr().cast()).collect();
+    env_ptrs.push(std::ptr::null());
+    let listen_pid_buf: Option<*mut u8> = prepared
+        .listen_pid_entry
+        .map(|i| prepared.env[i].as_mut_ptr());
+    let fd_count = prepared.fds.len() as RawFd;
+    let parent = std::process::id() as libc::pid_t;
+
+    // A pipe whose write end is close-on-exec: a successful exec closes it (the
+    // parent reads EOF); a failed one writes errno into it first.
+    let mut pipe_fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(pipe_fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(pipe_fds[0]), OwnedFd::from_raw_fd(pipe_fds[1])) };
+
+    // SAFETY: after fork the child calls only async-signal-safe functions (setpgid,
+    // prctl, getppid, sigprocmask, sigaction via signal, fcntl, dup2, setgroups,
+    // setgid, setuid, getpid, write, execve, _exit) and touches only memory that
+    // was allocated before the fork; it never returns from this block.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // Child. Any failure: report errno through the pipe and _exit.
+        unsafe {
+            let fail = |write_fd: RawFd| -> ! {
+                let errno = *libc::__errno_location();
+                let bytes = errno.to_ne_bytes();
+                libc::write(write_fd, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(127);
+            };
+            // Move the pipe's write end above the socket range first: dup2 below
+            // may overwrite any fd in 3..3+n.
+            let report = libc::fcntl(write_end.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3 + fd_count);
+            if report < 0 {
+                libc::_exit(127);
+            }
+            libc::setpgid(0, 0);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+            if libc::getppid() != parent {
+                // The supervisor died between fork and prctl.
+                libc::_exit(1);
+            }
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // exec keeps ignored signals ignored; Rust ignores SIGPIPE at startup,
+            // and a worker must get the defaults a shell would give it.
+            for signal in 1..32 {
+                if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                    libc::signal(signal, libc::SIG_DFL);
+                }
+            }
+            // Two passes so that a source fd already inside 3..3+n is not
+            // clobbered before it is copied: first above the range, then into it.
+            let mut high = [0 as RawFd; 128];
+            for (i, &fd) in prepared.fds.iter().enumerate().take(high.len()) {
+                high[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3 + fd_count);
+                if high[i] < 0 {
+                    fail(report);
+                }
+            }
+            for i in 0..prepared.fds.len().min(high.len()) {
+                // dup2 gives the new fd no FD_CLOEXEC: it survives exec.
+                if libc::dup2(high[i], 3 + i as RawFd) < 0 {
+                    fail(report);
+                }
+            }
+            if let Some((uid, gid)) = prepared.credentials {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    fail(report);
+                }
+            }
+            if let Some(buf) = listen_pid_buf {
+                write_pid(buf.add(LISTEN_PID_PREFIX.len()), libc::getpid());
+            }
+            libc::execve(
+                prepared.program.as_ptr(),
+                prepared.argv_ptrs.as_ptr(),
+                env_ptrs.as_ptr(),
+            );
+            fail(report);
+        }
+    }
+
+    // Parent.
+    drop(write_end);
+    let mut errno_bytes = [0u8; 4];
+    let mut read = 0;
+    while read < errno_bytes.len() {
+        // SAFETY: reading into our own buffer from an fd we own.
+        let n = unsafe {
+            libc::read(
+                read_end.as_raw_fd(),
+                errno_bytes[read..].as_mut_ptr().cast(),
+                errno_bytes.len() - read,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if n == 0 {
+            break;
+        }
+        read += n as usize;
+    }
+    if read == errno_bytes.len() {
+        // The exec failed: reap the child so it leaves no zombie, report why.
+        let mut status = 0;
+        // SAFETY: pid is our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno_bytes)));
+    }
+    let pidfd = pidfd_open(pid)?;
+    Ok(Spawned { pid, pidfd })
+}
+
+/// Writes `pid` as decimal digits followed by NUL at `dst`, without allocating.
+///
+/// # Safety
+/// `dst` must have room for `PID_DIGITS + 1` bytes.
+unsafe fn write_pid(dst: *mut u8, pid: libc::pid_t) {
+    let mut digits = [0u8; PID_DIGITS];
+    let mut n = pid as u64;
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 || len == PID_DIGITS {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: i < len <= PID_DIGITS, within the caller's buffer.
+        unsafe { *dst.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: len <= PID_DIGITS, and the buffer has PID_DIGITS + 1 bytes.
+    unsafe { *dst.add(len) = 0 };
+}
+
+/// `pidfd_open(2)`: a handle that refers to this process and no later one with the
+/// same pid. Called on our own unreaped child, so the pid cannot have been reused.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `pidfd_send_signal(2)`. ESRCH (already exited) is not an error for callers.
+pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: plain syscall; the fd is borrowed for its duration; NULL siginfo is allowed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Exited(i32),
+    Signaled(i32),
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Exited(code) => write!(f, "exited with status {code}"),
+            ExitStatus::Signaled(signal) => {
+                let name = nix::sys::signal::Signal::try_from(*signal)
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_else(|_| signal.to_string());
+                write!(f, "killed by {name}")
+            }
+        }
+    }
+}
+
+/// Reaps the process behind `pidfd` if it has exited (`waitid(P_PIDFD, WNOHANG)`).
+pub fn pidfd_try_wait(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: siginfo_t is plain data; waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: P_PIDFD with an fd we borrow; info is a valid out-pointer.
+    let ret = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid succeeded, so si_pid and si_status are initialised (zero if
+    // nothing has exited yet, per WNOHANG).
+    let (pid, status, code) = unsafe { (info.si_pid(), info.si_status(), info.si_code) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(if code == libc::CLD_EXITED {
+        ExitStatus::Exited(status)
+    } else {
+        ExitStatus::Signaled(status)
+    }))
+}
+
+/// The selector's `CONTROL` word, mapped into our memory.
+///
+/// The map is created with `BPF_F_MMAPABLE`, so its single 8-byte value lives in a
+/// page the kernel lets us map shared. A store here is one aligned 8-byte atomic
+/// store: the selector, which loads the word with one 8-byte load, sees the old
+/// value or the new one, never a mix. (A `bpf_map_update_elem` copies the value
+/// with memcpy, which promises no such thing.)
+pub struct ControlWord {
+    ptr: NonNull<AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is process-wide shared memory accessed only atomically.
+unsafe impl Send for ControlWord {}
+unsafe impl Sync for ControlWord {}
+
+impl ControlWord {
+    /// Maps the first page of an mmapable array map whose value is a `u64`.
+    pub fn map(map_fd: BorrowedFd<'_>) -> io::Result<ControlWord> {
+        // SAFETY: sysconf has no memory effects.
+        let len = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: a fresh shared mapping of an fd we borrow; the kernel keeps the
+        // map alive while the mapping exists, independent of the fd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map_fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // Element 0 of an array map is at offset 0 of the mapping, page-aligned,
+        // so the AtomicU64's alignment holds.
+        let ptr = NonNull::new(ptr.cast::<AtomicU64>()).expect("mmap returned NULL without failing");
+        Ok(ControlWord { ptr, len })
+    }
+
+    pub fn load(&self) -> u64 {
+        // SAFETY: ptr is valid and aligned for the lifetime of self (see map()).
+        unsafe { self.ptr.as_ref() }.load(Ordering::SeqCst)
+    }
+
+    pub fn store(&self, word: u64) {
+        // SAFETY: as in load().
+        unsafe { self.ptr.as_ref() }.store(word, Ordering::SeqCst)
+    }
+}
+
+impl Drop for ControlWord {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping created in map().
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Receive-side memory of a socket, from `SO_MEMINFO`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SocketMemInfo {
+    /// Bytes of datagrams queued and not yet read (`SK_MEMINFO_RMEM_ALLOC`). For UDP
+    /// this is the whole queue, unlike `FIONREAD`, which only gives the next datagram.
+    pub queued_bytes: u32,
+    /// Datagrams the kernel dropped on this socket, e.g. because the queue was full.
+    pub drops: u32,
+}
+
+pub fn socket_meminfo(socket: BorrowedFd<'_>) -> io::Result<SocketMemInfo> {
+    const SK_MEMINFO_RMEM_ALLOC: usize = 0;
+    const SK_MEMINFO_DROPS: usize = 8;
+    const SK_MEMINFO_VARS: usize = 9;
+    let mut values = [0u32; SK_MEMINFO_VARS];
+    let mut len = std::mem::size_of_val(&values) as libc::socklen_t;
+    // SAFETY: values/len describe a buffer we own; the kernel writes at most len bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            values.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(SocketMemInfo {
+        queued_bytes: values[SK_MEMINFO_RMEM_ALLOC],
+        drops: values[SK_MEMINFO_DROPS],
+    })
+}
+
+/// Duplicates a socket fd (close-on-exec), for the supervisor's own reference to
+/// every socket it hands out.
+pub fn dup_cloexec(fd: impl AsFd) -> io::Result<OwnedFd> {
+    fd.as_fd().try_clone_to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_is_written_as_decimal() {
+        let mut buf = [0xffu8; PID_DIGITS + 1];
+        unsafe { write_pid(buf.as_mut_ptr(), 4_194_304) };
+        assert_eq!(&buf[..8], b"4194304\0");
+        unsafe { write_pid(buf.as_mut_ptr(), 7) };
+        assert_eq!(&buf[..2], b"7\0");
+    }
+
+    #[test]
+    fn spawn_reports_exec_errors_and_sets_listen_pid() {
+        let mut missing = PreparedExec::new("/nonexistent/worker", &["w".into()], &[], true, vec![], None).unwrap();
+        let err = spawn_worker(&mut missing).err().expect("exec of a missing file fails");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+
+        // The child checks that LISTEN_PID is its own pid and exits 0 if so.
+        let mut check = PreparedExec::new(
+            "/bin/sh",
+            &["sh".into(), "-c".into(), "test \"$LISTEN_PID\" = \"$$\"".into()],
+            &[],
+            true,
+            vec![],
+            None,
+        )
+        .unwrap();
+        let spawned = spawn_worker(&mut check).unwrap();
+        let status = loop {
+            if let Some(status) = pidfd_try_wait(spawned.pidfd.as_fd()).unwrap() {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(status, ExitStatus::Exited(0));
+    }
+}
+
+/// Registers an fd-owning value with tokio's reactor.
+///
+/// `AsyncFd::register` is unsafe because it needs the fd to stay open and the same
+/// for the `AsyncFd`'s whole life. `T: Into<OwnedFd>` restricts this to types that
+/// own their fd (OwnedFd, UnixDatagram, ...): the fd closes only when the value,
+/// now owned by the `AsyncFd`, is dropped.
+pub fn register_async<T: AsRawFd + Into<OwnedFd>>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: see above; T owns its fd and as_raw_fd returns that same fd every time.
+    unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(io::Error::from)
+}

@@ -1,0 +1,522 @@
+//! The upgrade state machine: the only code that creates, flips, drains and
+//! retires generations.
+//!
+//! ```text
+//!   build ──► spawn ──► wait ready ──► flip ──► drain old ──► retire old ──► done
+//!     │         │           │
+//!     └─────────┴───────────┴──► tear down the new generation; the old one keeps serving
+//! ```
+//!
+//! The first generation at start-up takes the same path with nothing to drain.
+//! Every step that can fail happens before the flip, and the flip itself is one
+//! 8-byte store per listener, so a failed upgrade never touches what serves.
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use supervisor_common::{BalanceMode, Control, GENERATION_SLOTS};
+use tokio::sync::mpsc;
+
+use crate::{
+    config::Config,
+    error::InputError,
+    maps::{GenerationArray, ListenerDataplane},
+    notify::Registry,
+    sockets,
+    sys::{self, SocketMemInfo},
+    worker::{Policy, SlotSockets, WorkerPhase, WorkerSlot, WorkerSpec},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GenerationState {
+    Starting,
+    Serving,
+    Draining,
+    Failed,
+}
+
+/// One listener's part of a generation.
+pub struct GenerationListener {
+    pub name: String,
+    pub address: std::net::SocketAddr,
+    pub balance: BalanceMode,
+    /// The supervisor's own reference to every socket, index = socket index in the
+    /// generation's array. Holding them means a socket never closes while its
+    /// generation lives, even when its worker crashes, so nothing queued is lost.
+    pub sockets: Arc<Vec<OwnedFd>>,
+    pub sockets_per_worker: u32,
+    pub array: GenerationArray,
+}
+
+pub struct Generation {
+    pub number: u32,
+    pub slot: u32,
+    pub state: GenerationState,
+    pub started: SystemTime,
+    pub listeners: Vec<GenerationListener>,
+    pub workers: Vec<WorkerSlot>,
+}
+
+impl Generation {
+    /// Bytes queued and drops over all its sockets.
+    pub fn queues(&self) -> SocketMemInfo {
+        let mut total = SocketMemInfo::default();
+        for listener in &self.listeners {
+            for socket in listener.sockets.iter() {
+                if let Ok(info) = sys::socket_meminfo(socket.as_fd()) {
+                    total.queued_bytes += info.queued_bytes;
+                    total.drops += info.drops;
+                }
+            }
+        }
+        total
+    }
+}
+
+/// Everything the daemon knows, behind one lock held only for short, await-free
+/// critical sections.
+pub struct State {
+    pub config: Config,
+    pub dataplanes: Vec<ListenerDataplane>,
+    pub generations: Vec<Generation>,
+    pub next_generation: u32,
+    /// The generation an upgrade is building, while one runs.
+    pub upgrading_to: Option<u32>,
+    pub spec: Arc<WorkerSpec>,
+    pub registry: Registry,
+}
+
+pub type Shared = Arc<Mutex<State>>;
+
+/// Phase lines, as they happen, to whoever asked for the upgrade (and the log).
+#[derive(Clone)]
+pub struct Progress {
+    started: Instant,
+    sink: Option<mpsc::UnboundedSender<(u64, String)>>,
+}
+
+impl Progress {
+    pub fn new(sink: Option<mpsc::UnboundedSender<(u64, String)>>) -> Progress {
+        Progress {
+            started: Instant::now(),
+            sink,
+        }
+    }
+
+    pub fn emit(&self, text: impl Into<String>) {
+        let text = text.into();
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        tracing::info!("{text}");
+        if let Some(sink) = &self.sink {
+            let _ = sink.send((at_ms, text));
+        }
+    }
+}
+
+/// Clears `upgrading_to` however the upgrade ends (including when its task is aborted).
+struct UpgradeGuard(Shared);
+
+impl Drop for UpgradeGuard {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.0.lock() {
+            state.upgrading_to = None;
+        }
+    }
+}
+
+/// Reserves the right to upgrade. Refused while another upgrade (including its
+/// drain) runs, so at most three generations exist and slots never collide.
+pub fn begin(shared: &Shared, new_config: &Config) -> Result<u32, InputError> {
+    let mut state = shared.lock().unwrap();
+    if let Some(target) = state.upgrading_to {
+        return Err(InputError::new(format!(
+            "an upgrade to generation {target} is already in progress; try again when it has finished"
+        )));
+    }
+    check_compatible(&state.config, new_config)?;
+    let number = state.next_generation;
+    state.next_generation += 1;
+    state.upgrading_to = Some(number);
+    Ok(number)
+}
+
+/// Listeners are the identity of the reuseport groups and the pins: they cannot
+/// change under a running supervisor (restart it for that). Everything else can.
+fn check_compatible(current: &Config, new: &Config) -> Result<(), InputError> {
+    if current.service.name != new.service.name {
+        return Err(InputError::new(format!(
+            "{}: service.name changed from {:?} to {:?}; that needs a supervisor restart",
+            new.path.display(),
+            current.service.name,
+            new.service.name
+        )));
+    }
+    let describe = |c: &Config| {
+        c.listeners
+            .iter()
+            .map(|l| format!("{}={}", l.name, l.address))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if describe(current) != describe(new) {
+        return Err(InputError::new(format!(
+            "{}: listeners changed from [{}] to [{}]; names and addresses cannot change on upgrade (restart the supervisor)",
+            new.path.display(),
+            describe(current),
+            describe(new)
+        )));
+    }
+    if current.service.bpffs != new.service.bpffs || current.service.runtime_dir != new.service.runtime_dir {
+        return Err(InputError::new(format!(
+            "{}: bpffs and runtime_dir cannot change on upgrade (restart the supervisor)",
+            new.path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs a whole upgrade to generation `number` (reserved by [`begin`]).
+pub async fn run(
+    shared: &Shared,
+    number: u32,
+    config: Config,
+    spec: Arc<WorkerSpec>,
+    progress: &Progress,
+) -> Result<()> {
+    let _guard = UpgradeGuard(shared.clone());
+    progress.emit(format!("generation {number}: building"));
+    let ready_timeout = config.service.ready_timeout;
+    let drain_timeout = config.service.drain_timeout;
+
+    if let Err(e) = build(shared, number, &config, spec.clone(), progress) {
+        teardown(shared, number, progress).await;
+        return Err(e);
+    }
+    if let Err(e) = wait_ready(shared, number, ready_timeout, progress).await {
+        progress.emit(format!("generation {number}: failed: {e:#}"));
+        teardown(shared, number, progress).await;
+        return Err(e);
+    }
+
+    let previous = flip(shared, number, &config, spec);
+    progress.emit(format!("generation {number}: flipped, now serving"));
+
+    for old in previous {
+        drain(shared, old, drain_timeout, progress).await;
+    }
+    progress.emit(format!("generation {number}: upgrade complete"));
+    Ok(())
+}
+
+/// Sockets, socket arrays, workers: everything up to the point where only
+/// readiness is missing.
+fn build(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>, progress: &Progress) -> Result<()> {
+    let mut state = shared.lock().unwrap();
+    let slot = number % GENERATION_SLOTS;
+    if state.generations.iter().any(|g| g.slot == slot) {
+        bail!("generation slot {slot} is still in use");
+    }
+    state.generations.push(Generation {
+        number,
+        slot,
+        state: GenerationState::Starting,
+        started: SystemTime::now(),
+        listeners: Vec::new(),
+        workers: Vec::new(),
+    });
+    let registry = state.registry.clone();
+    let mut listeners = Vec::new();
+    for (listener, dataplane) in config.listeners.iter().zip(state.dataplanes.iter_mut()) {
+        let count = config.sockets_for(listener);
+        let mut fds = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            fds.push(sockets::bind_reuseport(listener.address, listener.receive_buffer, &listener.name)?);
+            if fds.len() == 1 {
+                // Attached as soon as the group exists (first generation) and again
+                // on every generation: cheap, and it repairs a group whose program
+                // was detached behind our back.
+                dataplane.attach(fds[0].as_fd())?;
+            }
+        }
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        let array = dataplane.install_generation(number, slot, &borrowed)?;
+        listeners.push(GenerationListener {
+            name: listener.name.clone(),
+            address: listener.address,
+            balance: listener.balance.0,
+            sockets: Arc::new(fds),
+            sockets_per_worker: listener.sockets_per_worker,
+            array,
+        });
+    }
+    let generation = state.generations.iter_mut().find(|g| g.number == number).expect("pushed above");
+    generation.listeners = listeners;
+    progress.emit(format!(
+        "generation {number}: {} sockets bound, socket arrays pinned as gen-{number} (slot {slot})",
+        generation.listeners.iter().map(|l| l.sockets.len()).sum::<usize>()
+    ));
+    for index in 0..config.service.workers {
+        let mut slot_sockets = SlotSockets {
+            fds: Vec::new(),
+            names: Vec::new(),
+            owner: Vec::new(),
+        };
+        for listener in &generation.listeners {
+            let per = listener.sockets_per_worker as usize;
+            for socket in &listener.sockets[index as usize * per..(index as usize + 1) * per] {
+                slot_sockets.fds.push(std::os::fd::AsRawFd::as_raw_fd(socket));
+                slot_sockets.names.push(listener.name.clone());
+            }
+            slot_sockets.owner.push(listener.sockets.clone());
+        }
+        generation
+            .workers
+            .push(WorkerSlot::start(number, index, spec.clone(), slot_sockets, registry.clone()));
+    }
+    Ok(())
+}
+
+/// Waits until every worker of the generation is ready; fails on the first that
+/// cannot start or exits, or at the timeout.
+async fn wait_ready(shared: &Shared, number: u32, timeout: Duration, progress: &Progress) -> Result<()> {
+    let mut statuses: Vec<_> = {
+        let state = shared.lock().unwrap();
+        let generation = state.generations.iter().find(|g| g.number == number).context("generation vanished")?;
+        generation.workers.iter().map(|w| (w.index, w.status.clone())).collect()
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut announced_pid = vec![None; statuses.len()];
+    let mut announced_ready = vec![false; statuses.len()];
+    loop {
+        let mut all_ready = true;
+        for (i, (index, status)) in statuses.iter_mut().enumerate() {
+            let s = status.borrow_and_update().clone();
+            if let Some(why) = s.failure {
+                bail!("{why}");
+            }
+            if s.pid.is_some() && announced_pid[i] != s.pid {
+                announced_pid[i] = s.pid;
+                progress.emit(format!("generation {number}: worker {index} spawned, pid {}", s.pid.unwrap()));
+            }
+            if s.state == WorkerPhase::Ready {
+                if !announced_ready[i] {
+                    announced_ready[i] = true;
+                    progress.emit(format!("generation {number}: worker {index} ready"));
+                }
+            } else {
+                all_ready = false;
+            }
+        }
+        if all_ready {
+            progress.emit(format!("generation {number}: all {} workers ready", statuses.len()));
+            return Ok(());
+        }
+        let changes = futures_any_changed(&mut statuses);
+        if tokio::time::timeout_at(deadline, changes).await.is_err() {
+            let waiting: Vec<String> = statuses
+                .iter()
+                .filter(|(_, s)| s.borrow().state != WorkerPhase::Ready)
+                .map(|(index, s)| match s.borrow().pid {
+                    Some(pid) => format!("worker {index} (pid {pid})"),
+                    None => format!("worker {index}"),
+                })
+                .collect();
+            bail!(
+                "{} not ready within ready_timeout ({}); with ready = \"notify\" a worker must send READY=1 to $NOTIFY_SOCKET",
+                waiting.join(", "),
+                humantime::format_duration(timeout)
+            );
+        }
+    }
+}
+
+/// Resolves when any of the watched statuses changes.
+async fn futures_any_changed(statuses: &mut [(u32, tokio::sync::watch::Receiver<crate::worker::WorkerStatus>)]) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut tasks = Vec::new();
+    for (_, status) in statuses.iter() {
+        let mut status = status.clone();
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = status.changed().await;
+            let _ = tx.send(());
+        }));
+    }
+    let _ = rx.recv().await;
+    for task in tasks {
+        task.abort();
+    }
+}
+
+/// The switch: one control-word store per listener. Returns the generations that
+/// now drain.
+fn flip(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>) -> Vec<u32> {
+    let mut state = shared.lock().unwrap();
+    let state = &mut *state;
+    let generation = state.generations.iter_mut().find(|g| g.number == number).expect("built");
+    for (listener, dataplane) in generation.listeners.iter().zip(state.dataplanes.iter()) {
+        dataplane.flip(Control {
+            working_slot: generation.slot as u8,
+            balance_mode: listener.balance as u8,
+            socket_count: listener.sockets.len() as u16,
+            generation: number,
+        });
+    }
+    generation.state = GenerationState::Serving;
+    for worker in &generation.workers {
+        worker.set_policy(Policy::Serve);
+    }
+    state.config = config.clone();
+    state.spec = spec;
+    let mut previous = Vec::new();
+    for old in state.generations.iter_mut().filter(|g| g.number != number && g.state == GenerationState::Serving) {
+        old.state = GenerationState::Draining;
+        previous.push(old.number);
+    }
+    previous
+}
+
+/// How long the queues must read empty before the drain signal goes out: a
+/// datagram selected just before the flip may still be on its way into an old
+/// socket on another CPU for a few microseconds.
+const QUEUE_QUIET_POLLS: u32 = 3;
+const QUEUE_POLL: Duration = Duration::from_millis(10);
+
+/// Drains and retires generation `number`, which no longer receives new datagrams.
+pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progress: &Progress) {
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    tokio::time::sleep(QUEUE_POLL).await;
+
+    // 1. Let the old workers (still under Serve, restarted if they crash) empty
+    //    their queues. Only then signal them: a worker that exits at once on
+    //    SIGTERM loses nothing.
+    let mut quiet = 0;
+    let mut queued = 0;
+    while quiet < QUEUE_QUIET_POLLS {
+        queued = match shared.lock().unwrap().generations.iter().find(|g| g.number == number) {
+            Some(g) => g.queues().queued_bytes,
+            None => return,
+        };
+        quiet = if queued == 0 { quiet + 1 } else { 0 };
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(QUEUE_POLL).await;
+    }
+    if queued == 0 {
+        progress.emit(format!("generation {number}: receive queues empty"));
+    } else {
+        progress.emit(format!(
+            "generation {number}: drain_timeout reached with {queued} bytes still queued"
+        ));
+    }
+
+    // 2. The drain signal, then wait for the workers to exit.
+    let statuses: Vec<_> = {
+        let state = shared.lock().unwrap();
+        let Some(generation) = state.generations.iter().find(|g| g.number == number) else { return };
+        for worker in &generation.workers {
+            worker.set_policy(Policy::Drain);
+        }
+        generation.workers.iter().map(|w| w.status.clone()).collect()
+    };
+    progress.emit(format!("generation {number}: drain signal sent to {} workers", statuses.len()));
+    let all_exited = async {
+        for mut status in statuses.clone() {
+            let _ = status.wait_for(|s| s.finished).await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, all_exited).await.is_err() {
+        let left = statuses.iter().filter(|s| !s.borrow().finished).count();
+        progress.emit(format!(
+            "generation {number}: {left} workers still running at drain_timeout ({}), killing them",
+            humantime::format_duration(drain_timeout)
+        ));
+        teardown_workers(shared, number).await;
+    }
+    retire(shared, number, progress);
+}
+
+/// Kills a generation's workers and waits until they are gone.
+async fn teardown_workers(shared: &Shared, number: u32) {
+    let statuses: Vec<_> = {
+        let state = shared.lock().unwrap();
+        let Some(generation) = state.generations.iter().find(|g| g.number == number) else { return };
+        for worker in &generation.workers {
+            worker.set_policy(Policy::Kill);
+        }
+        generation.workers.iter().map(|w| w.status.clone()).collect()
+    };
+    for mut status in statuses {
+        let _ = status.wait_for(|s| s.finished).await;
+    }
+}
+
+/// Removes a failed new generation; the serving one is not touched.
+async fn teardown(shared: &Shared, number: u32, progress: &Progress) {
+    if let Some(generation) = shared.lock().unwrap().generations.iter_mut().find(|g| g.number == number) {
+        generation.state = GenerationState::Failed;
+    }
+    teardown_workers(shared, number).await;
+    retire(shared, number, progress);
+    progress.emit(format!("generation {number}: torn down"));
+}
+
+/// Closes a generation's sockets and unpins its arrays. Reports anything that was
+/// still queued: with the workers gone nobody can read it.
+fn retire(shared: &Shared, number: u32, progress: &Progress) {
+    let mut state = shared.lock().unwrap();
+    let Some(position) = state.generations.iter().position(|g| g.number == number) else { return };
+    let generation = state.generations.remove(position);
+    let left = generation.queues();
+    if left.queued_bytes > 0 {
+        progress.emit(format!(
+            "generation {number}: {} bytes were left unread in its sockets when they closed",
+            left.queued_bytes
+        ));
+    }
+    for listener in &generation.listeners {
+        listener.array.unpin();
+    }
+    let was_draining = generation.state == GenerationState::Draining;
+    drop(generation);
+    if was_draining {
+        progress.emit(format!("generation {number}: drained and removed"));
+    }
+}
+
+/// Stops every generation: the drain signal to all workers, SIGKILL at the
+/// timeout, then sockets closed and arrays unpinned.
+pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progress) {
+    let numbers: Vec<u32> = {
+        let state = shared.lock().unwrap();
+        for generation in &state.generations {
+            let policy = if generation.state == GenerationState::Starting { Policy::Kill } else { Policy::Drain };
+            for worker in &generation.workers {
+                worker.set_policy(policy);
+            }
+        }
+        state.generations.iter().map(|g| g.number).collect()
+    };
+    let statuses: Vec<_> = {
+        let state = shared.lock().unwrap();
+        state.generations.iter().flat_map(|g| g.workers.iter().map(|w| w.status.clone())).collect()
+    };
+    let all_exited = async {
+        for mut status in statuses {
+            let _ = status.wait_for(|s| s.finished).await;
+        }
+    };
+    if tokio::time::timeout(drain_timeout, all_exited).await.is_err() {
+        progress.emit("workers still running at drain_timeout, killing them");
+    }
+    for number in numbers {
+        teardown_workers(shared, number).await;
+        retire(shared, number, progress);
+    }
+}

@@ -173,3 +173,6 @@ mod tests {
         assert_eq!(counter_index(GENERATION_SLOTS - 1, MAX_SOCKETS - 1), COUNTER_ENTRIES - 1);
     }
 }
+
+/// The XDP filter's maps contract.
+pub mod xdp;

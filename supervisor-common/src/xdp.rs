@@ -1,0 +1,1 @@
+//! The XDP filter's maps contract (filled in by the XDP work).

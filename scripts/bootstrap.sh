@@ -49,11 +49,6 @@ if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | gr
         --no-default-features --features "llvm-${LLVM_MAJOR}"
 fi
 
-if ! command -v cargo-nextest >/dev/null; then
-    log "installing cargo-nextest"
-    cargo install cargo-nextest --locked
-fi
-
 # bpffs: the supervisor mounts it itself when missing; the tests need it too.
 if ! mountpoint -q /sys/fs/bpf; then
     mount -t bpf bpf /sys/fs/bpf

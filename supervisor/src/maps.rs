@@ -33,6 +33,8 @@ pub struct ListenerDataplane {
     /// Keeps the loaded program (and with it the maps) alive.
     ebpf: Ebpf,
     generations: ArrayOfMaps<MapData, MapData>,
+    /// A second fd on `GENERATIONS`, for deleting slots (see `sys::bpf_map_delete_u32`).
+    generations_fd: std::os::fd::OwnedFd,
     counters: PerCpuArray<MapData, SocketCounters>,
     control: ControlWord,
 }
@@ -118,6 +120,11 @@ impl ListenerDataplane {
         let generations = take(&mut ebpf, map_names::GENERATIONS, pin_names::GENERATIONS)?;
         let counters = take(&mut ebpf, map_names::COUNTERS, pin_names::COUNTERS)?;
 
+        let generations_fd = map_data(&generations)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the GENERATIONS fd")?;
         let control = ControlWord::map(map_data(&control).fd().as_fd())
             .context("mapping the selector's control word")?;
         control.store(Control::NONE.to_word());
@@ -126,6 +133,7 @@ impl ListenerDataplane {
             dir: dir.to_path_buf(),
             ebpf,
             generations: ArrayOfMaps::try_from(generations)?,
+            generations_fd,
             counters: PerCpuArray::try_from(counters)?,
             control,
         })
@@ -193,6 +201,13 @@ impl ListenerDataplane {
             .set(slot, &array._map, 0)
             .with_context(|| format!("storing generation {generation} in slot {slot}"))?;
         Ok(array)
+    }
+
+    /// Empties a slot once its generation is gone, so the kernel frees its socket array.
+    pub fn clear_slot(&self, slot: u32) {
+        if let Err(e) = crate::sys::bpf_map_delete_u32(self.generations_fd.as_fd(), slot) {
+            tracing::warn!("clearing generation slot {slot}: {e}");
+        }
     }
 
     /// The atomic switch: from the next datagram on, the selector reads `control`.

@@ -493,3 +493,45 @@ pub fn register_async<T: AsRawFd + Into<OwnedFd>>(inner: T) -> io::Result<tokio:
     // SAFETY: see above; T owns its fd and as_raw_fd returns that same fd every time.
     unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(io::Error::from)
 }
+
+/// `bpf(BPF_MAP_DELETE_ELEM)` with a `u32` key: empties a slot of the selector's
+/// `GENERATIONS` array-of-maps when its generation is retired, so the kernel frees
+/// that generation's socket array at once. aya 0.14 has no delete for
+/// `ArrayOfMaps`. A missing entry (ENOENT) is not an error.
+pub fn bpf_map_delete_u32(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
+    // The prefix of `union bpf_attr` used by the map element commands.
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: attr is a valid, fully initialised bpf_attr prefix whose key pointer
+    // refers to a live u32 for the duration of the call; the kernel only reads it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &attr as *const MapElemAttr,
+            std::mem::size_of::<MapElemAttr>(),
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(());
+        }
+        return Err(err);
+    }
+    Ok(())
+}

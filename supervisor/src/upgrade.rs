@@ -480,8 +480,13 @@ fn retire(shared: &Shared, number: u32, progress: &Progress) {
             left.queued_bytes
         ));
     }
-    for listener in &generation.listeners {
+    for (listener, dataplane) in generation.listeners.iter().zip(state.dataplanes.iter()) {
         listener.array.unpin();
+        // Only once the generation is out of the control word (it always is here:
+        // retired generations were flipped away from, failed ones never flipped to).
+        if dataplane.working().generation != number {
+            dataplane.clear_slot(generation.slot);
+        }
     }
     let was_draining = generation.state == GenerationState::Draining;
     drop(generation);

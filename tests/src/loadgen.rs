@@ -1,0 +1,642 @@
+//! UDP load generator that counts echo replies per sequence number.
+//!
+//! Each sending socket is connected to the target (so the kernel sees one fixed 4-tuple
+//! per socket: one "flow") and gets two threads: a sender using `sendmmsg` paced by a
+//! token schedule, and a receiver using `recvmmsg` that records, per sequence number, how
+//! many replies came, and who answered (the echo trailer). Sockets are created in the
+//! calling thread's network namespace: call [`run`] inside [`crate::TestNet::run_in`].
+//!
+//! Sequence numbers are interleaved over the senders (`seq = k * senders + sender`), so
+//! they are unique across the whole run and each receiver indexes its own dense table
+//! by `k`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{setsockopt, sockopt};
+
+use crate::echo::{SEQ_LEN, TRAILER_LEN, Trailer, parse_reply};
+
+/// What to send.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    pub target: SocketAddr,
+    /// Number of sending sockets (flows); each has a sender and a receiver thread.
+    pub senders: usize,
+    /// Total datagrams over all senders. At least one of `count`/`duration` is required;
+    /// with both, whichever ends first.
+    pub count: Option<u64>,
+    pub duration: Option<Duration>,
+    /// Total datagrams per second over all senders; `None` = as fast as possible.
+    pub rate: Option<u64>,
+    /// Request size in bytes (>= 8): the sequence number, then padding.
+    pub payload_size: usize,
+    /// Largest `sendmmsg` batch. Paced runs use about 1 ms worth of datagrams per batch.
+    pub max_batch: usize,
+    /// How long to wait for replies after the last send (ends early once all came).
+    pub grace: Duration,
+    /// Receive buffer of each sending socket (SO_RCVBUFFORCE), so replies are not dropped
+    /// at our end and counted as lost by the service.
+    pub recv_buffer: usize,
+}
+
+impl LoadConfig {
+    /// One sender, 64-byte requests, no count or duration yet (set one).
+    pub fn new(target: SocketAddr) -> LoadConfig {
+        LoadConfig {
+            target,
+            senders: 1,
+            count: None,
+            duration: None,
+            rate: None,
+            payload_size: 64,
+            max_batch: 64,
+            grace: Duration::from_secs(1),
+            recv_buffer: 16 << 20,
+        }
+    }
+    pub fn senders(mut self, n: usize) -> Self {
+        self.senders = n;
+        self
+    }
+    pub fn count(mut self, n: u64) -> Self {
+        self.count = Some(n);
+        self
+    }
+    pub fn duration(mut self, d: Duration) -> Self {
+        self.duration = Some(d);
+        self
+    }
+    pub fn rate(mut self, per_sec: u64) -> Self {
+        self.rate = Some(per_sec);
+        self
+    }
+    pub fn flat_out(mut self) -> Self {
+        self.rate = None;
+        self
+    }
+    pub fn payload_size(mut self, n: usize) -> Self {
+        self.payload_size = n;
+        self
+    }
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n;
+        self
+    }
+    pub fn grace(mut self, d: Duration) -> Self {
+        self.grace = d;
+        self
+    }
+    pub fn recv_buffer(mut self, bytes: usize) -> Self {
+        self.recv_buffer = bytes;
+        self
+    }
+}
+
+/// Results of one sending socket.
+#[derive(Clone, Debug)]
+pub struct SenderReport {
+    pub local: SocketAddr,
+    pub sent: u64,
+    /// Distinct sequence numbers answered.
+    pub received: u64,
+    /// Replies per (generation, worker), duplicates included.
+    pub per_worker: BTreeMap<(u32, u16), u64>,
+}
+
+/// Results of a run.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub sent: u64,
+    /// Distinct sequence numbers answered at least once.
+    pub received: u64,
+    /// Sent but never answered.
+    pub lost: u64,
+    /// Replies beyond the first for a sequence number.
+    pub duplicated: u64,
+    /// Replies that are not an echo of one of our requests (wrong length, sequence number
+    /// never sent, or belonging to another sender).
+    pub malformed: u64,
+    /// ECONNREFUSED seen on send or receive: an ICMP port unreachable came back, i.e. at
+    /// some moment nobody was bound to the target. The refused send is retried, so it
+    /// does not count as sent.
+    pub refused: u64,
+    /// All replies (duplicates included) per (generation, worker).
+    pub per_worker: BTreeMap<(u32, u16), u64>,
+    /// All replies per generation.
+    pub per_generation: BTreeMap<u32, u64>,
+    /// All replies per full trailer (generation, worker, socket).
+    pub per_socket: BTreeMap<Trailer, u64>,
+    pub per_sender: Vec<SenderReport>,
+    /// From the start of sending until the last sender finished.
+    pub duration: Duration,
+    /// Achieved send rate, datagrams per second.
+    pub rate: f64,
+}
+
+impl Report {
+    /// Replies counted in `per_worker` (duplicates included).
+    pub fn total_replies(&self) -> u64 {
+        self.per_worker.values().sum()
+    }
+
+    /// Fraction of all replies that came from (generation, worker); 0 if none came.
+    pub fn share(&self, generation: u32, worker: u16) -> f64 {
+        let total = self.total_replies();
+        if total == 0 {
+            return 0.0;
+        }
+        *self.per_worker.get(&(generation, worker)).unwrap_or(&0) as f64 / total as f64
+    }
+
+    /// Largest share / smallest share over the workers that answered (1.0 = perfectly
+    /// even). Workers that answered nothing do not appear in `per_worker`, so check
+    /// `per_worker.len()` too; infinite when nothing was answered.
+    pub fn spread(&self) -> f64 {
+        let max = self.per_worker.values().max().copied().unwrap_or(0);
+        let min = self.per_worker.values().min().copied().unwrap_or(0);
+        if min == 0 {
+            f64::INFINITY
+        } else {
+            max as f64 / min as f64
+        }
+    }
+
+    /// Every datagram sent was answered exactly once, and nothing else came back.
+    pub fn assert_all_answered_once(&self) {
+        assert!(self.sent > 0, "nothing was sent: {self}");
+        assert_eq!(self.lost, 0, "datagrams lost: {self}");
+        assert_eq!(self.duplicated, 0, "duplicate replies: {self}");
+        assert_eq!(self.malformed, 0, "malformed replies: {self}");
+        assert_eq!(self.received, self.sent, "{self}");
+    }
+
+    /// Machine-readable form (map keys as `"gen/worker"` strings, since JSON keys are
+    /// strings).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let workers: serde_json::Map<_, _> = self
+            .per_worker
+            .iter()
+            .map(|((g, w), n)| (format!("{g}/{w}"), json!(n)))
+            .collect();
+        let gens: serde_json::Map<_, _> = self
+            .per_generation
+            .iter()
+            .map(|(g, n)| (g.to_string(), json!(n)))
+            .collect();
+        let sockets: serde_json::Map<_, _> = self
+            .per_socket
+            .iter()
+            .map(|(t, n)| {
+                (
+                    format!("{}/{}/{}", t.generation, t.worker, t.socket),
+                    json!(n),
+                )
+            })
+            .collect();
+        let senders: Vec<_> = self
+            .per_sender
+            .iter()
+            .map(|s| {
+                json!({
+                    "local": s.local.to_string(),
+                    "sent": s.sent,
+                    "received": s.received,
+                    "per_worker": s.per_worker.iter()
+                        .map(|((g, w), n)| (format!("{g}/{w}"), json!(n)))
+                        .collect::<serde_json::Map<_, _>>(),
+                })
+            })
+            .collect();
+        json!({
+            "sent": self.sent,
+            "received": self.received,
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "malformed": self.malformed,
+            "refused": self.refused,
+            "per_worker": workers,
+            "per_generation": gens,
+            "per_socket": sockets,
+            "per_sender": senders,
+            "duration_secs": self.duration.as_secs_f64(),
+            "rate": self.rate,
+        })
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "sent {} received {} lost {} duplicated {} malformed {} refused {} in {:.2}s ({:.0}/s)",
+            self.sent,
+            self.received,
+            self.lost,
+            self.duplicated,
+            self.malformed,
+            self.refused,
+            self.duration.as_secs_f64(),
+            self.rate
+        )?;
+        let total = self.total_replies().max(1) as f64;
+        for ((g, w), n) in &self.per_worker {
+            writeln!(
+                f,
+                "  generation {g} worker {w}: {n} ({:.1}%)",
+                *n as f64 * 100.0 / total
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends as configured and collects the replies. Blocks for the sending time plus at
+/// most `grace`.
+pub fn run(cfg: &LoadConfig) -> io::Result<Report> {
+    let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
+    if cfg.payload_size < SEQ_LEN {
+        return Err(invalid(
+            "payload_size must be at least 8 (the sequence number)",
+        ));
+    }
+    if cfg.senders == 0 || cfg.max_batch == 0 {
+        return Err(invalid("senders and max_batch must be at least 1"));
+    }
+    if cfg.count.is_none() && cfg.duration.is_none() {
+        return Err(invalid(
+            "set a count or a duration: the run must be bounded",
+        ));
+    }
+    if cfg.rate == Some(0) {
+        return Err(invalid("rate must be positive (None = flat out)"));
+    }
+
+    let sockets = (0..cfg.senders)
+        .map(|_| open_socket(cfg))
+        .collect::<io::Result<Vec<_>>>()?;
+    let locals = sockets
+        .iter()
+        .map(|s| s.local_addr())
+        .collect::<io::Result<Vec<_>>>()?;
+    let reserved: Vec<AtomicU64> = (0..cfg.senders).map(|_| AtomicU64::new(0)).collect();
+    let unique: Vec<AtomicU64> = (0..cfg.senders).map(|_| AtomicU64::new(0)).collect();
+    let stop = AtomicBool::new(false);
+    let abort = AtomicBool::new(false);
+
+    let start = Instant::now();
+    let deadline = cfg.duration.map(|d| start + d);
+    let per_sender_rate = cfg.rate.map(|r| r as f64 / cfg.senders as f64);
+
+    let (sends, recvs, send_end) = std::thread::scope(|s| {
+        let mut recv_handles = Vec::new();
+        for (i, sock) in sockets.iter().enumerate() {
+            let (reserved, unique, stop) = (&reserved[i], &unique[i], &stop);
+            recv_handles.push(s.spawn(move || {
+                recv_loop(
+                    sock,
+                    i,
+                    cfg.senders,
+                    cfg.payload_size,
+                    reserved,
+                    unique,
+                    stop,
+                )
+            }));
+        }
+        let mut send_handles = Vec::new();
+        for (i, sock) in sockets.iter().enumerate() {
+            let quota = cfg
+                .count
+                .map(|c| c / cfg.senders as u64 + u64::from((i as u64) < c % cfg.senders as u64));
+            let (reserved, abort) = (&reserved[i], &abort);
+            send_handles.push(s.spawn(move || {
+                let r = send_loop(SendParams {
+                    sock,
+                    index: i,
+                    senders: cfg.senders,
+                    quota,
+                    deadline,
+                    rate: per_sender_rate,
+                    payload_size: cfg.payload_size,
+                    max_batch: cfg.max_batch,
+                    start,
+                    reserved,
+                    abort,
+                });
+                if r.is_err() {
+                    abort.store(true, Ordering::Relaxed);
+                }
+                r
+            }));
+        }
+        let sends: Vec<io::Result<SendOut>> = send_handles
+            .into_iter()
+            .map(|h| h.join().expect("sender thread panicked"))
+            .collect();
+        let send_end = Instant::now();
+        let total_sent: u64 = sends
+            .iter()
+            .map(|r| r.as_ref().map(|o| o.sent).unwrap_or(0))
+            .sum();
+        // Stragglers: wait up to `grace`, but no longer than needed.
+        let grace_end = send_end + cfg.grace;
+        while Instant::now() < grace_end && !abort.load(Ordering::Relaxed) {
+            let got: u64 = unique.iter().map(|u| u.load(Ordering::Relaxed)).sum();
+            if got >= total_sent {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let recvs: Vec<RecvOut> = recv_handles
+            .into_iter()
+            .map(|h| h.join().expect("receiver thread panicked"))
+            .collect();
+        (sends, recvs, send_end)
+    });
+
+    let mut report = Report::default();
+    for (i, (send, recv)) in sends.into_iter().zip(recvs).enumerate() {
+        let send = send?;
+        let recv = match recv.result {
+            Ok(()) => recv,
+            Err(e) => return Err(e),
+        };
+        let mut sr = SenderReport {
+            local: locals[i],
+            sent: send.sent,
+            received: 0,
+            per_worker: BTreeMap::new(),
+        };
+        for &c in recv.seen.iter().take(send.sent as usize) {
+            if c > 0 {
+                sr.received += 1;
+                report.duplicated += u64::from(c - 1);
+            }
+        }
+        for (t, n) in recv.per_socket {
+            *sr.per_worker.entry((t.generation, t.worker)).or_default() += n;
+            *report
+                .per_worker
+                .entry((t.generation, t.worker))
+                .or_default() += n;
+            *report.per_generation.entry(t.generation).or_default() += n;
+            *report.per_socket.entry(t).or_default() += n;
+        }
+        report.sent += send.sent;
+        report.received += sr.received;
+        report.malformed += recv.malformed;
+        report.refused += send.refused + recv.refused;
+        report.per_sender.push(sr);
+    }
+    report.lost = report.sent - report.received;
+    report.duration = send_end - start;
+    report.rate = report.sent as f64 / report.duration.as_secs_f64().max(1e-9);
+    Ok(report)
+}
+
+fn open_socket(cfg: &LoadConfig) -> io::Result<UdpSocket> {
+    let any: IpAddr = match cfg.target {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = UdpSocket::bind((any, 0))?;
+    // Connected: one fixed 4-tuple per socket (the point of the single-sender tests), and
+    // the kernel only hands us datagrams from the target.
+    sock.connect(cfg.target)?;
+    set_recv_buffer(&sock, cfg.recv_buffer);
+    // The receiver wakes up this often to notice the end of the run.
+    sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+    Ok(sock)
+}
+
+/// SO_RCVBUFFORCE needs CAP_NET_ADMIN; without it (the loadgen binary run by a user)
+/// fall back to SO_RCVBUF, which the kernel caps at net.core.rmem_max.
+pub fn set_recv_buffer(sock: &UdpSocket, bytes: usize) {
+    if setsockopt(sock, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = setsockopt(sock, sockopt::RcvBuf, &bytes);
+    }
+}
+
+struct SendParams<'a> {
+    sock: &'a UdpSocket,
+    index: usize,
+    senders: usize,
+    quota: Option<u64>,
+    deadline: Option<Instant>,
+    /// Datagrams per second for this sender.
+    rate: Option<f64>,
+    payload_size: usize,
+    max_batch: usize,
+    start: Instant,
+    /// Sequence slots handed to the kernel so far (published before each send, so a
+    /// reply can never carry a slot the receiver considers unsent).
+    reserved: &'a AtomicU64,
+    abort: &'a AtomicBool,
+}
+
+struct SendOut {
+    sent: u64,
+    refused: u64,
+}
+
+fn send_loop(p: SendParams<'_>) -> io::Result<SendOut> {
+    let ps = p.payload_size;
+    // About 1 ms worth of datagrams per syscall: large batches at high rates (syscall
+    // cost), single datagrams at low rates (smooth pacing).
+    let batch = match p.rate {
+        Some(r) => ((r / 1000.0).ceil() as usize).clamp(1, p.max_batch),
+        None => p.max_batch,
+    };
+    let mut buf = vec![0x5au8; batch * ps];
+    let base = buf.as_mut_ptr();
+    let mut iov: Vec<libc::iovec> = (0..batch)
+        .map(|j| libc::iovec {
+            // SAFETY: j * ps < buf.len().
+            iov_base: unsafe { base.add(j * ps) }.cast(),
+            iov_len: ps,
+        })
+        .collect();
+    let iov_base = iov.as_mut_ptr();
+    let mut msgs: Vec<libc::mmsghdr> = (0..batch)
+        .map(|j| {
+            // SAFETY: mmsghdr is plain data; all-zero is a valid "no name, no control".
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = unsafe { iov_base.add(j) };
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect();
+    let fd = p.sock.as_raw_fd();
+    let (mut sent, mut refused) = (0u64, 0u64);
+    loop {
+        if p.abort.load(Ordering::Relaxed) {
+            break;
+        }
+        let remaining = p.quota.map_or(u64::MAX, |q| q - sent);
+        if remaining == 0 {
+            break;
+        }
+        let now = Instant::now();
+        if p.deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        let n = (batch as u64).min(remaining) as usize;
+        if let Some(r) = p.rate {
+            // Token schedule: the (sent + n)-th datagram is due at start + (sent + n) / r.
+            let due = p.start + Duration::from_secs_f64((sent + n as u64) as f64 / r);
+            if due > now {
+                let wake = p.deadline.map_or(due, |d| due.min(d));
+                std::thread::sleep(wake.saturating_duration_since(now));
+                continue;
+            }
+        }
+        for j in 0..n {
+            let seq = (sent + j as u64) * p.senders as u64 + p.index as u64;
+            // SAFETY: slot j lies inside buf (j < batch) and has room for 8 bytes (ps >= 8);
+            // buf is only accessed through `base` while the iovecs point into it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(seq.to_le_bytes().as_ptr(), base.add(j * ps), 8)
+            };
+        }
+        p.reserved.store(sent + n as u64, Ordering::Release);
+        // SAFETY: msgs[..n] point at valid iovecs into buf; the socket is connected so no
+        // address is needed.
+        let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), n as u32, 0) };
+        if r >= 0 {
+            sent += r as u64;
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => {}
+            // A pending ICMP port unreachable is reported on this send, which then did
+            // not go out: count it and retry.
+            Some(libc::ECONNREFUSED) => refused += 1,
+            Some(libc::EAGAIN) | Some(libc::ENOBUFS) => {
+                std::thread::sleep(Duration::from_micros(100))
+            }
+            _ => return Err(err),
+        }
+    }
+    drop(msgs);
+    drop(iov);
+    drop(buf);
+    Ok(SendOut { sent, refused })
+}
+
+struct RecvOut {
+    result: io::Result<()>,
+    /// Replies per slot k (seq = k * senders + index), saturating.
+    seen: Vec<u8>,
+    per_socket: BTreeMap<Trailer, u64>,
+    malformed: u64,
+    refused: u64,
+}
+
+const RECV_BATCH: usize = 64;
+
+fn recv_loop(
+    sock: &UdpSocket,
+    index: usize,
+    senders: usize,
+    payload_size: usize,
+    reserved: &AtomicU64,
+    unique: &AtomicU64,
+    stop: &AtomicBool,
+) -> RecvOut {
+    let mut out = RecvOut {
+        result: Ok(()),
+        seen: Vec::new(),
+        per_socket: BTreeMap::new(),
+        malformed: 0,
+        refused: 0,
+    };
+    // Room for more than a valid reply, so an oversized one shows up as malformed rather
+    // than being truncated into something that parses.
+    let slot = payload_size + TRAILER_LEN + 64;
+    let mut buf = vec![0u8; RECV_BATCH * slot];
+    let base = buf.as_mut_ptr();
+    let mut iov: Vec<libc::iovec> = (0..RECV_BATCH)
+        .map(|j| libc::iovec {
+            // SAFETY: j * slot < buf.len().
+            iov_base: unsafe { base.add(j * slot) }.cast(),
+            iov_len: slot,
+        })
+        .collect();
+    let iov_base = iov.as_mut_ptr();
+    let mut msgs: Vec<libc::mmsghdr> = (0..RECV_BATCH)
+        .map(|j| {
+            // SAFETY: plain data, all-zero is valid.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = unsafe { iov_base.add(j) };
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect();
+    let fd = sock.as_raw_fd();
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: msgs point at valid iovecs into buf. SO_RCVTIMEO bounds the wait for
+        // the first datagram; MSG_WAITFORONE makes the rest non-blocking.
+        let r = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                RECV_BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                Some(libc::ECONNREFUSED) => out.refused += 1,
+                _ => {
+                    out.result = Err(err);
+                    break;
+                }
+            }
+            continue;
+        }
+        let sent_bound = reserved.load(Ordering::Acquire);
+        for (j, m) in msgs.iter().enumerate().take(r as usize) {
+            let len = m.msg_len as usize;
+            // SAFETY: the kernel wrote `len` bytes (<= slot) into slot j; no other access
+            // to buf is live.
+            let data = unsafe { std::slice::from_raw_parts(base.add(j * slot), len.min(slot)) };
+            let truncated = m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            let Some((seq, trailer)) = parse_reply(data, payload_size).filter(|_| !truncated)
+            else {
+                out.malformed += 1;
+                continue;
+            };
+            let k = seq / senders as u64;
+            if seq % senders as u64 != index as u64 || k >= sent_bound {
+                out.malformed += 1;
+                continue;
+            }
+            let k = k as usize;
+            if k >= out.seen.len() {
+                out.seen.resize((k + 1).next_power_of_two().max(1024), 0);
+            }
+            let c = &mut out.seen[k];
+            *c = c.saturating_add(1);
+            if *c == 1 {
+                unique.fetch_add(1, Ordering::Relaxed);
+            }
+            *out.per_socket.entry(trailer).or_default() += 1;
+        }
+    }
+    drop(msgs);
+    drop(iov);
+    drop(buf);
+    out
+}

@@ -1,0 +1,483 @@
+//! Running the real `supervisor` binary inside a [`TestNet`].
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::{
+    PinDir, TempDir, TestNet, bin_path, format_duration, format_size, output_with_timeout,
+    wait_timeout,
+};
+
+/// How long `Supervisor::start` waits for a serving generation.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Upper bound for one `status` / `stop` CLI call.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    Random,
+    Hash,
+    Flow,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::Random => "random",
+            Balance::Hash => "hash",
+            Balance::Flow => "flow",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadyMode {
+    Notify,
+    Exec,
+    Probe,
+}
+
+impl ReadyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadyMode::Notify => "notify",
+            ReadyMode::Exec => "exec",
+            ReadyMode::Probe => "probe",
+        }
+    }
+}
+
+/// Parameters of a one-listener service config. `None` fields are left out of the TOML,
+/// so the supervisor's defaults apply.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// argv; the supervisor execs it without a shell.
+    pub command: Vec<String>,
+    pub workers: u32,
+    /// The `[[listen]] name` (the LISTEN_FDNAMES entry); defaults to the service name.
+    pub listen_name: String,
+    pub address: SocketAddr,
+    pub balance: Option<Balance>,
+    pub sockets_per_worker: Option<u32>,
+    /// Bytes, written as `NMiB` / `NKiB`.
+    pub receive_buffer: Option<u64>,
+    pub flow_idle: Option<Duration>,
+    pub ready: Option<ReadyMode>,
+    pub ready_timeout: Option<Duration>,
+    pub drain_signal: Option<String>,
+    pub drain_timeout: Option<Duration>,
+    pub runtime_dir: PathBuf,
+    pub bpffs: PathBuf,
+    /// Raw TOML appended as is (e.g. an `[xdp]` table).
+    pub extra_toml: String,
+}
+
+impl ServiceConfig {
+    /// A service with bounded timeouts (a broken supervisor must fail a test quickly, not
+    /// hang it) and a receive buffer large enough that the tests' bursts measure the
+    /// design rather than the default ~256-datagram buffer.
+    pub fn new(
+        name: &str,
+        command: Vec<String>,
+        workers: u32,
+        address: SocketAddr,
+        pins: &PinDir,
+        runtime_dir: &Path,
+    ) -> ServiceConfig {
+        ServiceConfig {
+            name: name.to_string(),
+            command,
+            workers,
+            listen_name: name.to_string(),
+            address,
+            balance: None,
+            sockets_per_worker: None,
+            receive_buffer: Some(4 << 20),
+            flow_idle: None,
+            ready: None,
+            ready_timeout: Some(Duration::from_secs(10)),
+            drain_signal: None,
+            drain_timeout: Some(Duration::from_secs(10)),
+            runtime_dir: runtime_dir.to_path_buf(),
+            bpffs: pins.path().to_path_buf(),
+            extra_toml: String::new(),
+        }
+    }
+
+    /// The Rust echo worker (`examples/echo-worker`), service name "echo", ready by
+    /// `READY=1` (the supervisor's default mode).
+    pub fn echo(
+        workers: u32,
+        address: SocketAddr,
+        pins: &PinDir,
+        runtime_dir: &Path,
+    ) -> ServiceConfig {
+        let cmd = vec![bin_path("echo-worker").to_string_lossy().into_owned()];
+        ServiceConfig::new("echo", cmd, workers, address, pins, runtime_dir)
+    }
+
+    pub fn balance(mut self, b: Balance) -> Self {
+        self.balance = Some(b);
+        self
+    }
+    pub fn ready(mut self, r: ReadyMode) -> Self {
+        self.ready = Some(r);
+        self
+    }
+    pub fn sockets_per_worker(mut self, n: u32) -> Self {
+        self.sockets_per_worker = Some(n);
+        self
+    }
+
+    /// Where the control socket will be (docs/CONTRACT-NOTES.md).
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join(format!("{}.sock", self.name))
+    }
+
+    pub fn to_toml(&self) -> String {
+        use toml::{Table, Value as T};
+        let mut service = Table::new();
+        service.insert("name".into(), T::String(self.name.clone()));
+        service.insert(
+            "command".into(),
+            T::Array(self.command.iter().cloned().map(T::String).collect()),
+        );
+        service.insert("workers".into(), T::Integer(self.workers.into()));
+        if let Some(r) = self.ready {
+            service.insert("ready".into(), T::String(r.as_str().into()));
+        }
+        if let Some(d) = self.ready_timeout {
+            service.insert("ready_timeout".into(), T::String(format_duration(d)));
+        }
+        if let Some(s) = &self.drain_signal {
+            service.insert("drain_signal".into(), T::String(s.clone()));
+        }
+        if let Some(d) = self.drain_timeout {
+            service.insert("drain_timeout".into(), T::String(format_duration(d)));
+        }
+        service.insert(
+            "runtime_dir".into(),
+            T::String(self.runtime_dir.to_string_lossy().into_owned()),
+        );
+        service.insert(
+            "bpffs".into(),
+            T::String(self.bpffs.to_string_lossy().into_owned()),
+        );
+
+        let mut listen = Table::new();
+        listen.insert("name".into(), T::String(self.listen_name.clone()));
+        listen.insert("address".into(), T::String(self.address.to_string()));
+        if let Some(n) = self.sockets_per_worker {
+            listen.insert("sockets_per_worker".into(), T::Integer(n.into()));
+        }
+        if let Some(b) = self.receive_buffer {
+            listen.insert("receive_buffer".into(), T::String(format_size(b)));
+        }
+        if let Some(b) = self.balance {
+            listen.insert("balance".into(), T::String(b.as_str().into()));
+        }
+        if let Some(d) = self.flow_idle {
+            listen.insert("flow_idle".into(), T::String(format_duration(d)));
+        }
+
+        // Written table by table so `[service]` comes first, as in the documented example
+        // (a serialized map would sort `listen` before `service`).
+        let mut s = format!(
+            "[service]\n{}\n[[listen]]\n{}",
+            toml::to_string(&service).expect("serialize [service]"),
+            toml::to_string(&listen).expect("serialize [[listen]]")
+        );
+        if !self.extra_toml.is_empty() {
+            s.push('\n');
+            s.push_str(&self.extra_toml);
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// A running `supervisor run --config F`, killed on drop if still running.
+pub struct Supervisor<'n> {
+    net: &'n TestNet,
+    config: ServiceConfig,
+    /// Holds the config file and the captured stdout/stderr.
+    work: TempDir,
+    config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl<'n> Supervisor<'n> {
+    /// Starts the daemon and waits (up to [`START_TIMEOUT`]) until a generation serves.
+    pub fn start(net: &'n TestNet, config: ServiceConfig) -> Supervisor<'n> {
+        let mut sup = Supervisor::spawn(net, config);
+        sup.wait_serving(START_TIMEOUT);
+        sup
+    }
+
+    /// Starts the daemon without waiting for it (for tests of failing starts).
+    pub fn spawn(net: &'n TestNet, config: ServiceConfig) -> Supervisor<'n> {
+        let work = TempDir::new("sup-work");
+        let config_path = work.path().join(format!("{}.toml", config.name));
+        fs::write(&config_path, config.to_toml()).expect("write config");
+        let mut cmd = net.exec(bin_path("supervisor"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(work.path().join("stdout")).expect("stdout file"))
+            .stderr(fs::File::create(work.path().join("stderr")).expect("stderr file"));
+        clean_env(&mut cmd);
+        if std::env::var_os("RUST_LOG").is_none() {
+            // Useful logs when a test fails; the files are only printed then.
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = net.spawn(&mut cmd);
+        Supervisor {
+            net,
+            config,
+            work,
+            config_path,
+            child: Some(child),
+        }
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// Rewrites the config file (the next `upgrade` re-reads it).
+    pub fn set_config(&mut self, config: ServiceConfig) {
+        fs::write(&self.config_path, config.to_toml()).expect("write config");
+        self.config = config;
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The daemon's captured stdout and stderr so far.
+    pub fn logs(&self) -> (String, String) {
+        let read = |n: &str| fs::read_to_string(self.work.path().join(n)).unwrap_or_default();
+        (read("stdout"), read("stderr"))
+    }
+
+    fn logs_for_panic(&self) -> String {
+        let (out, err) = self.logs();
+        format!(
+            "--- config {} ---\n{}\n--- supervisor stdout ---\n{out}\n--- supervisor stderr ---\n{err}",
+            self.config_path.display(),
+            fs::read_to_string(&self.config_path).unwrap_or_default()
+        )
+    }
+
+    /// `supervisor ARGS... --config F`, run inside the namespace.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut cmd = self.net.exec(bin_path("supervisor"));
+        cmd.args(args).arg("--config").arg(&self.config_path);
+        clean_env(&mut cmd);
+        cmd
+    }
+
+    /// `supervisor upgrade --config F`. Returns its output whatever the exit code; the
+    /// caller asserts. Bounded by the config's ready and drain timeouts plus slack.
+    pub fn upgrade(&self) -> Output {
+        let c = &self.config;
+        let bound = c.ready_timeout.unwrap_or(Duration::from_secs(10))
+            + c.drain_timeout.unwrap_or(Duration::from_secs(30))
+            + Duration::from_secs(30);
+        output_with_timeout(&mut self.cli(&["upgrade"]), bound)
+    }
+
+    /// `supervisor status --json`, parsed; `Err` with the reason when it fails.
+    pub fn try_status_json(&self) -> Result<Value, String> {
+        let out = output_with_timeout(&mut self.cli(&["status", "--json"]), CLI_TIMEOUT);
+        if !out.status.success() {
+            return Err(format!(
+                "status exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "status --json printed invalid JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// `supervisor status --json`, parsed; panics (with the daemon's logs) on failure.
+    pub fn status_json(&self) -> Value {
+        self.try_status_json()
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs_for_panic()))
+    }
+
+    /// Polls `status --json` until `pred` holds, failing early if the daemon exits.
+    pub fn wait_status(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        let mut last;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                panic!(
+                    "supervisor exited ({status}) while waiting for {what}\n{}",
+                    self.logs_for_panic()
+                );
+            }
+            match self.try_status_json() {
+                Ok(v) if pred(&v) => return v,
+                Ok(v) => last = v.to_string(),
+                Err(e) => last = e,
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; last status: {last}\n{}",
+                    self.logs_for_panic()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until some generation is "serving"; returns the status.
+    pub fn wait_serving(&mut self, timeout: Duration) -> Value {
+        self.wait_status("a serving generation", timeout, |v| {
+            serving_generation(v).is_some()
+        })
+    }
+
+    /// Number of the serving generation (panics if none serves).
+    pub fn serving_generation(&self) -> u32 {
+        let status = self.status_json();
+        let g = serving_generation(&status)
+            .unwrap_or_else(|| panic!("no serving generation in status: {status}"));
+        g["generation"]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or_else(|| panic!("generation number missing in {g}"))
+    }
+
+    /// SIGTERM (drain everything and exit), wait, and require exit code 0.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("supervisor already stopped");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM supervisor");
+        let bound =
+            self.config.drain_timeout.unwrap_or(Duration::from_secs(30)) + Duration::from_secs(15);
+        let Some(status) = wait_timeout(&mut child, bound) else {
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+            panic!(
+                "supervisor did not exit within {bound:?} of SIGTERM\n{}",
+                self.logs_for_panic()
+            );
+        };
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "supervisor exited with {status} after SIGTERM\n{}",
+            self.logs_for_panic()
+        );
+        status
+    }
+}
+
+impl Drop for Supervisor<'_> {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The daemon leads its own process group (TestNet::exec): take its workers
+            // down with it. TestNet's drop catches any that left the group.
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs_for_panic());
+        }
+    }
+}
+
+/// The first generation whose state is "serving", if any.
+pub fn serving_generation(status: &Value) -> Option<&Value> {
+    status["generations"]
+        .as_array()?
+        .iter()
+        .find(|g| g["state"] == "serving")
+}
+
+/// The test runner's own socket-activation / notify variables must not leak into the
+/// daemon (it would think it runs under systemd) or its CLI.
+fn clean_env(cmd: &mut Command) {
+    for v in [
+        "NOTIFY_SOCKET",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    ] {
+        cmd.env_remove(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_toml_has_the_documented_shape() {
+        let c = ServiceConfig {
+            name: "echo".into(),
+            command: vec!["/bin/echo-worker".into(), "--verbose".into()],
+            workers: 4,
+            listen_name: "echo".into(),
+            address: "127.0.0.1:5300".parse().unwrap(),
+            balance: Some(Balance::Hash),
+            sockets_per_worker: Some(2),
+            receive_buffer: Some(4 << 20),
+            flow_idle: Some(Duration::from_millis(1500)),
+            ready: Some(ReadyMode::Exec),
+            ready_timeout: Some(Duration::from_secs(10)),
+            drain_signal: Some("SIGINT".into()),
+            drain_timeout: Some(Duration::from_secs(30)),
+            runtime_dir: "/tmp/rt".into(),
+            bpffs: "/sys/fs/bpf/x".into(),
+            extra_toml: "[xdp]\ninterface = \"veth-a\"".into(),
+        };
+        let text = c.to_toml();
+        assert!(text.starts_with("[service]\n"), "{text}");
+        let v: toml::Table = toml::from_str(&text).expect("valid TOML");
+        let s = &v["service"];
+        assert_eq!(s["command"][1].as_str(), Some("--verbose"));
+        assert_eq!(s["workers"].as_integer(), Some(4));
+        assert_eq!(s["ready"].as_str(), Some("exec"));
+        assert_eq!(s["ready_timeout"].as_str(), Some("10s"));
+        assert_eq!(s["drain_signal"].as_str(), Some("SIGINT"));
+        assert_eq!(s["bpffs"].as_str(), Some("/sys/fs/bpf/x"));
+        let l = &v["listen"][0];
+        assert_eq!(l["address"].as_str(), Some("127.0.0.1:5300"));
+        assert_eq!(l["balance"].as_str(), Some("hash"));
+        assert_eq!(l["sockets_per_worker"].as_integer(), Some(2));
+        assert_eq!(l["receive_buffer"].as_str(), Some("4MiB"));
+        assert_eq!(l["flow_idle"].as_str(), Some("1500ms"));
+        assert_eq!(v["xdp"]["interface"].as_str(), Some("veth-a"));
+        assert_eq!(c.control_socket(), PathBuf::from("/tmp/rt/echo.sock"));
+    }
+}

@@ -6,7 +6,9 @@ use std::{env, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let workspace = manifest_dir.parent().expect("supervisor/ sits in the workspace root");
+    let workspace = manifest_dir
+        .parent()
+        .expect("supervisor/ sits in the workspace root");
     let ebpf_dir = workspace.join("supervisor-ebpf");
     let common_dir = workspace.join("supervisor-common");
     // aya-build watches the eBPF crate's directory; the shared types live beside it.

@@ -84,11 +84,25 @@ pub mod echo {
         #[test]
         fn replies_split_into_request_and_trailer() {
             let mut reply = 42u64.to_le_bytes().to_vec();
-            reply.extend_from_slice(&Trailer { generation: 3, worker: 1, socket: 2 }.to_bytes());
+            reply.extend_from_slice(
+                &Trailer {
+                    generation: 3,
+                    worker: 1,
+                    socket: 2,
+                }
+                .to_bytes(),
+            );
             let (request, trailer) = split_reply(&reply).unwrap();
             assert_eq!(sequence(request), Some(42));
             assert_eq!(sequence(&reply), Some(42));
-            assert_eq!(trailer, Trailer { generation: 3, worker: 1, socket: 2 });
+            assert_eq!(
+                trailer,
+                Trailer {
+                    generation: 3,
+                    worker: 1,
+                    socket: 2
+                }
+            );
             assert_eq!(split_reply(&[0; 7]), None);
             assert_eq!(split_reply(&[0; 8]).unwrap().0, b"");
         }

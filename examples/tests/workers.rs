@@ -35,9 +35,17 @@ fn launch(program: &[&str], generation: u32, worker: u32) -> Activated {
     let second = UdpSocket::bind("127.0.0.1:0").unwrap();
     let sockets = [first.local_addr().unwrap(), second.local_addr().unwrap()];
 
-    let name = format!("supervisor-examples-test/{}/{generation}", std::process::id());
-    let notify = UnixDatagram::bind_addr(&std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap()).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = format!(
+        "supervisor-examples-test/{}/{generation}",
+        std::process::id()
+    );
+    let notify = UnixDatagram::bind_addr(
+        &std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap(),
+    )
+    .unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
 
     let child = Command::new("sh")
         .arg("-c")
@@ -54,13 +62,20 @@ fn launch(program: &[&str], generation: u32, worker: u32) -> Activated {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    Activated { child, sockets, notify }
+    Activated {
+        child,
+        sockets,
+        notify,
+    }
 }
 
 impl Activated {
     fn next_notification(&self) -> String {
         let mut buf = [0u8; 512];
-        let n = self.notify.recv(&mut buf).expect("a notify message from the worker");
+        let n = self
+            .notify
+            .recv(&mut buf)
+            .expect("a notify message from the worker");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
@@ -71,7 +86,9 @@ impl Activated {
 
 fn client() -> UdpSocket {
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     client
 }
 
@@ -91,13 +108,20 @@ fn round_trip(client: &UdpSocket, to: SocketAddr, seq: u64) -> (Vec<u8>, Trailer
 
 #[test]
 fn echo_worker_serves_inherited_sockets_and_drains_what_is_queued() {
-    let mut worker = launch(&[ECHO_WORKER], 7, 1);
+    let worker = launch(&[ECHO_WORKER], 7, 1);
     assert_eq!(worker.next_notification(), "READY=1");
 
     let client = client();
     for (index, &addr) in worker.sockets.iter().enumerate() {
         let (_, trailer) = round_trip(&client, addr, index as u64);
-        assert_eq!(trailer, Trailer { generation: 7, worker: 1, socket: index as u16 });
+        assert_eq!(
+            trailer,
+            Trailer {
+                generation: 7,
+                worker: 1,
+                socket: index as u16
+            }
+        );
     }
 
     // Freeze the worker, queue datagrams in its socket, then ask it to
@@ -105,7 +129,9 @@ fn echo_worker_serves_inherited_sockets_and_drains_what_is_queued() {
     worker.signal(Signal::SIGSTOP);
     const QUEUED: u64 = 100;
     for seq in 0..QUEUED {
-        client.send_to(&seq.to_le_bytes(), worker.sockets[0]).unwrap();
+        client
+            .send_to(&seq.to_le_bytes(), worker.sockets[0])
+            .unwrap();
     }
     worker.signal(Signal::SIGTERM);
     worker.signal(Signal::SIGCONT);
@@ -113,15 +139,27 @@ fn echo_worker_serves_inherited_sockets_and_drains_what_is_queued() {
     let mut answered = vec![false; QUEUED as usize];
     let mut buf = [0u8; 64];
     for _ in 0..QUEUED {
-        let n = client.recv(&mut buf).expect("every queued datagram is answered");
+        let n = client
+            .recv(&mut buf)
+            .expect("every queued datagram is answered");
         answered[sequence(&buf[..n]).unwrap() as usize] = true;
     }
     assert!(answered.iter().all(|&a| a));
 
     let output = worker.child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "exit 0 after draining: {}; stderr: {stderr}", output.status);
-    assert_eq!(stderr.trim(), format!("echo-worker gen=7 worker=1 drained: served {} datagrams", QUEUED + 2));
+    assert!(
+        output.status.success(),
+        "exit 0 after draining: {}; stderr: {stderr}",
+        output.status
+    );
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "echo-worker gen=7 worker=1 drained: served {} datagrams",
+            QUEUED + 2
+        )
+    );
 }
 
 #[test]
@@ -130,7 +168,11 @@ fn echo_worker_notifies_stopping_when_draining() {
     assert_eq!(worker.next_notification(), "READY=1");
     worker.signal(Signal::SIGTERM);
     assert_eq!(worker.next_notification(), "STOPPING=1");
-    assert!(worker.next_notification().starts_with("STATUS=draining 2 sockets"));
+    assert!(
+        worker
+            .next_notification()
+            .starts_with("STATUS=draining 2 sockets")
+    );
     let status = worker.child.wait().unwrap();
     assert!(status.success());
 }
@@ -148,7 +190,11 @@ fn echo_worker_honours_drain_signal_flag() {
 fn echo_worker_binds_its_own_socket_when_run_by_hand() {
     // A port that was free a moment ago; the worker binds it with
     // SO_REUSEPORT, so even a late reuse by another test would not fail it.
-    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let child = Command::new(ECHO_WORKER)
         .args(["--bind", &addr.to_string(), "--read-deadline-ms", "50"])
@@ -162,7 +208,9 @@ fn echo_worker_binds_its_own_socket_when_run_by_hand() {
 
     // No READY to wait for: retry until the socket is bound.
     let client = client();
-    client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut buf = [0u8; 64];
     let reply = (0..50).find_map(|_| {
         client.send_to(&42u64.to_le_bytes(), addr).unwrap();
@@ -171,13 +219,20 @@ fn echo_worker_binds_its_own_socket_when_run_by_hand() {
     let n = reply.expect("the worker answers on --bind");
     let (echoed, trailer) = split_reply(&buf[..n]).unwrap();
     assert_eq!(sequence(echoed), Some(42));
-    assert_eq!(trailer, Trailer::default(), "generation and worker are 0 when not set");
+    assert_eq!(
+        trailer,
+        Trailer::default(),
+        "generation and worker are 0 when not set"
+    );
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.starts_with("echo-worker gen=0 worker=0 drained: served "), "{stderr}");
+    assert!(
+        stderr.starts_with("echo-worker gen=0 worker=0 drained: served "),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -193,10 +248,21 @@ fn python_worker_speaks_socket_activation_and_dies_on_sigterm() {
     let client = client();
     for (index, &addr) in worker.sockets.iter().enumerate() {
         let (_, trailer) = round_trip(&client, addr, 100 + index as u64);
-        assert_eq!(trailer, Trailer { generation: 9, worker: 4, socket: index as u16 });
+        assert_eq!(
+            trailer,
+            Trailer {
+                generation: 9,
+                worker: 4,
+                socket: index as u16
+            }
+        );
     }
 
     worker.signal(Signal::SIGTERM);
     let status = worker.child.wait().unwrap();
-    assert_eq!(status.signal(), Some(libc::SIGTERM), "SIGTERM keeps its default action");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGTERM),
+        "SIGTERM keeps its default action"
+    );
 }

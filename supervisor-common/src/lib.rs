@@ -10,9 +10,11 @@
 //!
 //! | map            | type                                   | key                         | value                 |
 //! |----------------|----------------------------------------|-----------------------------|-----------------------|
-//! | `CONTROL`      | `ARRAY` (1 entry, mmapable)            | `0`                         | [`Control`] as `u64`  |
+//! | `CONTROL`      | `ARRAY` (8 entries, mmapable)          | [`control_index`]           | `u64` words           |
 //! | `GENERATIONS`  | `ARRAY_OF_MAPS` of `REUSEPORT_SOCKARRAY` | generation slot            | one generation's sockets |
 //! | `COUNTERS`     | `PERCPU_ARRAY`                         | [`counter_index`]           | [`SocketCounters`]    |
+//! | `FLOWS`        | `LRU_HASH` (`flow_table_size` entries) | [`FlowKey`]                 | [`FlowEntry`]         |
+//! | `FLOW_COUNTERS`| `PERCPU_ARRAY` (1 entry)               | `0`                         | [`FlowCounters`]      |
 //!
 //! A generation's `REUSEPORT_SOCKARRAY` is created fresh by user space for every
 //! generation, filled, pinned as `gen-<N>`, and stored in slot `N % GENERATION_SLOTS`
@@ -32,6 +34,8 @@ pub mod map_names {
     pub const CONTROL: &str = "CONTROL";
     pub const GENERATIONS: &str = "GENERATIONS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
 }
 
 /// Program names, as the eBPF object declares them.
@@ -49,6 +53,14 @@ pub enum BalanceMode {
     /// The kernel's 4-tuple hash modulo the socket count: one flow stays on one
     /// socket while the generation serves.
     Hash = 1,
+    /// Sticky across generations: a flow (remote address and port) keeps the
+    /// socket, and so the generation, it started on until it has been idle for
+    /// `flow_idle`; new flows go to the working generation (spread at random).
+    Flow = 2,
+    /// The datagram names its socket: a 16-bit [`cookie`] at a configured offset
+    /// of the UDP payload, handed to the worker that owns the socket. Datagrams
+    /// without a valid cookie are new flows. No table, nothing to overflow.
+    Cookie = 3,
 }
 
 impl BalanceMode {
@@ -56,9 +68,117 @@ impl BalanceMode {
         match value {
             0 => Some(Self::Random),
             1 => Some(Self::Hash),
+            2 => Some(Self::Flow),
+            3 => Some(Self::Cookie),
             _ => None,
         }
     }
+
+    /// Modes in which an old generation keeps receiving after the flip.
+    pub const fn has_affinity(self) -> bool {
+        matches!(self, Self::Flow | Self::Cookie)
+    }
+}
+
+/// Entries of the `CONTROL` array.
+pub mod control_index {
+    /// The [`Control`](super::Control) word: the only entry whose change switches
+    /// traffic, written with one 8-byte store.
+    pub const WORD: u32 = 0;
+    /// [`Settings`](super::Settings) for flow and cookie modes.
+    pub const SETTINGS: u32 = 1;
+    /// `SLOT_GENERATION + slot`: the generation number whose socket array is in
+    /// that slot of `GENERATIONS` (0: empty). A flow entry or cookie naming a
+    /// generation that no longer owns its slot is stale, even if the slot was
+    /// reused and has a socket at the same index.
+    pub const SLOT_GENERATION: u32 = 2;
+    pub const ENTRIES: u32 = SLOT_GENERATION + super::GENERATION_SLOTS;
+}
+
+/// Parameters of the flow and cookie modes, one `u64` word in `CONTROL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// A flow idle this long goes to the working generation on its next datagram.
+    pub flow_idle_ms: u32,
+    /// Offset of the 16-bit big-endian cookie in the UDP payload.
+    pub cookie_offset: u16,
+}
+
+impl Settings {
+    #[inline(always)]
+    pub const fn to_word(self) -> u64 {
+        (self.flow_idle_ms as u64) | ((self.cookie_offset as u64) << 32)
+    }
+
+    #[inline(always)]
+    pub const fn from_word(word: u64) -> Settings {
+        Settings {
+            flow_idle_ms: word as u32,
+            cookie_offset: (word >> 32) as u16,
+        }
+    }
+}
+
+/// The cookie of socket `socket` of generation `generation`: the generation's low
+/// byte, then the socket index. The slot follows from the generation
+/// (`generation % GENERATION_SLOTS`, which divides 256), and `SLOT_GENERATION`
+/// tells whether that generation still owns it.
+#[inline(always)]
+pub const fn cookie(generation: u32, socket: u32) -> u16 {
+    (((generation & 0xff) as u16) << 8) | (socket & 0xff) as u16
+}
+
+/// The (generation low byte, socket index) a cookie names.
+#[inline(always)]
+pub const fn parse_cookie(cookie: u16) -> (u8, u8) {
+    ((cookie >> 8) as u8, cookie as u8)
+}
+
+/// Key of the flow table: the remote address and port, as they are in the packet
+/// (network byte order). IPv4 uses `addr[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u16,
+}
+
+/// Where a flow goes and when it was last seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// `bpf_ktime_get_coarse_ns` at the last refresh. Refreshed at most every
+    /// `flow_idle / 4`, so a busy flow does not write its entry on every datagram.
+    pub last_seen_ns: u64,
+    pub generation: u32,
+    pub socket: u16,
+    pub slot: u8,
+    pub _pad: u8,
+}
+
+/// Default `flow_table_size`.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65536;
+
+/// Per-CPU counters of the flow and cookie stages.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Datagrams of a known flow delivered to its socket.
+    pub hits: u64,
+    /// Flows seen for the first time (or again after expiring) and recorded.
+    pub new_flows: u64,
+    /// Known flows whose socket (or generation) was gone: sent to the working generation.
+    pub socket_gone: u64,
+    /// Known flows idle longer than `flow_idle`: sent to the working generation.
+    pub expired: u64,
+    /// Datagrams whose cookie named a live socket.
+    pub cookie_hits: u64,
+    /// Datagrams too short for a cookie, or whose cookie named no live socket.
+    pub cookie_invalid: u64,
+    /// Flows that could not be recorded (the table refused the insert).
+    pub insert_failed: u64,
 }
 
 /// The selector's view of which generation serves.
@@ -140,6 +260,8 @@ pub mod pin_names {
     pub const CONTROL: &str = "control";
     pub const GENERATIONS: &str = "generations";
     pub const COUNTERS: &str = "counters";
+    pub const FLOWS: &str = "flows";
+    pub const FLOW_COUNTERS: &str = "flow_counters";
     /// Prefix of a generation's socket array: `gen-<N>`.
     pub const GENERATION_PREFIX: &str = "gen-";
 }
@@ -149,6 +271,11 @@ mod user {
     // SAFETY: plain old data: #[repr(C)], only u64 fields, no padding, any bit
     // pattern is valid.
     unsafe impl aya::Pod for super::SocketCounters {}
+    // SAFETY: as above; FlowKey has no padding (16 + 2 + 2 bytes), FlowEntry's
+    // padding byte is an explicit field.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FlowCounters {}
 }
 
 #[cfg(test)]
@@ -168,9 +295,28 @@ mod tests {
     }
 
     #[test]
+    fn cookies_name_generation_and_socket() {
+        let c = cookie(258, 5);
+        assert_eq!(parse_cookie(c), (2, 5));
+        // The slot is recoverable from the generation's low byte.
+        assert_eq!(
+            (parse_cookie(c).0 as u32) % GENERATION_SLOTS,
+            258 % GENERATION_SLOTS
+        );
+        let s = Settings {
+            flow_idle_ms: 30_000,
+            cookie_offset: 1,
+        };
+        assert_eq!(Settings::from_word(s.to_word()), s);
+    }
+
+    #[test]
     fn counter_indices_do_not_overlap() {
         assert_eq!(counter_index(1, 0), MAX_SOCKETS);
-        assert_eq!(counter_index(GENERATION_SLOTS - 1, MAX_SOCKETS - 1), COUNTER_ENTRIES - 1);
+        assert_eq!(
+            counter_index(GENERATION_SLOTS - 1, MAX_SOCKETS - 1),
+            COUNTER_ENTRIES - 1
+        );
     }
 }
 

@@ -1,1 +1,260 @@
-//! The XDP filter's maps contract (filled in by the XDP work).
+//! The XDP filter's maps contract.
+//!
+//! The filter (`supervisor-ebpf/src/xdp_filter.rs`) and its manager
+//! (`supervisor/src/xdp.rs`) share everything below. Per service and interface it is
+//! pinned under `<bpffs>/<service>/xdp/<ifname>/`:
+//!
+//! | map           | type                                  | key                      | value |
+//! |---------------|---------------------------------------|--------------------------|-------|
+//! | `CONTROL`     | `ARRAY` (1 entry, mmapable)           | `0`                      | [`RulesetControl`] as `u64` |
+//! | `LISTENERS`   | `ARRAY_OF_MAPS` of `HASH`             | ruleset slot             | [`ListenerKey`] → [`ListenerRule`] |
+//! | `PREFIXES_V4` | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 4]>` → verdict (`u32`) |
+//! | `PREFIXES_V6` | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 16]>` → verdict (`u32`) |
+//! | `RATE`        | `LRU_HASH`                            | [`SourceKey`]            | theoretical arrival time (`u64`, ns) |
+//! | `COUNTERS`    | `PERCPU_ARRAY`                        | [`counter`] index        | [`XdpCounter`] |
+//!
+//! A *ruleset* is the three inner maps of one slot (listeners, IPv4 and IPv6
+//! prefixes). User space builds every ruleset in fresh maps, stores them in the slot
+//! the program does not use, and switches with one 8-byte store of the control word.
+//! The program reads the word once per packet and uses that slot for every lookup,
+//! so a packet sees one ruleset whole. The rate table and the counters live outside
+//! the slots: a rules change keeps both.
+#![allow(clippy::module_name_repetitions)]
+
+/// Ruleset slots. Two are enough: user space only rewrites the slot the program does
+/// not use, and only after an RCU grace period has passed since the switch away from
+/// it (every packet that could still have read the old word has finished by then).
+pub const RULESET_SLOTS: u32 = 2;
+
+/// Most prefixes per address family in one ruleset (deny + allow + the implicit
+/// "everything else is not allowed" entry).
+pub const MAX_PREFIXES: u32 = 16 * 1024;
+
+/// Most entries in one ruleset's listener table. Every listener takes two: its
+/// (address, port) and its (address, port 0) "address only" entry.
+pub const MAX_LISTENER_KEYS: u32 = 512;
+
+/// Sources tracked by the rate limiter. LRU: a flood of new sources evicts the
+/// oldest buckets, which only hands those sources a fresh burst.
+pub const RATE_ENTRIES: u32 = 64 * 1024;
+
+/// Bumped by hand when a map's *meaning* changes without its sizes changing. It is
+/// part of [`layout_fingerprint`]-style checks in user space: pinned maps from a build
+/// with another layout are never reused.
+pub const LAYOUT_VERSION: u8 = 1;
+
+/// Map names, as the eBPF object declares them.
+pub mod map_names {
+    pub const CONTROL: &str = "CONTROL";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const PREFIXES_V4: &str = "PREFIXES_V4";
+    pub const PREFIXES_V6: &str = "PREFIXES_V6";
+    pub const RATE: &str = "RATE";
+    pub const COUNTERS: &str = "COUNTERS";
+
+    /// (map name, pin name) of every map, in one place for loading and checking.
+    pub const ALL: [(&str, &str); 6] = [
+        (CONTROL, super::pin_names::CONTROL),
+        (LISTENERS, super::pin_names::LISTENERS),
+        (PREFIXES_V4, super::pin_names::PREFIXES_V4),
+        (PREFIXES_V6, super::pin_names::PREFIXES_V6),
+        (RATE, super::pin_names::RATE),
+        (COUNTERS, super::pin_names::COUNTERS),
+    ];
+}
+
+/// Program names, as the eBPF object declares them.
+pub mod program_names {
+    pub const FILTER: &str = "xdp_filter";
+}
+
+/// Pin names inside `<bpffs>/<service>/xdp/<ifname>/`.
+pub mod pin_names {
+    /// The `bpf_link` that attaches the program to the interface. While this pin
+    /// exists the filter stays attached, with or without a supervisor.
+    pub const LINK: &str = "link";
+    /// The program the link runs (for inspection; the link keeps it alive anyway).
+    pub const PROGRAM: &str = "program";
+    pub const CONTROL: &str = "control";
+    pub const LISTENERS: &str = "listeners";
+    pub const PREFIXES_V4: &str = "prefixes-v4";
+    pub const PREFIXES_V6: &str = "prefixes-v6";
+    pub const RATE: &str = "rate";
+    pub const COUNTERS: &str = "counters";
+    /// The directory below `<bpffs>/<service>/` holding one directory per interface.
+    pub const XDP_DIR: &str = "xdp";
+}
+
+/// Which ruleset the program uses, as one 8-byte word (same idea as the selector's
+/// `Control`): one aligned store on the user-space side, one load in the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RulesetControl {
+    /// Slot of `LISTENERS` / `PREFIXES_V4` / `PREFIXES_V6` in use.
+    pub slot: u8,
+    /// 1 once a ruleset is installed. Until then the program passes everything.
+    pub armed: u8,
+    /// Fingerprint of the map layouts of the build that wrote the word (user space
+    /// only; the program ignores it). A restarted supervisor reuses pinned maps only
+    /// when it matches its own.
+    pub layout: u16,
+    /// Ruleset generation, for status only.
+    pub generation: u32,
+}
+
+impl RulesetControl {
+    pub const NONE: RulesetControl = RulesetControl {
+        slot: 0,
+        armed: 0,
+        layout: 0,
+        generation: 0,
+    };
+
+    /// Packs the fields with shifts, so the word means the same on either endianness.
+    #[inline(always)]
+    pub const fn to_word(self) -> u64 {
+        (self.slot as u64)
+            | ((self.armed as u64) << 8)
+            | ((self.layout as u64) << 16)
+            | ((self.generation as u64) << 32)
+    }
+
+    #[inline(always)]
+    pub const fn from_word(word: u64) -> RulesetControl {
+        RulesetControl {
+            slot: word as u8,
+            armed: (word >> 8) as u8,
+            layout: (word >> 16) as u16,
+            generation: (word >> 32) as u32,
+        }
+    }
+}
+
+/// Address families as they appear in [`ListenerKey::family`] and [`SourceKey::family`].
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// A listener's destination: (address, port), both as on the wire.
+///
+/// IPv4 addresses fill the first four bytes of `addr`, the rest is zero; `family`
+/// keeps an IPv4 key apart from an IPv6 address that happens to share its bytes.
+/// The unspecified address (`0.0.0.0`, `::`) is the wildcard: the program tries the
+/// packet's exact destination first, then the wildcard of its family.
+///
+/// Every listener also has an entry with `port == [0, 0]`: "this address has a
+/// listener". The program uses it for UDP packets whose port it cannot read
+/// (truncated headers): those are malformed and addressed to the service, so they
+/// are the service's to drop. Port 0 is never a listener's port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    pub addr: [u8; 16],
+    /// Big-endian, as in the UDP header.
+    pub port: [u8; 2],
+    pub family: u8,
+    /// Always zero: hash keys are compared bytewise.
+    pub _pad: u8,
+}
+
+/// `ListenerRule::flags`: drop malformed datagrams.
+pub const RULE_DROP_MALFORMED: u32 = 1;
+/// `ListenerRule::flags`: apply the per-source rate limit.
+pub const RULE_RATE_LIMIT: u32 = 2;
+
+/// What the program does with a listener's traffic. Stored per listener, so the
+/// parameters come with the lookup the program needs anyway.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerRule {
+    /// `RULE_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    /// Rate limit: nanoseconds between datagrams at the sustained rate (GCRA's
+    /// emission interval, `1e9 / packets_per_second`).
+    pub interval_ns: u64,
+    /// Rate limit: how far a source's theoretical arrival time may run ahead of now,
+    /// `(burst - 1) * interval_ns`: a source may send `burst` datagrams at once.
+    pub tolerance_ns: u64,
+}
+
+/// A source address for the rate limiter, laid out like [`ListenerKey`]'s address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Values of the prefix tries: what the longest matching source prefix says.
+///
+/// User space resolves deny/allow overlaps before it fills a trie, so one lookup
+/// answers: deny prefixes are stored as [`VERDICT_DENY`]; allow prefixes not inside
+/// any deny prefix as [`VERDICT_ALLOW`]; and when the allow list is not empty, a
+/// `/0` entry says [`VERDICT_NOT_ALLOWED`] for everything else. No match = pass.
+pub const VERDICT_DENY: u32 = 1;
+pub const VERDICT_ALLOW: u32 = 2;
+pub const VERDICT_NOT_ALLOWED: u32 = 3;
+
+/// Indices of `COUNTERS`: one per verdict and reason.
+pub mod counter {
+    /// Service traffic that passed every rule.
+    pub const PASSED: u32 = 0;
+    /// Dropped: the source is in a deny prefix.
+    pub const DENIED: u32 = 1;
+    /// Dropped: the allow list is not empty and the source is not in it.
+    pub const NOT_ALLOWED: u32 = 2;
+    /// Dropped: the source exceeded its rate.
+    pub const RATE_LIMITED: u32 = 3;
+    /// Dropped: truncated headers or a UDP length that disagrees with the packet.
+    pub const MALFORMED: u32 = 4;
+    /// Passed untouched: not UDP to one of the service's listeners.
+    pub const NOT_OURS: u32 = 5;
+    /// Passed untouched: a non-first IP fragment (it has no UDP header; the first
+    /// fragment carries the verdict, see the program's documentation).
+    pub const FRAGMENT: u32 = 6;
+    /// Entries in `COUNTERS`.
+    pub const COUNT: u32 = 7;
+}
+
+/// Per-CPU packets and bytes for one [`counter`] index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all four): plain old data: #[repr(C)], integer and byte-array fields
+    // only, explicit padding fields, any bit pattern is valid.
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::ListenerRule {}
+    unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::XdpCounter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_word_round_trips() {
+        let control = RulesetControl {
+            slot: 1,
+            armed: 1,
+            layout: 0xbeef,
+            generation: 0xdead_beef,
+        };
+        assert_eq!(RulesetControl::from_word(control.to_word()), control);
+        assert_eq!(RulesetControl::from_word(0), RulesetControl::NONE);
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<ListenerKey>(), 20);
+        assert_eq!(core::mem::size_of::<ListenerRule>(), 24);
+        assert_eq!(core::mem::size_of::<SourceKey>(), 20);
+        assert_eq!(core::mem::size_of::<XdpCounter>(), 16);
+    }
+}

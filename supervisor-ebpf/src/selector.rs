@@ -1,5 +1,5 @@
 //! The `SK_REUSEPORT` selector: picks, for every datagram that reaches a
-//! listener's reuseport group, one socket of the generation that serves.
+//! listener's reuseport group, one socket of a live generation.
 //!
 //! The whole decision rests on one 8-byte control word (see
 //! `supervisor_common::Control`): user space flips generations by storing a new
@@ -7,23 +7,36 @@
 //! Any miss (no generation yet, slot empty, socket gone) returns `SK_PASS`
 //! without a selection, which makes the kernel choose by its own hash: the
 //! selector never drops a datagram.
+//!
+//! Modes:
+//! - `random`: a fresh random socket of the working generation per datagram.
+//! - `hash`: the kernel's 4-tuple hash modulo the working generation's sockets.
+//! - `flow`: the LRU table `FLOWS` keeps each remote (address, port) on the socket
+//!   it started on, across generations, until it has been idle for `flow_idle`.
+//! - `cookie`: the datagram carries the cookie of its socket in its payload.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, sk_action::SK_PASS},
-    btf_maps::{Array, ArrayOfMaps, PerCpuArray, ReusePortSockArray},
-    helpers::bpf_get_prandom_u32,
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_F_MMAPABLE, bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
+    btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray, ReusePortSockArray},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_skb_load_bytes,
+        bpf_skb_load_bytes_relative,
+    },
     macros::{btf_map, sk_reuseport},
     programs::SkReuseportContext,
 };
 use supervisor_common::{
-    BalanceMode, COUNTER_ENTRIES, Control, GENERATION_SLOTS, MAX_SOCKETS, SocketCounters,
-    counter_index,
+    BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FlowCounters, FlowEntry,
+    FlowKey, GENERATION_SLOTS, MAX_SOCKETS, Settings, SocketCounters, control_index, counter_index,
+    parse_cookie,
 };
 
 #[btf_map]
-static CONTROL: Array<u64, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
+static CONTROL: Array<u64, { control_index::ENTRIES as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
 
 #[btf_map]
 static GENERATIONS: ArrayOfMaps<
@@ -32,8 +45,21 @@ static GENERATIONS: ArrayOfMaps<
 > = ArrayOfMaps::new();
 
 #[btf_map]
-static COUNTERS: PerCpuArray<SocketCounters, { COUNTER_ENTRIES as usize }> =
-    PerCpuArray::new();
+static COUNTERS: PerCpuArray<SocketCounters, { COUNTER_ENTRIES as usize }> = PerCpuArray::new();
+
+/// Sized by user space at load time (`flow_table_size`).
+#[btf_map]
+static FLOWS: LruHashMap<FlowKey, FlowEntry, { DEFAULT_FLOW_TABLE_SIZE as usize }> =
+    LruHashMap::new();
+
+#[btf_map]
+static FLOW_COUNTERS: PerCpuArray<FlowCounters, 1> = PerCpuArray::new();
+
+/// `ETH_P_IP` / `ETH_P_IPV6` as `sk_reuseport_md.eth_protocol` holds them
+/// (network byte order in a host-order u32).
+const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
+const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
+const UDP_HEADER_LEN: u32 = 8;
 
 #[sk_reuseport]
 pub fn select_socket(ctx: SkReuseportContext) -> u32 {
@@ -44,40 +70,175 @@ pub fn select_socket(ctx: SkReuseportContext) -> u32 {
 }
 
 #[inline(always)]
+fn word(index: u32) -> u64 {
+    match CONTROL.get_ptr(index) {
+        // One 8-byte load: user space writes each word with one 8-byte store.
+        // SAFETY: the pointer comes from a successful lookup in the array.
+        Some(word) => unsafe { core::ptr::read_volatile(word) },
+        None => 0,
+    }
+}
+
+#[inline(always)]
 fn select(ctx: &SkReuseportContext) {
-    let Some(word) = CONTROL.get_ptr(0) else {
-        return;
-    };
-    // One 8-byte load: the flip is one 8-byte store on the other side.
-    // SAFETY: the pointer comes from a successful lookup in a 1-entry array.
-    let control = Control::from_word(unsafe { core::ptr::read_volatile(word) });
+    let control = Control::from_word(word(control_index::WORD));
     let sockets = control.socket_count as u32;
     if sockets == 0 {
         return;
     }
     let slot = control.working_slot as u32 % GENERATION_SLOTS;
-    let index = match BalanceMode::from_u8(control.balance_mode) {
-        Some(BalanceMode::Hash) => ctx.hash() % sockets,
+    match BalanceMode::from_u8(control.balance_mode) {
+        Some(BalanceMode::Hash) => {
+            select_in(ctx, slot, ctx.hash() % sockets);
+        }
+        Some(BalanceMode::Flow) => select_flow(ctx, &control, slot),
+        Some(BalanceMode::Cookie) => select_cookie(ctx, slot, sockets),
         // Random, and any mode this build does not know: spread evenly.
-        _ => scale(unsafe { bpf_get_prandom_u32() }, sockets),
-    };
-    // Bounded for the verifier; `index < sockets <= MAX_SOCKETS` already.
-    let index = index % MAX_SOCKETS;
+        _ => {
+            select_in(ctx, slot, random_below(sockets));
+        }
+    }
+}
 
+/// Selects socket `index` of the generation in `slot`; false if the kernel refused.
+#[inline(always)]
+fn select_in(ctx: &SkReuseportContext, slot: u32, index: u32) -> bool {
+    // Bounded for the verifier; callers already keep index below the socket count.
+    let index = index % MAX_SOCKETS;
+    let slot = slot % GENERATION_SLOTS;
     let Some(sockarray) = GENERATIONS.get(slot) else {
         count(slot, 0, |c| c.fallback += 1);
-        return;
+        return false;
     };
     match sockarray.select_reuseport(ctx, index) {
-        Ok(()) => count(slot, index, |c| c.selected += 1),
-        Err(_) => count(slot, index, |c| c.errors += 1),
+        Ok(()) => {
+            count(slot, index, |c| c.selected += 1);
+            true
+        }
+        Err(_) => {
+            count(slot, index, |c| c.errors += 1);
+            false
+        }
     }
+}
+
+/// Sticky flows: known flows keep their socket while it lives and they are not
+/// idle; everything else is a new flow in the working generation.
+#[inline(always)]
+fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
+    let sockets = control.socket_count as u32;
+    let Some(key) = flow_key(ctx) else {
+        // Not IPv4/IPv6 or unreadable: no key to stick to.
+        select_in(ctx, working_slot, random_below(sockets));
+        return;
+    };
+    let settings = Settings::from_word(word(control_index::SETTINGS));
+    let idle_ns = settings.flow_idle_ms as u64 * 1_000_000;
+    // Coarse time (jiffies resolution) is enough for idle timeouts in seconds and
+    // cheaper than the precise clock.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+
+    if let Some(entry) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a pointer to the value of a successful lookup; LRU entries stay
+        // valid for the program's run (RCU), and a concurrent refresh of
+        // `last_seen_ns` by another CPU is a benign race on a timestamp.
+        let known = unsafe { *entry };
+        let age = now.saturating_sub(known.last_seen_ns);
+        let slot = known.slot as u32 % GENERATION_SLOTS;
+        if age >= idle_ns {
+            flow_count(|c| c.expired += 1);
+        } else if word(control_index::SLOT_GENERATION + slot) != known.generation as u64 {
+            flow_count(|c| c.socket_gone += 1);
+        } else if select_in(ctx, slot, known.socket as u32) {
+            if age > idle_ns / 4 {
+                unsafe { (*entry).last_seen_ns = now };
+            }
+            flow_count(|c| c.hits += 1);
+            return;
+        } else {
+            flow_count(|c| c.socket_gone += 1);
+        }
+    }
+
+    let index = random_below(sockets);
+    if select_in(ctx, working_slot, index) {
+        let entry = FlowEntry {
+            last_seen_ns: now,
+            generation: control.generation,
+            socket: index as u16,
+            slot: working_slot as u8,
+            _pad: 0,
+        };
+        if FLOWS.insert(&key, &entry, BPF_ANY as u64).is_ok() {
+            flow_count(|c| c.new_flows += 1);
+        } else {
+            flow_count(|c| c.insert_failed += 1);
+        }
+    }
+}
+
+/// Cookies: the datagram names (generation, socket); a cookie naming a live
+/// socket goes there, anything else is a new flow in the working generation.
+#[inline(always)]
+fn select_cookie(ctx: &SkReuseportContext, working_slot: u32, sockets: u32) {
+    let settings = Settings::from_word(word(control_index::SETTINGS));
+    let mut cookie = [0u8; 2];
+    // `data` starts at the UDP header; the payload follows it.
+    let offset = UDP_HEADER_LEN + settings.cookie_offset as u32;
+    let loaded = unsafe { bpf_skb_load_bytes(ctx.as_ptr(), offset, cookie.as_mut_ptr().cast(), 2) };
+    if loaded == 0 {
+        let (generation_byte, socket) = parse_cookie(u16::from_be_bytes(cookie));
+        let slot = generation_byte as u32 % GENERATION_SLOTS;
+        let owner = word(control_index::SLOT_GENERATION + slot);
+        if owner != 0 && owner as u8 == generation_byte && select_in(ctx, slot, socket as u32) {
+            flow_count(|c| c.cookie_hits += 1);
+            return;
+        }
+    }
+    flow_count(|c| c.cookie_invalid += 1);
+    select_in(ctx, working_slot, random_below(sockets));
+}
+
+/// The remote address and port of the datagram.
+#[inline(always)]
+fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
+    let mut key = FlowKey::default();
+    let protocol = ctx.eth_protocol();
+    let (offset, len, family) = if protocol == ETH_P_IP_BE {
+        (12u32, 4u32, 4u16) // iphdr.saddr
+    } else if protocol == ETH_P_IPV6_BE {
+        (8, 16, 6) // ipv6hdr.saddr
+    } else {
+        return None;
+    };
+    let loaded = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.as_ptr(),
+            offset,
+            key.addr.as_mut_ptr().cast(),
+            len,
+            BPF_HDR_START_NET,
+        )
+    };
+    if loaded != 0 {
+        return None;
+    }
+    // The UDP source port: the first two bytes at `data`.
+    let data = ctx.data();
+    if data + 2 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bounds-checked against data_end just above.
+    key.port = unsafe { core::ptr::read_unaligned(data as *const u16) };
+    key.family = family;
+    Some(key)
 }
 
 /// Maps a uniform 32-bit random number onto `0..n` with a multiply and a shift
 /// instead of a division (Lemire's reduction; the bias is below 2^-26 for n <= 64).
 #[inline(always)]
-fn scale(random: u32, n: u32) -> u32 {
+fn random_below(n: u32) -> u32 {
+    let random = unsafe { bpf_get_prandom_u32() };
     ((random as u64 * n as u64) >> 32) as u32
 }
 
@@ -86,6 +247,14 @@ fn count(slot: u32, socket: u32, bump: impl FnOnce(&mut SocketCounters)) {
     if let Some(counters) = COUNTERS.get_ptr_mut(counter_index(slot, socket)) {
         // SAFETY: per-CPU slot of a preallocated array; this program is the only
         // writer on this CPU and runs with migration disabled.
+        bump(unsafe { &mut *counters });
+    }
+}
+
+#[inline(always)]
+fn flow_count(bump: impl FnOnce(&mut FlowCounters)) {
+    if let Some(counters) = FLOW_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: as in `count`.
         bump(unsafe { &mut *counters });
     }
 }

@@ -20,12 +20,22 @@ fn is_bpffs(path: &Path) -> bool {
 /// If `dir` is below `/sys/fs/bpf` and that is not mounted, bpffs is mounted at
 /// `/sys/fs/bpf` (where every tool expects it); otherwise at `dir` itself.
 pub fn ensure(dir: &Path) -> Result<()> {
-    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if !is_bpffs(existing) {
         let standard = Path::new("/sys/fs/bpf");
-        let mount_point: PathBuf = if dir.starts_with(standard) { standard.into() } else { dir.into() };
+        let mount_point: PathBuf = if dir.starts_with(standard) {
+            standard.into()
+        } else {
+            dir.into()
+        };
         std::fs::create_dir_all(&mount_point).map_err(|e| {
-            InputError::new(format!("bpffs: cannot create {}: {e}", mount_point.display()))
+            InputError::new(format!(
+                "bpffs: cannot create {}: {e}",
+                mount_point.display()
+            ))
         })?;
         tracing::info!("mounting bpffs at {}", mount_point.display());
         mount(Some("bpf"), &mount_point, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(|e| {
@@ -39,7 +49,9 @@ pub fn ensure(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| InputError::new(format!("bpffs: cannot create {}: {e}", dir.display())))?;
     if !is_bpffs(dir) {
-        return Err(InputError::new(format!("{} is not on a BPF filesystem", dir.display())).into());
+        return Err(
+            InputError::new(format!("{} is not on a BPF filesystem", dir.display())).into(),
+        );
     }
     Ok(())
 }

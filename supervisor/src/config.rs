@@ -74,6 +74,16 @@ pub struct ListenerConfig {
     pub receive_buffer: u64,
     #[serde(default, deserialize_with = "balance")]
     pub balance: Balance,
+    /// `flow` mode: a flow idle this long goes to the working generation; a
+    /// draining generation with affinity is done once idle this long.
+    #[serde(default = "defaults::flow_idle", with = "duration")]
+    pub flow_idle: Duration,
+    /// `flow` mode: entries in the LRU flow table (least recently used evicted).
+    #[serde(default = "defaults::flow_table_size")]
+    pub flow_table_size: u32,
+    /// `cookie` mode: offset of the 16-bit big-endian cookie in the UDP payload.
+    #[serde(default)]
+    pub cookie_offset: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +100,8 @@ impl fmt::Display for Balance {
         f.write_str(match self.0 {
             BalanceMode::Random => "random",
             BalanceMode::Hash => "hash",
+            BalanceMode::Flow => "flow",
+            BalanceMode::Cookie => "cookie",
         })
     }
 }
@@ -121,6 +133,12 @@ mod defaults {
     pub fn receive_buffer() -> u64 {
         4 << 20
     }
+    pub fn flow_idle() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn flow_table_size() -> u32 {
+        supervisor_common::DEFAULT_FLOW_TABLE_SIZE
+    }
 }
 
 /// Durations as humans write them: "10s", "500ms", "1m 30s".
@@ -131,16 +149,26 @@ mod duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| de::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. \"10s\" or \"500ms\"")))
+        humantime::parse_duration(&text).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write e.g. \"10s\" or \"500ms\""
+            ))
+        })
     }
 }
 
 fn signal<'de, D: Deserializer<'de>>(d: D) -> Result<nix::sys::signal::Signal, D::Error> {
     let text = String::deserialize(d)?;
-    let name = if text.starts_with("SIG") { text.clone() } else { format!("SIG{text}") };
-    name.parse()
-        .map_err(|_| de::Error::custom(format!("unknown signal {text:?}; write e.g. \"SIGTERM\" or \"SIGUSR2\"")))
+    let name = if text.starts_with("SIG") {
+        text.clone()
+    } else {
+        format!("SIG{text}")
+    };
+    name.parse().map_err(|_| {
+        de::Error::custom(format!(
+            "unknown signal {text:?}; write e.g. \"SIGTERM\" or \"SIGUSR2\""
+        ))
+    })
 }
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -157,8 +185,10 @@ fn balance<'de, D: Deserializer<'de>>(d: D) -> Result<Balance, D::Error> {
     match text.as_str() {
         "random" => Ok(Balance(BalanceMode::Random)),
         "hash" => Ok(Balance(BalanceMode::Hash)),
+        "flow" => Ok(Balance(BalanceMode::Flow)),
+        "cookie" => Ok(Balance(BalanceMode::Cookie)),
         other => Err(de::Error::custom(format!(
-            "unknown balance mode {other:?}; expected \"random\" or \"hash\""
+            "unknown balance mode {other:?}; expected \"random\", \"hash\", \"flow\" or \"cookie\""
         ))),
     }
 }
@@ -169,7 +199,9 @@ fn balance<'de, D: Deserializer<'de>>(d: D) -> Result<Balance, D::Error> {
 /// disagree on whether "MB" is 10^6 or 2^20; socket buffers are always 2^n-minded.
 pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
-    let split = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
     let (digits, unit) = trimmed.split_at(split);
     let number: u64 = digits
         .parse()
@@ -179,7 +211,11 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
         "K" | "KB" | "KiB" | "k" => 1 << 10,
         "M" | "MB" | "MiB" => 1 << 20,
         "G" | "GB" | "GiB" => 1 << 30,
-        other => return Err(format!("invalid size unit {other:?} in {text:?}; use KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {text:?}; use KiB, MiB or GiB"
+            ));
+        }
     };
     number
         .checked_mul(multiplier)
@@ -230,20 +266,30 @@ impl Config {
 
     fn validate(&self) -> Result<(), InputError> {
         let bad = |key: &str, why: String| {
-            Err(InputError::new(format!("{}: {key}: {why}", self.path.display())))
+            Err(InputError::new(format!(
+                "{}: {key}: {why}",
+                self.path.display()
+            )))
         };
         let name = &self.service.name;
         if name.is_empty()
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
             || name.starts_with('.')
         {
             return bad(
                 "service.name",
-                format!("{name:?} must be non-empty and use only letters, digits, '-', '_' and '.' (it names pins and files)"),
+                format!(
+                    "{name:?} must be non-empty and use only letters, digits, '-', '_' and '.' (it names pins and files)"
+                ),
             );
         }
         if self.service.command.is_empty() || self.service.command[0].is_empty() {
-            return bad("service.command", "must name a program: command = [\"/path/to/worker\", \"--flag\"]".into());
+            return bad(
+                "service.command",
+                "must name a program: command = [\"/path/to/worker\", \"--flag\"]".into(),
+            );
         }
         if self.service.workers == 0 {
             return bad("service.workers", "must be at least 1".into());
@@ -259,24 +305,42 @@ impl Config {
         for (i, listener) in self.listeners.iter().enumerate() {
             let key = |k: &str| format!("listen[{i}].{k}");
             if listener.name.is_empty()
-                || !listener.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || !listener
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
                 return bad(
                     &key("name"),
-                    format!("{:?} must be non-empty and use only letters, digits, '-' and '_' (it is the LISTEN_FDNAMES entry and a pin directory)", listener.name),
+                    format!(
+                        "{:?} must be non-empty and use only letters, digits, '-' and '_' (it is the LISTEN_FDNAMES entry and a pin directory)",
+                        listener.name
+                    ),
                 );
             }
             if listener.name == "xdp" {
-                return bad(&key("name"), "\"xdp\" is reserved for the XDP filter's pins".into());
+                return bad(
+                    &key("name"),
+                    "\"xdp\" is reserved for the XDP filter's pins".into(),
+                );
             }
             if !names.insert(listener.name.clone()) {
-                return bad(&key("name"), format!("{:?} is used by two listeners", listener.name));
+                return bad(
+                    &key("name"),
+                    format!("{:?} is used by two listeners", listener.name),
+                );
             }
             if !addresses.insert(listener.address) {
-                return bad(&key("address"), format!("{} is used by two listeners", listener.address));
+                return bad(
+                    &key("address"),
+                    format!("{} is used by two listeners", listener.address),
+                );
             }
             if listener.address.port() == 0 {
-                return bad(&key("address"), "needs a fixed port (0 would give every socket a different one)".into());
+                return bad(
+                    &key("address"),
+                    "needs a fixed port (0 would give every socket a different one)".into(),
+                );
             }
             if listener.sockets_per_worker == 0 {
                 return bad(&key("sockets_per_worker"), "must be at least 1".into());
@@ -285,11 +349,33 @@ impl Config {
             if sockets > u64::from(MAX_SOCKETS) {
                 return bad(
                     &key("sockets_per_worker"),
-                    format!("workers × sockets_per_worker = {sockets}, more than the {MAX_SOCKETS} sockets a generation can hold"),
+                    format!(
+                        "workers × sockets_per_worker = {sockets}, more than the {MAX_SOCKETS} sockets a generation can hold"
+                    ),
+                );
+            }
+            if listener.flow_idle < Duration::from_millis(10)
+                || listener.flow_idle.as_millis() > u128::from(u32::MAX)
+            {
+                return bad(&key("flow_idle"), "must be between 10ms and 49 days".into());
+            }
+            if !(16..=(1 << 24)).contains(&listener.flow_table_size) {
+                return bad(
+                    &key("flow_table_size"),
+                    format!(
+                        "{} is out of range (16 to 16777216 entries)",
+                        listener.flow_table_size
+                    ),
                 );
             }
             if listener.receive_buffer < 4096 || listener.receive_buffer > (1 << 31) - 1 {
-                return bad(&key("receive_buffer"), format!("{} bytes is out of range (4KiB to 2GiB)", listener.receive_buffer));
+                return bad(
+                    &key("receive_buffer"),
+                    format!(
+                        "{} bytes is out of range (4KiB to 2GiB)",
+                        listener.receive_buffer
+                    ),
+                );
             }
         }
         Ok(())
@@ -307,12 +393,16 @@ impl Config {
 
     /// The control socket: `<runtime_dir>/<service>.sock`.
     pub fn control_socket(&self) -> PathBuf {
-        self.service.runtime_dir.join(format!("{}.sock", self.service.name))
+        self.service
+            .runtime_dir
+            .join(format!("{}.sock", self.service.name))
     }
 
     /// The lock that keeps two supervisors off one service.
     pub fn lock_file(&self) -> PathBuf {
-        self.service.runtime_dir.join(format!("{}.lock", self.service.name))
+        self.service
+            .runtime_dir
+            .join(format!("{}.lock", self.service.name))
     }
 }
 
@@ -346,7 +436,9 @@ address = "127.0.0.1:5300"
 
     #[test]
     fn unknown_key_names_file_line_and_key() {
-        let text = MINIMAL.replace("workers", "wrokers").replace("command =", "wrokers = 2\ncommand =");
+        let text = MINIMAL
+            .replace("workers", "wrokers")
+            .replace("command =", "wrokers = 2\ncommand =");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.starts_with("svc.toml:5:"), "{err}");
         assert!(err.contains("wrokers"), "{err}");
@@ -354,17 +446,29 @@ address = "127.0.0.1:5300"
 
     #[test]
     fn bad_values_are_named() {
-        let err = parse(&MINIMAL.replace("127.0.0.1:5300", "localhost")).unwrap_err().to_string();
+        let err = parse(&MINIMAL.replace("127.0.0.1:5300", "localhost"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid address \"localhost\""), "{err}");
-        let err = parse(&format!("{MINIMAL}balance = \"round-robin\"\n")).unwrap_err().to_string();
+        let err = parse(&format!("{MINIMAL}balance = \"round-robin\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown balance mode"), "{err}");
-        let err = parse(&MINIMAL.replace("[[listen]]", "[[listen]]\nreceive_buffer = \"4 parsecs\"")).unwrap_err().to_string();
-        assert!(err.contains("receive_buffer") || err.contains("invalid size"), "{err}");
+        let err =
+            parse(&MINIMAL.replace("[[listen]]", "[[listen]]\nreceive_buffer = \"4 parsecs\""))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("receive_buffer") || err.contains("invalid size"),
+            "{err}"
+        );
     }
 
     #[test]
     fn too_many_sockets_is_refused() {
-        let text = MINIMAL.replace("command =", "workers = 33\ncommand =").replace("[[listen]]", "[[listen]]\nsockets_per_worker = 2");
+        let text = MINIMAL
+            .replace("command =", "workers = 33\ncommand =")
+            .replace("[[listen]]", "[[listen]]\nsockets_per_worker = 2");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("listen[0].sockets_per_worker"), "{err}");
     }

@@ -16,7 +16,9 @@ use crate::error::InputError;
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     /// Re-read the config at `config` and build a new generation.
-    Upgrade { config: PathBuf },
+    Upgrade {
+        config: PathBuf,
+    },
     Status,
     Stop,
 }
@@ -25,12 +27,22 @@ pub enum Request {
 #[serde(tag = "event", rename_all = "lowercase")]
 pub enum Event {
     /// A phase of an upgrade, `at_ms` after the daemon received the request.
-    Phase { at_ms: u64, text: String },
-    Status { status: serde_json::Value },
+    Phase {
+        at_ms: u64,
+        text: String,
+    },
+    Status {
+        status: serde_json::Value,
+    },
     /// The final line: success.
-    Done { message: String },
+    Done {
+        message: String,
+    },
     /// The final line: failure, with the exit code the CLI should use.
-    Error { exit_code: i32, message: String },
+    Error {
+        exit_code: i32,
+        message: String,
+    },
 }
 
 pub fn bind(path: &Path) -> Result<UnixListener> {

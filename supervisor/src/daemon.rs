@@ -41,7 +41,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let service = config.service.name.clone();
 
     std::fs::create_dir_all(&config.service.runtime_dir).map_err(|e| {
-        InputError::new(format!("cannot create runtime_dir {}: {e}", config.service.runtime_dir.display()))
+        InputError::new(format!(
+            "cannot create runtime_dir {}: {e}",
+            config.service.runtime_dir.display()
+        ))
     })?;
     let _lock = lock(&config)?;
     let spec = Arc::new(worker_spec(&config, String::new())?);
@@ -53,7 +56,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
     };
     let mut dataplanes = Vec::new();
     for listener in &config.listeners {
-        match ListenerDataplane::load(&listener.name, &pin_dir.join(&listener.name)) {
+        match ListenerDataplane::load(
+            &listener.name,
+            &pin_dir.join(&listener.name),
+            listener.flow_table_size,
+        ) {
             Ok(dataplane) => dataplanes.push(dataplane),
             Err(e) => {
                 cleanup_pins(&pin_dir);
@@ -87,7 +94,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Err(e) = upgrade::run(&shared, first, config.clone(), spec, &progress).await {
         unpin_everything(&shared, &pin_dir);
         let _ = std::fs::remove_file(&control_path);
-        return Err(e.context(format!("service {service}: the first generation did not start")));
+        return Err(e.context(format!(
+            "service {service}: the first generation did not start"
+        )));
     }
     systemd::ready(&format!("generation {first} serving"));
 
@@ -140,7 +149,11 @@ pub fn worker_spec(config: &Config, notify_socket: String) -> Result<WorkerSpec,
             "{}: service.command: {:?} is not an executable file{}",
             config.path.display(),
             command[0],
-            if command[0].contains('/') { "" } else { " found in PATH" }
+            if command[0].contains('/') {
+                ""
+            } else {
+                " found in PATH"
+            }
         ))
     })?;
     let credentials = match &config.service.user {
@@ -149,7 +162,12 @@ pub fn worker_spec(config: &Config, notify_socket: String) -> Result<WorkerSpec,
             let user = nix::unistd::User::from_name(name)
                 .ok()
                 .flatten()
-                .ok_or_else(|| InputError::new(format!("{}: service.user: no user {name:?} on this host", config.path.display())))?;
+                .ok_or_else(|| {
+                    InputError::new(format!(
+                        "{}: service.user: no user {name:?} on this host",
+                        config.path.display()
+                    ))
+                })?;
             Some((user.uid.as_raw(), user.gid.as_raw()))
         }
     };
@@ -169,14 +187,25 @@ pub fn worker_spec(config: &Config, notify_socket: String) -> Result<WorkerSpec,
 
 fn resolve_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
     if name.contains('/') {
         let path = PathBuf::from(name);
-        let path = if path.is_relative() { std::env::current_dir().ok()?.join(path) } else { path };
+        let path = if path.is_relative() {
+            std::env::current_dir().ok()?.join(path)
+        } else {
+            path
+        };
         return executable(&path).then_some(path);
     }
     std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).collect::<Vec<_>>())
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default()
         .into_iter()
         .find(|p| executable(p))
@@ -186,7 +215,11 @@ enum Command {
     Stop,
 }
 
-async fn event_loop(shared: &Shared, config_path: PathBuf, listener: tokio::net::UnixListener) -> Result<()> {
+async fn event_loop(
+    shared: &Shared,
+    config_path: PathBuf,
+    listener: tokio::net::UnixListener,
+) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -254,7 +287,9 @@ async fn upgrade_from_file(shared: &Shared, path: &Path, progress: Progress) -> 
     let serving = serving_generation(shared);
     match &result {
         Ok(()) => systemd::ready(&format!("generation {number} serving")),
-        Err(e) => systemd::ready(&format!("upgrade to generation {number} failed ({e:#}); generation {serving} serving")),
+        Err(e) => systemd::ready(&format!(
+            "upgrade to generation {number} failed ({e:#}); generation {serving} serving"
+        )),
     }
     result.map(|()| number)
 }
@@ -282,18 +317,37 @@ async fn serve_connection(
         Ok(request) => request,
         Err(e) => {
             let message = format!("{e:#}");
-            control::send(&mut stream, &Event::Error { exit_code: 2, message }).await?;
+            control::send(
+                &mut stream,
+                &Event::Error {
+                    exit_code: 2,
+                    message,
+                },
+            )
+            .await?;
             return Ok(());
         }
     };
     match request {
         Request::Status => {
             let status = status::collect(&shared.lock().unwrap());
-            control::send(&mut stream, &Event::Status { status: serde_json::to_value(status)? }).await?;
+            control::send(
+                &mut stream,
+                &Event::Status {
+                    status: serde_json::to_value(status)?,
+                },
+            )
+            .await?;
         }
         Request::Stop => {
             let _ = commands.send(Command::Stop);
-            control::send(&mut stream, &Event::Done { message: "stopping: draining all generations".into() }).await?;
+            control::send(
+                &mut stream,
+                &Event::Done {
+                    message: "stopping: draining all generations".into(),
+                },
+            )
+            .await?;
         }
         Request::Upgrade { config } => {
             let (tx, mut rx) = mpsc::unbounded_channel();
@@ -301,7 +355,10 @@ async fn serve_connection(
             let shared_for_task = shared.clone();
             let path = config.clone();
             // The upgrade runs in its own task: it completes even if the CLI goes away.
-            let task = tokio::spawn(async move { upgrade_from_file(&shared_for_task, &path, progress).await });
+            let task =
+                tokio::spawn(
+                    async move { upgrade_from_file(&shared_for_task, &path, progress).await },
+                );
             while let Some((at_ms, text)) = rx.recv().await {
                 // A CLI that went away does not stop the upgrade.
                 let _ = control::send(&mut stream, &Event::Phase { at_ms, text }).await;
@@ -309,10 +366,18 @@ async fn serve_connection(
             let final_event = match task.await {
                 Ok(Ok(number)) => {
                     *config_path.lock().unwrap() = config;
-                    Event::Done { message: format!("generation {number} serves") }
+                    Event::Done {
+                        message: format!("generation {number} serves"),
+                    }
                 }
-                Ok(Err(e)) => Event::Error { exit_code: exit_code(&e), message: format!("{e:#}") },
-                Err(e) => Event::Error { exit_code: 1, message: format!("upgrade task ended: {e}") },
+                Ok(Err(e)) => Event::Error {
+                    exit_code: exit_code(&e),
+                    message: format!("{e:#}"),
+                },
+                Err(e) => Event::Error {
+                    exit_code: 1,
+                    message: format!("upgrade task ended: {e}"),
+                },
             };
             control::send(&mut stream, &final_event).await?;
         }

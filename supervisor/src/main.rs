@@ -11,7 +11,10 @@ use supervisor::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "Zero-downtime upgrade supervisor for UDP services (SK_REUSEPORT + eBPF)")]
+#[command(
+    version,
+    about = "Zero-downtime upgrade supervisor for UDP services (SK_REUSEPORT + eBPF)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -86,21 +89,25 @@ async fn upgrade(path: &std::path::Path) -> i32 {
     };
     let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut code = EXIT_FAILED;
-    let result = control::call(&config.control_socket(), &Request::Upgrade { config: absolute }, |event| match event {
-        Event::Phase { at_ms, text } => {
-            println!("[{:>4}.{:03}s] {text}", at_ms / 1000, at_ms % 1000);
-            let _ = std::io::stdout().flush();
-        }
-        Event::Done { message } => {
-            println!("upgrade succeeded: {message}");
-            code = 0;
-        }
-        Event::Error { exit_code, message } => {
-            eprintln!("error: upgrade failed: {message}");
-            code = exit_code;
-        }
-        Event::Status { .. } => {}
-    })
+    let result = control::call(
+        &config.control_socket(),
+        &Request::Upgrade { config: absolute },
+        |event| match event {
+            Event::Phase { at_ms, text } => {
+                println!("[{:>4}.{:03}s] {text}", at_ms / 1000, at_ms % 1000);
+                let _ = std::io::stdout().flush();
+            }
+            Event::Done { message } => {
+                println!("upgrade succeeded: {message}");
+                code = 0;
+            }
+            Event::Error { exit_code, message } => {
+                eprintln!("error: upgrade failed: {message}");
+                code = exit_code;
+            }
+            Event::Status { .. } => {}
+        },
+    )
     .await;
     match result {
         Ok(()) => code,
@@ -132,7 +139,10 @@ async fn status_command(path: &std::path::Path, json: bool) -> i32 {
         Ok(Ok(())) => code,
         Ok(Err(e)) => fail(&e),
         Err(_) => {
-            eprintln!("error: the supervisor did not answer within {:?}", daemon::STATUS_TIMEOUT);
+            eprintln!(
+                "error: the supervisor did not answer within {:?}",
+                daemon::STATUS_TIMEOUT
+            );
             EXIT_FAILED
         }
     }

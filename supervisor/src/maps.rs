@@ -13,13 +13,13 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray},
+    maps::{ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray},
     programs::SkReuseport,
     util::nr_cpus,
 };
 use supervisor_common::{
-    COUNTER_ENTRIES, Control, GENERATION_SLOTS, MAX_SOCKETS, SocketCounters, counter_index,
-    map_names, pin_names, program_names,
+    COUNTER_ENTRIES, Control, FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_SOCKETS,
+    Settings, SocketCounters, control_index, counter_index, map_names, pin_names, program_names,
 };
 
 use crate::{ebpf::SELECTOR_OBJECT, error::InputError, sys::ControlWord};
@@ -36,6 +36,9 @@ pub struct ListenerDataplane {
     /// A second fd on `GENERATIONS`, for deleting slots (see `sys::bpf_map_delete_u32`).
     generations_fd: std::os::fd::OwnedFd,
     counters: PerCpuArray<MapData, SocketCounters>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    flow_counters: PerCpuArray<MapData, FlowCounters>,
+    flow_capacity: u32,
     control: ControlWord,
 }
 
@@ -72,7 +75,7 @@ impl ListenerDataplane {
     /// Pins left by a supervisor that died are replaced: the caller holds the
     /// service's lock, so nothing else uses them, and its workers (and with them
     /// the sockets those pins referred to) died with it.
-    pub fn load(listener: &str, dir: &Path) -> Result<ListenerDataplane> {
+    pub fn load(listener: &str, dir: &Path, flow_table_size: u32) -> Result<ListenerDataplane> {
         if dir.exists() {
             tracing::info!("removing stale pins in {}", dir.display());
             std::fs::remove_dir_all(dir)
@@ -80,15 +83,18 @@ impl ListenerDataplane {
         }
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create pin directory {}", dir.display()))?;
-        let result = Self::load_into(listener, dir);
+        let result = Self::load_into(listener, dir, flow_table_size);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(dir);
         }
         result
     }
 
-    fn load_into(listener: &str, dir: &Path) -> Result<ListenerDataplane> {
-        let mut ebpf = EbpfLoader::new().load(SELECTOR_OBJECT).map_err(|e| {
+    fn load_into(listener: &str, dir: &Path, flow_table_size: u32) -> Result<ListenerDataplane> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::FLOWS, flow_table_size)
+            .load(SELECTOR_OBJECT)
+            .map_err(|e| {
             if is_permission_error(&e) {
                 anyhow::Error::new(InputError::new(format!(
                     "missing privileges for bpf(): loading the selector failed ({e}); run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
@@ -101,7 +107,9 @@ impl ListenerDataplane {
             .program_mut(program_names::SELECTOR)
             .context("the eBPF object has no selector program")?
             .try_into()?;
-        program.load().context("the kernel refused the selector program")?;
+        program
+            .load()
+            .context("the kernel refused the selector program")?;
         program
             .pin(dir.join(pin_names::SELECTOR))
             .context("pinning the selector program")?;
@@ -119,15 +127,24 @@ impl ListenerDataplane {
         let control = take(&mut ebpf, map_names::CONTROL, pin_names::CONTROL)?;
         let generations = take(&mut ebpf, map_names::GENERATIONS, pin_names::GENERATIONS)?;
         let counters = take(&mut ebpf, map_names::COUNTERS, pin_names::COUNTERS)?;
+        let flows = take(&mut ebpf, map_names::FLOWS, pin_names::FLOWS)?;
+        let flow_counters = take(
+            &mut ebpf,
+            map_names::FLOW_COUNTERS,
+            pin_names::FLOW_COUNTERS,
+        )?;
 
         let generations_fd = map_data(&generations)
             .fd()
             .as_fd()
             .try_clone_to_owned()
             .context("duplicating the GENERATIONS fd")?;
-        let control = ControlWord::map(map_data(&control).fd().as_fd())
-            .context("mapping the selector's control word")?;
-        control.store(Control::NONE.to_word());
+        let control = ControlWord::map(
+            map_data(&control).fd().as_fd(),
+            control_index::ENTRIES as usize,
+        )
+        .context("mapping the selector's control word")?;
+        control.store(control_index::WORD, Control::NONE.to_word());
         Ok(ListenerDataplane {
             listener: listener.to_string(),
             dir: dir.to_path_buf(),
@@ -135,6 +152,9 @@ impl ListenerDataplane {
             generations: ArrayOfMaps::try_from(generations)?,
             generations_fd,
             counters: PerCpuArray::try_from(counters)?,
+            flows: HashMap::try_from(flows)?,
+            flow_counters: PerCpuArray::try_from(flow_counters)?,
+            flow_capacity: flow_table_size,
             control,
         })
     }
@@ -164,13 +184,8 @@ impl ListenerDataplane {
         anyhow::ensure!(slot < GENERATION_SLOTS, "slot {slot} out of range");
         anyhow::ensure!(sockets.len() as u32 <= MAX_SOCKETS, "too many sockets");
         let name = format!("{}{generation}", pin_names::GENERATION_PREFIX);
-        let obj = aya_obj::Map::new_from_params(
-            BPF_MAP_TYPE_REUSEPORT_SOCKARRAY,
-            4,
-            4,
-            MAX_SOCKETS,
-            0,
-        );
+        let obj =
+            aya_obj::Map::new_from_params(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 4, MAX_SOCKETS, 0);
         // Kernel map names allow [A-Za-z0-9_.] only; the pin keeps the dash.
         let map_data = MapData::create(obj, &format!("gen_{generation}"), None)
             .with_context(|| format!("creating the socket array for generation {generation}"))?;
@@ -197,6 +212,10 @@ impl ListenerDataplane {
             _map: map_data,
         };
         self.zero_counters(slot)?;
+        // Before the slot is filled: from here on flow entries and cookies that
+        // name an older generation in this slot are stale.
+        self.control
+            .store(control_index::SLOT_GENERATION + slot, u64::from(generation));
         self.generations
             .set(slot, &array._map, 0)
             .with_context(|| format!("storing generation {generation} in slot {slot}"))?;
@@ -205,18 +224,69 @@ impl ListenerDataplane {
 
     /// Empties a slot once its generation is gone, so the kernel frees its socket array.
     pub fn clear_slot(&self, slot: u32) {
+        self.control.store(control_index::SLOT_GENERATION + slot, 0);
         if let Err(e) = crate::sys::bpf_map_delete_u32(self.generations_fd.as_fd(), slot) {
             tracing::warn!("clearing generation slot {slot}: {e}");
         }
     }
 
     /// The atomic switch: from the next datagram on, the selector reads `control`.
-    pub fn flip(&self, control: Control) {
-        self.control.store(control.to_word());
+    /// The settings (flow idle, cookie offset) go first; they only matter once
+    /// the control word names a flow or cookie mode.
+    pub fn flip(&self, control: Control, settings: Settings) {
+        self.control
+            .store(control_index::SETTINGS, settings.to_word());
+        self.control.store(control_index::WORD, control.to_word());
     }
 
     pub fn working(&self) -> Control {
-        Control::from_word(self.control.load())
+        Control::from_word(self.control.load(control_index::WORD))
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings::from_word(self.control.load(control_index::SETTINGS))
+    }
+
+    /// Flow-table entries per generation that are not idle yet.
+    pub fn live_flows(&self) -> std::collections::BTreeMap<u32, u64> {
+        let idle_ns = u64::from(self.settings().flow_idle_ms) * 1_000_000;
+        // The selector stamps entries with CLOCK_MONOTONIC at jiffies resolution.
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        let mut flows = std::collections::BTreeMap::new();
+        for entry in self.flows.iter().flatten() {
+            let (_, value) = entry;
+            if now.saturating_sub(value.last_seen_ns) < idle_ns {
+                *flows.entry(value.generation).or_insert(0) += 1;
+            }
+        }
+        flows
+    }
+
+    /// The flow and cookie stages' counters, summed over CPUs.
+    pub fn flow_counters(&self) -> FlowCounters {
+        match self.flow_counters.get(&0, 0) {
+            Ok(values) => values
+                .iter()
+                .fold(FlowCounters::default(), |sum, c| FlowCounters {
+                    hits: sum.hits + c.hits,
+                    new_flows: sum.new_flows + c.new_flows,
+                    socket_gone: sum.socket_gone + c.socket_gone,
+                    expired: sum.expired + c.expired,
+                    cookie_hits: sum.cookie_hits + c.cookie_hits,
+                    cookie_invalid: sum.cookie_invalid + c.cookie_invalid,
+                    insert_failed: sum.insert_failed + c.insert_failed,
+                }),
+            Err(_) => FlowCounters::default(),
+        }
+    }
+
+    /// Entries in the flow table (live or idle) and its capacity.
+    pub fn flow_table_usage(&self) -> (u64, u32) {
+        let entries = self.flows.keys().flatten().count() as u64;
+        let capacity = self.flow_capacity;
+        (entries, capacity)
     }
 
     fn zero_counters(&mut self, slot: u32) -> Result<()> {
@@ -235,11 +305,13 @@ impl ListenerDataplane {
         let index = counter_index(slot, socket);
         debug_assert!(index < COUNTER_ENTRIES);
         match self.counters.get(&index, 0) {
-            Ok(values) => values.iter().fold(SocketCounters::default(), |sum, c| SocketCounters {
-                selected: sum.selected + c.selected,
-                fallback: sum.fallback + c.fallback,
-                errors: sum.errors + c.errors,
-            }),
+            Ok(values) => values
+                .iter()
+                .fold(SocketCounters::default(), |sum, c| SocketCounters {
+                    selected: sum.selected + c.selected,
+                    fallback: sum.fallback + c.fallback,
+                    errors: sum.errors + c.errors,
+                }),
             Err(e) => {
                 tracing::warn!("reading counters: {e}");
                 SocketCounters::default()
@@ -260,6 +332,7 @@ impl ListenerDataplane {
 fn map_data(map: &Map) -> &MapData {
     match map {
         Map::Array(m)
+        | Map::LruHashMap(m)
         | Map::ArrayOfMaps(m)
         | Map::PerCpuArray(m)
         | Map::ReusePortSockArray(m) => m,

@@ -65,7 +65,9 @@ impl Registry {
             Some(route) => {
                 let _ = route.send(message);
             }
-            None => tracing::debug!("notify message from pid {pid}, which is not a worker: ignored"),
+            None => {
+                tracing::debug!("notify message from pid {pid}, which is not a worker: ignored")
+            }
         }
     }
 }
@@ -81,7 +83,8 @@ impl NotifySocket {
         let name = format!("supervisor/{service}/{}/notify", std::process::id());
         let address = SocketAddr::from_abstract_name(name.as_bytes())?;
         let socket = UnixDatagram::bind_addr(&address).context("binding the notify socket")?;
-        setsockopt(&socket, sockopt::PassCred, &true).context("SO_PASSCRED on the notify socket")?;
+        setsockopt(&socket, sockopt::PassCred, &true)
+            .context("SO_PASSCRED on the notify socket")?;
         socket.set_nonblocking(true)?;
         Ok(NotifySocket {
             env_value: format!("@{name}"),

@@ -18,7 +18,11 @@ use crate::error::InputError;
 /// The socket is blocking and has `FD_CLOEXEC`: it reaches a worker only through
 /// the explicit dup2 in `sys::spawn_worker`, which clears the flag for that copy.
 pub fn bind_reuseport(address: SocketAddr, receive_buffer: u64, listener: &str) -> Result<OwnedFd> {
-    let family = if address.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let family = if address.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
         .map_err(|e| anyhow::anyhow!("creating a UDP socket for listener {listener:?}: {e}"))?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
@@ -36,7 +40,9 @@ pub fn bind_reuseport(address: SocketAddr, receive_buffer: u64, listener: &str) 
             ))
             .into());
         }
-        return Err(anyhow::anyhow!("listener {listener:?}: SO_RCVBUFFORCE: {e}"));
+        return Err(anyhow::anyhow!(
+            "listener {listener:?}: SO_RCVBUFFORCE: {e}"
+        ));
     }
     let sockaddr = SockaddrStorage::from(address);
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &sockaddr).map_err(|e| -> anyhow::Error {

@@ -88,7 +88,8 @@ pub fn collect(state: &State) -> Status {
                         name: listener.name.clone(),
                         address: listener.address.to_string(),
                         balance: crate::config::Balance(listener.balance).to_string(),
-                        working: working.generation == generation.number && working.socket_count > 0,
+                        working: working.generation == generation.number
+                            && working.socket_count > 0,
                         sockets: listener
                             .sockets
                             .iter()
@@ -139,15 +140,27 @@ pub fn collect(state: &State) -> Status {
 /// The human-readable form.
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "service {} (supervisor pid {})", status.service, status.pid);
+    let _ = writeln!(
+        out,
+        "service {} (supervisor pid {})",
+        status.service, status.pid
+    );
     if let Some(target) = status.upgrading_to {
         let _ = writeln!(out, "upgrade to generation {target} in progress");
     }
     for generation in &status.generations {
-        let _ = writeln!(out, "generation {} {} (slot {})", generation.generation, generation.state, generation.slot);
+        let _ = writeln!(
+            out,
+            "generation {} {} (slot {})",
+            generation.generation, generation.state, generation.slot
+        );
         for w in &generation.workers {
             let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-            let _ = write!(out, "  worker {} pid {pid} {} restarts {}", w.index, w.state, w.restarts);
+            let _ = write!(
+                out,
+                "  worker {} pid {pid} {} restarts {}",
+                w.index, w.state, w.restarts
+            );
             if let Some(text) = &w.status {
                 let _ = write!(out, " status {text:?}");
             }
@@ -160,9 +173,16 @@ pub fn render(status: &Status) -> String {
                 l.name,
                 l.address,
                 l.balance,
-                if l.working { " (receiving new datagrams)" } else { "" }
+                if l.working {
+                    " (receiving new datagrams)"
+                } else {
+                    ""
+                }
             );
-            let _ = writeln!(out, "    socket worker   selected  errors fallback  queued  drops");
+            let _ = writeln!(
+                out,
+                "    socket worker   selected  errors fallback  queued  drops"
+            );
             for s in &l.sockets {
                 let _ = writeln!(
                     out,

@@ -54,7 +54,10 @@ impl PreparedExec {
     ) -> io::Result<Self> {
         let cstring = |s: &str| {
             CString::new(s).map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("{s:?} contains a NUL byte"))
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{s:?} contains a NUL byte"),
+                )
             })
         };
         let program = cstring(program)?;
@@ -122,7 +125,12 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(pipe_fds[0]), OwnedFd::from_raw_fd(pipe_fds[1])) };
+    let (read_end, write_end) = unsafe {
+        (
+            OwnedFd::from_raw_fd(pipe_fds[0]),
+            OwnedFd::from_raw_fd(pipe_fds[1]),
+        )
+    };
 
     // SAFETY: after fork the child calls only async-signal-safe functions (setpgid,
     // prctl, getppid, sigprocmask, sigaction via signal, fcntl, dup2, setgroups,
@@ -148,7 +156,13 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
                 libc::_exit(127);
             }
             libc::setpgid(0, 0);
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
             if libc::getppid() != parent {
                 // The supervisor died between fork and prctl.
                 libc::_exit(1);
@@ -228,7 +242,9 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
         let mut status = 0;
         // SAFETY: pid is our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno_bytes)));
+        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(
+            errno_bytes,
+        )));
     }
     let pidfd = pidfd_open(pid)?;
     Ok(Spawned { pid, pidfd })
@@ -342,16 +358,17 @@ pub fn pidfd_try_wait(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
     }))
 }
 
-/// The selector's `CONTROL` word, mapped into our memory.
+/// The selector's `CONTROL` words, mapped into our memory.
 ///
-/// The map is created with `BPF_F_MMAPABLE`, so its single 8-byte value lives in a
-/// page the kernel lets us map shared. A store here is one aligned 8-byte atomic
+/// The map is created with `BPF_F_MMAPABLE`, so its 8-byte values live in a page
+/// the kernel lets us map shared. A store here is one aligned 8-byte atomic
 /// store: the selector, which loads the word with one 8-byte load, sees the old
 /// value or the new one, never a mix. (A `bpf_map_update_elem` copies the value
 /// with memcpy, which promises no such thing.)
 pub struct ControlWord {
     ptr: NonNull<AtomicU64>,
     len: usize,
+    entries: usize,
 }
 
 // SAFETY: the mapping is process-wide shared memory accessed only atomically.
@@ -359,10 +376,11 @@ unsafe impl Send for ControlWord {}
 unsafe impl Sync for ControlWord {}
 
 impl ControlWord {
-    /// Maps the first page of an mmapable array map whose value is a `u64`.
-    pub fn map(map_fd: BorrowedFd<'_>) -> io::Result<ControlWord> {
+    /// Maps an mmapable array map of `entries` `u64` values (at most a page).
+    pub fn map(map_fd: BorrowedFd<'_>, entries: usize) -> io::Result<ControlWord> {
         // SAFETY: sysconf has no memory effects.
         let len = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        assert!(entries * 8 <= len, "control array larger than a page");
         // SAFETY: a fresh shared mapping of an fd we borrow; the kernel keeps the
         // map alive while the mapping exists, independent of the fd.
         let ptr = unsafe {
@@ -378,20 +396,27 @@ impl ControlWord {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // Element 0 of an array map is at offset 0 of the mapping, page-aligned,
-        // so the AtomicU64's alignment holds.
-        let ptr = NonNull::new(ptr.cast::<AtomicU64>()).expect("mmap returned NULL without failing");
-        Ok(ControlWord { ptr, len })
+        // Element i of an array map with 8-byte values is at offset 8 * i of the
+        // page-aligned mapping, so every AtomicU64 is aligned.
+        let ptr =
+            NonNull::new(ptr.cast::<AtomicU64>()).expect("mmap returned NULL without failing");
+        Ok(ControlWord { ptr, len, entries })
     }
 
-    pub fn load(&self) -> u64 {
-        // SAFETY: ptr is valid and aligned for the lifetime of self (see map()).
-        unsafe { self.ptr.as_ref() }.load(Ordering::SeqCst)
+    fn word(&self, index: u32) -> &AtomicU64 {
+        let index = index as usize;
+        assert!(index < self.entries, "control index {index} out of range");
+        // SAFETY: index < entries and entries * 8 <= len: inside the mapping, which
+        // lives as long as self (see map()); aligned as explained there.
+        unsafe { &*self.ptr.as_ptr().add(index) }
     }
 
-    pub fn store(&self, word: u64) {
-        // SAFETY: as in load().
-        unsafe { self.ptr.as_ref() }.store(word, Ordering::SeqCst)
+    pub fn load(&self, index: u32) -> u64 {
+        self.word(index).load(Ordering::SeqCst)
+    }
+
+    pub fn store(&self, index: u32, word: u64) {
+        self.word(index).store(word, Ordering::SeqCst)
     }
 }
 
@@ -458,14 +483,28 @@ mod tests {
 
     #[test]
     fn spawn_reports_exec_errors_and_sets_listen_pid() {
-        let mut missing = PreparedExec::new("/nonexistent/worker", &["w".into()], &[], true, vec![], None).unwrap();
-        let err = spawn_worker(&mut missing).err().expect("exec of a missing file fails");
+        let mut missing = PreparedExec::new(
+            "/nonexistent/worker",
+            &["w".into()],
+            &[],
+            true,
+            vec![],
+            None,
+        )
+        .unwrap();
+        let err = spawn_worker(&mut missing)
+            .err()
+            .expect("exec of a missing file fails");
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
 
         // The child checks that LISTEN_PID is its own pid and exits 0 if so.
         let mut check = PreparedExec::new(
             "/bin/sh",
-            &["sh".into(), "-c".into(), "test \"$LISTEN_PID\" = \"$$\"".into()],
+            &[
+                "sh".into(),
+                "-c".into(),
+                "test \"$LISTEN_PID\" = \"$$\"".into(),
+            ],
             &[],
             true,
             vec![],
@@ -489,7 +528,9 @@ mod tests {
 /// for the `AsyncFd`'s whole life. `T: Into<OwnedFd>` restricts this to types that
 /// own their fd (OwnedFd, UnixDatagram, ...): the fd closes only when the value,
 /// now owned by the `AsyncFd`, is dropped.
-pub fn register_async<T: AsRawFd + Into<OwnedFd>>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+pub fn register_async<T: AsRawFd + Into<OwnedFd>>(
+    inner: T,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: see above; T owns its fd and as_raw_fd returns that same fd every time.
     unsafe { tokio::io::unix::AsyncFd::register(inner) }.map_err(io::Error::from)
 }

@@ -45,7 +45,13 @@ pub fn watchdog_interval() -> Option<Duration> {
 pub fn is_supervisor_only_env(key: &str) -> bool {
     matches!(
         key,
-        "NOTIFY_SOCKET" | "LISTEN_PID" | "LISTEN_FDS" | "LISTEN_FDNAMES" | "WATCHDOG_USEC" | "WATCHDOG_PID"
-            | "SUPERVISOR_GENERATION" | "SUPERVISOR_WORKER"
+        "NOTIFY_SOCKET"
+            | "LISTEN_PID"
+            | "LISTEN_FDS"
+            | "LISTEN_FDNAMES"
+            | "WATCHDOG_USEC"
+            | "WATCHDOG_PID"
+            | "SUPERVISOR_GENERATION"
+            | "SUPERVISOR_WORKER"
     )
 }

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use supervisor_common::{BalanceMode, Control, GENERATION_SLOTS};
+use supervisor_common::{BalanceMode, Control, GENERATION_SLOTS, Settings, cookie};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -45,6 +45,8 @@ pub struct GenerationListener {
     pub name: String,
     pub address: std::net::SocketAddr,
     pub balance: BalanceMode,
+    pub settings: Settings,
+    pub flow_idle: Duration,
     /// The supervisor's own reference to every socket, index = socket index in the
     /// generation's array. Holding them means a socket never closes while its
     /// generation lives, even when its worker crashes, so nothing queued is lost.
@@ -171,7 +173,18 @@ fn check_compatible(current: &Config, new: &Config) -> Result<(), InputError> {
             describe(new)
         )));
     }
-    if current.service.bpffs != new.service.bpffs || current.service.runtime_dir != new.service.runtime_dir {
+    for (old, new_listener) in current.listeners.iter().zip(new.listeners.iter()) {
+        if old.flow_table_size != new_listener.flow_table_size {
+            return Err(InputError::new(format!(
+                "{}: listener {:?}: flow_table_size cannot change on upgrade (the table is sized when the selector loads; restart the supervisor)",
+                new.path.display(),
+                new_listener.name
+            )));
+        }
+    }
+    if current.service.bpffs != new.service.bpffs
+        || current.service.runtime_dir != new.service.runtime_dir
+    {
         return Err(InputError::new(format!(
             "{}: bpffs and runtime_dir cannot change on upgrade (restart the supervisor)",
             new.path.display()
@@ -215,7 +228,13 @@ pub async fn run(
 
 /// Sockets, socket arrays, workers: everything up to the point where only
 /// readiness is missing.
-fn build(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>, progress: &Progress) -> Result<()> {
+fn build(
+    shared: &Shared,
+    number: u32,
+    config: &Config,
+    spec: Arc<WorkerSpec>,
+    progress: &Progress,
+) -> Result<()> {
     let mut state = shared.lock().unwrap();
     let slot = number % GENERATION_SLOTS;
     if state.generations.iter().any(|g| g.slot == slot) {
@@ -235,7 +254,11 @@ fn build(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>, p
         let count = config.sockets_for(listener);
         let mut fds = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            fds.push(sockets::bind_reuseport(listener.address, listener.receive_buffer, &listener.name)?);
+            fds.push(sockets::bind_reuseport(
+                listener.address,
+                listener.receive_buffer,
+                &listener.name,
+            )?);
             if fds.len() == 1 {
                 // Attached as soon as the group exists (first generation) and again
                 // on every generation: cheap, and it repairs a group whose program
@@ -249,45 +272,82 @@ fn build(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>, p
             name: listener.name.clone(),
             address: listener.address,
             balance: listener.balance.0,
+            settings: Settings {
+                flow_idle_ms: listener.flow_idle.as_millis() as u32,
+                cookie_offset: listener.cookie_offset,
+            },
+            flow_idle: listener.flow_idle,
             sockets: Arc::new(fds),
             sockets_per_worker: listener.sockets_per_worker,
             array,
         });
     }
-    let generation = state.generations.iter_mut().find(|g| g.number == number).expect("pushed above");
+    let generation = state
+        .generations
+        .iter_mut()
+        .find(|g| g.number == number)
+        .expect("pushed above");
     generation.listeners = listeners;
     progress.emit(format!(
         "generation {number}: {} sockets bound, socket arrays pinned as gen-{number} (slot {slot})",
-        generation.listeners.iter().map(|l| l.sockets.len()).sum::<usize>()
+        generation
+            .listeners
+            .iter()
+            .map(|l| l.sockets.len())
+            .sum::<usize>()
     ));
     for index in 0..config.service.workers {
         let mut slot_sockets = SlotSockets {
             fds: Vec::new(),
             names: Vec::new(),
+            cookies: Vec::new(),
             owner: Vec::new(),
         };
         for listener in &generation.listeners {
             let per = listener.sockets_per_worker as usize;
-            for socket in &listener.sockets[index as usize * per..(index as usize + 1) * per] {
-                slot_sockets.fds.push(std::os::fd::AsRawFd::as_raw_fd(socket));
+            let first = index as usize * per;
+            for (offset, socket) in listener.sockets[first..first + per].iter().enumerate() {
+                slot_sockets
+                    .fds
+                    .push(std::os::fd::AsRawFd::as_raw_fd(socket));
                 slot_sockets.names.push(listener.name.clone());
+                slot_sockets
+                    .cookies
+                    .push(cookie(number, (first + offset) as u32));
             }
             slot_sockets.owner.push(listener.sockets.clone());
         }
-        generation
-            .workers
-            .push(WorkerSlot::start(number, index, spec.clone(), slot_sockets, registry.clone()));
+        generation.workers.push(WorkerSlot::start(
+            number,
+            index,
+            spec.clone(),
+            slot_sockets,
+            registry.clone(),
+        ));
     }
     Ok(())
 }
 
 /// Waits until every worker of the generation is ready; fails on the first that
 /// cannot start or exits, or at the timeout.
-async fn wait_ready(shared: &Shared, number: u32, timeout: Duration, progress: &Progress) -> Result<()> {
+async fn wait_ready(
+    shared: &Shared,
+    number: u32,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<()> {
     let mut statuses: Vec<_> = {
         let state = shared.lock().unwrap();
-        let generation = state.generations.iter().find(|g| g.number == number).context("generation vanished")?;
-        generation.workers.iter().map(|w| (w.index, w.status.clone())).collect()
+        let generation = state
+            .generations
+            .iter()
+            .find(|g| g.number == number)
+            .context("generation vanished")?;
+        generation
+            .workers
+            .iter()
+            .map(|w| (w.index, w.status.clone()))
+            .collect()
     };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut announced_pid = vec![None; statuses.len()];
@@ -301,7 +361,10 @@ async fn wait_ready(shared: &Shared, number: u32, timeout: Duration, progress: &
             }
             if s.pid.is_some() && announced_pid[i] != s.pid {
                 announced_pid[i] = s.pid;
-                progress.emit(format!("generation {number}: worker {index} spawned, pid {}", s.pid.unwrap()));
+                progress.emit(format!(
+                    "generation {number}: worker {index} spawned, pid {}",
+                    s.pid.unwrap()
+                ));
             }
             if s.state == WorkerPhase::Ready {
                 if !announced_ready[i] {
@@ -313,7 +376,10 @@ async fn wait_ready(shared: &Shared, number: u32, timeout: Duration, progress: &
             }
         }
         if all_ready {
-            progress.emit(format!("generation {number}: all {} workers ready", statuses.len()));
+            progress.emit(format!(
+                "generation {number}: all {} workers ready",
+                statuses.len()
+            ));
             return Ok(());
         }
         let changes = futures_any_changed(&mut statuses);
@@ -336,7 +402,12 @@ async fn wait_ready(shared: &Shared, number: u32, timeout: Duration, progress: &
 }
 
 /// Resolves when any of the watched statuses changes.
-async fn futures_any_changed(statuses: &mut [(u32, tokio::sync::watch::Receiver<crate::worker::WorkerStatus>)]) {
+async fn futures_any_changed(
+    statuses: &mut [(
+        u32,
+        tokio::sync::watch::Receiver<crate::worker::WorkerStatus>,
+    )],
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut tasks = Vec::new();
     for (_, status) in statuses.iter() {
@@ -358,14 +429,21 @@ async fn futures_any_changed(statuses: &mut [(u32, tokio::sync::watch::Receiver<
 fn flip(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>) -> Vec<u32> {
     let mut state = shared.lock().unwrap();
     let state = &mut *state;
-    let generation = state.generations.iter_mut().find(|g| g.number == number).expect("built");
+    let generation = state
+        .generations
+        .iter_mut()
+        .find(|g| g.number == number)
+        .expect("built");
     for (listener, dataplane) in generation.listeners.iter().zip(state.dataplanes.iter()) {
-        dataplane.flip(Control {
-            working_slot: generation.slot as u8,
-            balance_mode: listener.balance as u8,
-            socket_count: listener.sockets.len() as u16,
-            generation: number,
-        });
+        dataplane.flip(
+            Control {
+                working_slot: generation.slot as u8,
+                balance_mode: listener.balance as u8,
+                socket_count: listener.sockets.len() as u16,
+                generation: number,
+            },
+            listener.settings,
+        );
     }
     generation.state = GenerationState::Serving;
     for worker in &generation.workers {
@@ -374,7 +452,11 @@ fn flip(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>) ->
     state.config = config.clone();
     state.spec = spec;
     let mut previous = Vec::new();
-    for old in state.generations.iter_mut().filter(|g| g.number != number && g.state == GenerationState::Serving) {
+    for old in state
+        .generations
+        .iter_mut()
+        .filter(|g| g.number != number && g.state == GenerationState::Serving)
+    {
         old.state = GenerationState::Draining;
         previous.push(old.number);
     }
@@ -391,6 +473,7 @@ const QUEUE_POLL: Duration = Duration::from_millis(10);
 pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progress: &Progress) {
     let deadline = tokio::time::Instant::now() + drain_timeout;
     tokio::time::sleep(QUEUE_POLL).await;
+    wait_for_affinity_idle(shared, number, deadline, progress).await;
 
     // 1. Let the old workers (still under Serve, restarted if they crash) empty
     //    their queues. Only then signal them: a worker that exits at once on
@@ -398,7 +481,13 @@ pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progre
     let mut quiet = 0;
     let mut queued = 0;
     while quiet < QUEUE_QUIET_POLLS {
-        queued = match shared.lock().unwrap().generations.iter().find(|g| g.number == number) {
+        queued = match shared
+            .lock()
+            .unwrap()
+            .generations
+            .iter()
+            .find(|g| g.number == number)
+        {
             Some(g) => g.queues().queued_bytes,
             None => return,
         };
@@ -419,13 +508,22 @@ pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progre
     // 2. The drain signal, then wait for the workers to exit.
     let statuses: Vec<_> = {
         let state = shared.lock().unwrap();
-        let Some(generation) = state.generations.iter().find(|g| g.number == number) else { return };
+        let Some(generation) = state.generations.iter().find(|g| g.number == number) else {
+            return;
+        };
         for worker in &generation.workers {
             worker.set_policy(Policy::Drain);
         }
-        generation.workers.iter().map(|w| w.status.clone()).collect()
+        generation
+            .workers
+            .iter()
+            .map(|w| w.status.clone())
+            .collect()
     };
-    progress.emit(format!("generation {number}: drain signal sent to {} workers", statuses.len()));
+    progress.emit(format!(
+        "generation {number}: drain signal sent to {} workers",
+        statuses.len()
+    ));
     let all_exited = async {
         for mut status in statuses.clone() {
             let _ = status.wait_for(|s| s.finished).await;
@@ -442,15 +540,89 @@ pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progre
     retire(shared, number, progress);
 }
 
+/// With `flow` or `cookie` balance an old generation keeps its flows after the
+/// flip. It is done when the selector has sent it nothing for `flow_idle` (its
+/// per-slot counters stopped moving), or at the drain deadline.
+async fn wait_for_affinity_idle(
+    shared: &Shared,
+    number: u32,
+    deadline: tokio::time::Instant,
+    progress: &Progress,
+) {
+    let selected = |shared: &Shared| -> Option<(u64, Duration)> {
+        let state = shared.lock().unwrap();
+        let generation = state.generations.iter().find(|g| g.number == number)?;
+        let mut total = 0;
+        let mut idle = Duration::ZERO;
+        for (listener, dataplane) in generation.listeners.iter().zip(state.dataplanes.iter()) {
+            if !listener.balance.has_affinity() {
+                continue;
+            }
+            idle = idle.max(listener.flow_idle);
+            for socket in 0..listener.sockets.len() as u32 {
+                total += dataplane.counters(generation.slot, socket).selected;
+            }
+        }
+        (!idle.is_zero()).then_some((total, idle))
+    };
+    let Some((mut last, idle)) = selected(shared) else {
+        return;
+    };
+    let flows: u64 = {
+        let state = shared.lock().unwrap();
+        state
+            .dataplanes
+            .iter()
+            .map(|d| d.live_flows().get(&number).copied().unwrap_or(0))
+            .sum()
+    };
+    progress.emit(format!(
+        "generation {number}: keeps its flows ({flows} in the flow table); draining once it has been idle for {}",
+        humantime::format_duration(idle)
+    ));
+    let mut quiet_since = tokio::time::Instant::now();
+    let poll = (idle / 10).clamp(Duration::from_millis(10), Duration::from_millis(500));
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            progress.emit(format!(
+                "generation {number}: drain_timeout reached while it still had flows"
+            ));
+            return;
+        }
+        if now.duration_since(quiet_since) >= idle {
+            progress.emit(format!(
+                "generation {number}: idle for {}, no flows left",
+                humantime::format_duration(idle)
+            ));
+            return;
+        }
+        tokio::time::sleep(poll.min(deadline - now)).await;
+        let Some((current, _)) = selected(shared) else {
+            return;
+        };
+        if current != last {
+            last = current;
+            quiet_since = tokio::time::Instant::now();
+        }
+    }
+}
+
 /// Kills a generation's workers and waits until they are gone.
 async fn teardown_workers(shared: &Shared, number: u32) {
     let statuses: Vec<_> = {
         let state = shared.lock().unwrap();
-        let Some(generation) = state.generations.iter().find(|g| g.number == number) else { return };
+        let Some(generation) = state.generations.iter().find(|g| g.number == number) else {
+            return;
+        };
         for worker in &generation.workers {
             worker.set_policy(Policy::Kill);
         }
-        generation.workers.iter().map(|w| w.status.clone()).collect()
+        generation
+            .workers
+            .iter()
+            .map(|w| w.status.clone())
+            .collect()
     };
     for mut status in statuses {
         let _ = status.wait_for(|s| s.finished).await;
@@ -459,7 +631,13 @@ async fn teardown_workers(shared: &Shared, number: u32) {
 
 /// Removes a failed new generation; the serving one is not touched.
 async fn teardown(shared: &Shared, number: u32, progress: &Progress) {
-    if let Some(generation) = shared.lock().unwrap().generations.iter_mut().find(|g| g.number == number) {
+    if let Some(generation) = shared
+        .lock()
+        .unwrap()
+        .generations
+        .iter_mut()
+        .find(|g| g.number == number)
+    {
         generation.state = GenerationState::Failed;
     }
     teardown_workers(shared, number).await;
@@ -471,7 +649,9 @@ async fn teardown(shared: &Shared, number: u32, progress: &Progress) {
 /// still queued: with the workers gone nobody can read it.
 fn retire(shared: &Shared, number: u32, progress: &Progress) {
     let mut state = shared.lock().unwrap();
-    let Some(position) = state.generations.iter().position(|g| g.number == number) else { return };
+    let Some(position) = state.generations.iter().position(|g| g.number == number) else {
+        return;
+    };
     let generation = state.generations.remove(position);
     let left = generation.queues();
     if left.queued_bytes > 0 {
@@ -501,7 +681,11 @@ pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progr
     let numbers: Vec<u32> = {
         let state = shared.lock().unwrap();
         for generation in &state.generations {
-            let policy = if generation.state == GenerationState::Starting { Policy::Kill } else { Policy::Drain };
+            let policy = if generation.state == GenerationState::Starting {
+                Policy::Kill
+            } else {
+                Policy::Drain
+            };
             for worker in &generation.workers {
                 worker.set_policy(policy);
             }
@@ -510,14 +694,21 @@ pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progr
     };
     let statuses: Vec<_> = {
         let state = shared.lock().unwrap();
-        state.generations.iter().flat_map(|g| g.workers.iter().map(|w| w.status.clone())).collect()
+        state
+            .generations
+            .iter()
+            .flat_map(|g| g.workers.iter().map(|w| w.status.clone()))
+            .collect()
     };
     let all_exited = async {
         for mut status in statuses {
             let _ = status.wait_for(|s| s.finished).await;
         }
     };
-    if tokio::time::timeout(drain_timeout, all_exited).await.is_err() {
+    if tokio::time::timeout(drain_timeout, all_exited)
+        .await
+        .is_err()
+    {
         progress.emit("workers still running at drain_timeout, killing them");
     }
     for number in numbers {

@@ -84,6 +84,8 @@ pub struct WorkerSlot {
 pub struct SlotSockets {
     pub fds: Vec<RawFd>,
     pub names: Vec<String>,
+    /// The selector cookie of each socket (see `supervisor_common::cookie`).
+    pub cookies: Vec<u16>,
     /// Keeps the fds above open for as long as the slot task can exec.
     pub owner: Vec<Arc<Vec<OwnedFd>>>,
 }
@@ -161,6 +163,21 @@ async fn run_slot(
         ("NOTIFY_SOCKET".into(), spec.notify_socket.clone()),
         ("SUPERVISOR_GENERATION".into(), generation.to_string()),
         ("SUPERVISOR_WORKER".into(), index.to_string()),
+        // Beyond the contract, for workers that make the drain signal configurable
+        // (the examples and the SDK read it).
+        (
+            "SUPERVISOR_DRAIN_SIGNAL".into(),
+            spec.drain_signal.as_str().to_string(),
+        ),
+        (
+            "SUPERVISOR_COOKIES".into(),
+            sockets
+                .cookies
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(":"),
+        ),
     ]);
     let finish = |failure: Option<String>| {
         status.send_modify(|s| {
@@ -212,7 +229,11 @@ async fn run_slot(
         let exec_ready = spec.ready == ReadyMode::Exec;
         status.send_modify(|s| {
             s.pid = Some(pid);
-            s.state = if exec_ready { WorkerPhase::Ready } else { WorkerPhase::Starting };
+            s.state = if exec_ready {
+                WorkerPhase::Ready
+            } else {
+                WorkerPhase::Starting
+            };
         });
         tracing::info!("generation {generation}: worker {index} started, pid {pid}");
         let started = Instant::now();

@@ -8,6 +8,7 @@
 //! cannot set up its environment must fail loudly, never skip silently.
 
 pub mod echo;
+pub mod leaks;
 pub mod loadgen;
 pub mod netns;
 pub mod pins;
@@ -24,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub use echo::Trailer;
-pub use loadgen::{LoadConfig, Report};
+pub use loadgen::{BackgroundLoad, LoadConfig, Report};
 pub use netns::{TestNet, Veth};
 pub use pins::PinDir;
 pub use plain::PlainReuseportGroup;

@@ -15,6 +15,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -260,6 +261,76 @@ impl fmt::Display for Report {
 /// Sends as configured and collects the replies. Blocks for the sending time plus at
 /// most `grace`.
 pub fn run(cfg: &LoadConfig) -> io::Result<Report> {
+    run_inner(cfg, None)
+}
+
+/// Like [`run`], but sending also ends when `stop` becomes true (then the replies still
+/// get up to `grace`). `count` and `duration` may both be unset: the run then lasts until
+/// `stop`. For a load that runs while a test does something else, see [`BackgroundLoad`].
+pub fn run_until(cfg: &LoadConfig, stop: &AtomicBool) -> io::Result<Report> {
+    run_inner(cfg, Some(stop))
+}
+
+/// A steady load running on its own thread inside a namespace until [`finish`] (or
+/// drop) stops it: the "separate sender" of the upgrade tests.
+///
+/// [`finish`]: BackgroundLoad::finish
+pub struct BackgroundLoad {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<io::Result<Report>>>,
+}
+
+impl BackgroundLoad {
+    /// Starts `cfg` (normally with a `rate`, and neither `count` nor `duration`) on a
+    /// thread that first enters `net`, so its sockets live in the namespace.
+    pub fn start(net: &crate::TestNet, cfg: LoadConfig) -> BackgroundLoad {
+        let netns = net.netns_path();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("background-load".into())
+            .spawn(move || {
+                let ns = std::fs::File::open(&netns)?;
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                run_until(&cfg, &thread_stop)
+            })
+            .expect("spawn the background load thread");
+        BackgroundLoad {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Whether the load ended by itself (a `count`/`duration` reached, or an error).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Stops sending, waits for the last replies (up to the config's `grace`) and returns
+    /// the report; panics if the load generator failed.
+    pub fn finish(mut self) -> Report {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.handle.take().expect("finished once");
+        match handle.join() {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => panic!("background load generator failed: {e}"),
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+}
+
+impl Drop for BackgroundLoad {
+    /// Stops the thread (e.g. when a test fails half-way) so nothing keeps sending.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result<Report> {
     let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
     if cfg.payload_size < SEQ_LEN {
         return Err(invalid(
@@ -269,7 +340,7 @@ pub fn run(cfg: &LoadConfig) -> io::Result<Report> {
     if cfg.senders == 0 || cfg.max_batch == 0 {
         return Err(invalid("senders and max_batch must be at least 1"));
     }
-    if cfg.count.is_none() && cfg.duration.is_none() {
+    if cfg.count.is_none() && cfg.duration.is_none() && external_stop.is_none() {
         return Err(invalid(
             "set a count or a duration: the run must be bounded",
         ));
@@ -329,6 +400,7 @@ pub fn run(cfg: &LoadConfig) -> io::Result<Report> {
                     start,
                     reserved,
                     abort,
+                    external_stop,
                 });
                 if r.is_err() {
                     abort.store(true, Ordering::Relaxed);
@@ -440,6 +512,8 @@ struct SendParams<'a> {
     /// reply can never carry a slot the receiver considers unsent).
     reserved: &'a AtomicU64,
     abort: &'a AtomicBool,
+    /// Ends sending normally (not an error) once set.
+    external_stop: Option<&'a AtomicBool>,
 }
 
 struct SendOut {
@@ -477,7 +551,9 @@ fn send_loop(p: SendParams<'_>) -> io::Result<SendOut> {
     let fd = p.sock.as_raw_fd();
     let (mut sent, mut refused) = (0u64, 0u64);
     loop {
-        if p.abort.load(Ordering::Relaxed) {
+        if p.abort.load(Ordering::Relaxed)
+            || p.external_stop.is_some_and(|s| s.load(Ordering::Relaxed))
+        {
             break;
         }
         let remaining = p.quota.map_or(u64::MAX, |q| q - sent);
@@ -493,7 +569,11 @@ fn send_loop(p: SendParams<'_>) -> io::Result<SendOut> {
             // Token schedule: the (sent + n)-th datagram is due at start + (sent + n) / r.
             let due = p.start + Duration::from_secs_f64((sent + n as u64) as f64 / r);
             if due > now {
-                let wake = p.deadline.map_or(due, |d| due.min(d));
+                let mut wake = p.deadline.map_or(due, |d| due.min(d));
+                if p.external_stop.is_some() {
+                    // Look at the stop flag at least every 10 ms even at low rates.
+                    wake = wake.min(now + Duration::from_millis(10));
+                }
                 std::thread::sleep(wake.saturating_duration_since(now));
                 continue;
             }

@@ -218,6 +218,24 @@ impl TestNet {
         }
     }
 
+    /// `(pid, command line)` of every process in the namespace (arguments joined by
+    /// spaces), for checking what is still running there. Processes that exit while
+    /// this runs are skipped.
+    pub fn cmdlines(&self) -> Vec<(i32, String)> {
+        self.pids()
+            .into_iter()
+            .filter_map(|pid| {
+                let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let args: Vec<String> = raw
+                    .split(|&b| b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                Some((pid, args.join(" ")))
+            })
+            .collect()
+    }
+
     /// Kills every process in the namespace: first the process groups we started, then
     /// anything else still inside (workers that left their group). Only pids currently in
     /// this namespace are signalled, so a recycled pid elsewhere is never hit.

@@ -376,6 +376,57 @@ impl<'n> Supervisor<'n> {
             .unwrap_or_else(|| panic!("generation number missing in {g}"))
     }
 
+    /// `supervisor upgrade` that must succeed: exit 0 with the phases on stdout (at least
+    /// "flipped" and "drained"). Returns stdout.
+    pub fn upgrade_ok(&self) -> String {
+        let out = self.upgrade();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "upgrade failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}\n{}",
+            out.status,
+            self.logs_for_panic()
+        );
+        for phase in ["flipped", "drained"] {
+            assert!(
+                stdout.contains(phase),
+                "upgrade output does not mention {phase:?}:\n{stdout}"
+            );
+        }
+        stdout
+    }
+
+    /// Sends `signal` to the daemon (not to its workers).
+    pub fn signal(&self, signal: Signal) {
+        let pid = self.pid().expect("supervisor not running");
+        kill(Pid::from_raw(pid as i32), signal).expect("signal the supervisor");
+    }
+
+    /// Waits until generation `generation` is the only one, serves, every worker is
+    /// ready with a pid, and no upgrade is in progress; returns that status.
+    pub fn wait_settled(&mut self, generation: u32, timeout: Duration) -> Value {
+        let workers = self.config.workers as usize;
+        self.wait_status(
+            &format!("generation {generation} alone, serving, {workers} workers ready"),
+            timeout,
+            |v| {
+                let gens = v["generations"]
+                    .as_array()
+                    .map_or(&[][..], |g| g.as_slice());
+                v["upgrade_in_progress"] == false
+                    && gens.len() == 1
+                    && gens[0]["generation"] == generation
+                    && gens[0]["state"] == "serving"
+                    && gens[0]["workers"].as_array().is_some_and(|w| {
+                        w.len() == workers
+                            && w.iter().all(|w| w["state"] == "ready" && w["pid"].is_i64())
+                    })
+            },
+        )
+    }
+
     /// SIGTERM (drain everything and exit), wait, and require exit code 0.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("supervisor already stopped");
@@ -412,6 +463,52 @@ impl Drop for Supervisor<'_> {
             eprintln!("{}", self.logs_for_panic());
         }
     }
+}
+
+/// `[WRAPPER...] supervisor ARGS... --config CONFIG` inside `net`, with the runner's
+/// notify and socket-activation variables removed: for starts that are expected to
+/// fail, CLI calls without a [`Supervisor`], and runs under a wrapper such as `setpriv`.
+pub fn supervisor_command(
+    net: &TestNet,
+    wrapper: &[&str],
+    args: &[&str],
+    config: &Path,
+) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut c = net.exec(program);
+            c.args(rest).arg(bin_path("supervisor"));
+            c
+        }
+        None => net.exec(bin_path("supervisor")),
+    };
+    cmd.args(args).arg("--config").arg(config);
+    clean_env(&mut cmd);
+    cmd
+}
+
+/// Generation numbers listed in a status, in order.
+pub fn generation_numbers(status: &Value) -> Vec<u32> {
+    status["generations"]
+        .as_array()
+        .map(|gens| {
+            gens.iter()
+                .filter_map(|g| g["generation"].as_u64().map(|n| n as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pids of the workers of generation `generation` (workers without a pid are skipped).
+pub fn worker_pids(status: &Value, generation: u32) -> Vec<i32> {
+    status["generations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| g["generation"] == generation)
+        .flat_map(|g| g["workers"].as_array().into_iter().flatten())
+        .filter_map(|w| w["pid"].as_i64().map(|p| p as i32))
+        .collect()
 }
 
 /// The first generation whose state is "serving", if any.

@@ -16,9 +16,10 @@
 //!
 //! The std helpers poll the flag between reads. While not draining, reads
 //! time out every [`POLL_INTERVAL`] (100 ms) just to look at the flag; a busy
-//! socket looks at it after every datagram. The signal itself also interrupts
-//! a blocked read (`SO_RCVTIMEO` reads fail with `EINTR` even under
-//! `SA_RESTART`), so in practice draining starts at once.
+//! socket looks at it after every datagram. The signal also interrupts the
+//! read of whichever thread the kernel delivers it to (reads with
+//! `SO_RCVTIMEO` fail with `EINTR` even under `SA_RESTART`; see signal(7)), so
+//! that thread starts draining at once and the others within the interval.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
@@ -83,11 +84,13 @@ impl DrainSignal {
     pub fn install(signal: c_int) -> Result<DrainSignal, Error> {
         check_signal(signal, &signal.to_string())?;
         let flag = Arc::new(AtomicBool::new(false));
-        let hook_error = |e: io::Error| Error::io(format!("installing a handler for signal {signal}"), e);
+        let hook_error =
+            |e: io::Error| Error::io(format!("installing a handler for signal {signal}"), e);
         // Handlers for one signal run in registration order. This one runs
         // first and sees the flag as it was *before* this delivery: set means
         // this is the second signal, so exit.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&flag)).map_err(hook_error)?;
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&flag))
+            .map_err(hook_error)?;
         signal_hook::flag::register(signal, Arc::clone(&flag)).map_err(hook_error)?;
         Ok(DrainSignal::with_flag(flag, Some(signal)))
     }
@@ -176,7 +179,11 @@ pub fn parse_signal(name: &str) -> Result<c_int, Error> {
         Signal::try_from(number).map_err(|_| bad("not a signal number"))?
     } else {
         let upper = trimmed.to_ascii_uppercase();
-        let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+        let full = if upper.starts_with("SIG") {
+            upper
+        } else {
+            format!("SIG{upper}")
+        };
         Signal::from_str(&full).map_err(|_| bad("not a signal name (expected e.g. SIGTERM)"))?
     };
     check_signal(signal as c_int, name)?;
@@ -259,7 +266,12 @@ where
                 served.after_drain += u64::from(draining);
             }
             // A read timeout shows up as WouldBlock on Linux (EAGAIN).
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 if draining {
                     // A whole read deadline without a datagram: idle, done.
                     return Ok(served);
@@ -305,7 +317,8 @@ where
                 .name(format!("udp-serve-{index}"))
                 .spawn_scoped(scope, move || {
                     let _on_panic = DrainOnPanic(drain);
-                    let result = serve_until_drained(socket, drain, read_deadline, make_handler(index));
+                    let result =
+                        serve_until_drained(socket, drain, read_deadline, make_handler(index));
                     if result.is_err() {
                         drain.request();
                     }
@@ -363,9 +376,17 @@ mod tests {
         assert_eq!(parse_signal("SIGINT").unwrap(), libc::SIGINT);
         assert_eq!(parse_signal("10").unwrap(), libc::SIGUSR1);
         let err = parse_signal("SIGKILL").unwrap_err().to_string();
-        assert_eq!(err, r#"drain signal "SIGKILL": this signal cannot be caught, or must not be"#);
+        assert_eq!(
+            err,
+            r#"drain signal "SIGKILL": this signal cannot be caught, or must not be"#
+        );
         assert!(parse_signal("SIGSEGV").is_err());
-        assert!(parse_signal("SIGFOO").unwrap_err().to_string().contains("not a signal name"));
+        assert!(
+            parse_signal("SIGFOO")
+                .unwrap_err()
+                .to_string()
+                .contains("not a signal name")
+        );
         assert!(parse_signal("").is_err());
         assert!(parse_signal("999").is_err());
     }
@@ -395,11 +416,22 @@ mod tests {
         let started = Instant::now();
         let served = serve_until_drained(&server, &drain, deadline, echo).unwrap();
         let took = started.elapsed();
-        assert_eq!(served, Served { datagrams: 50, after_drain: 50 });
-        assert!(took >= deadline, "returned before the socket was idle for the deadline: {took:?}");
+        assert_eq!(
+            served,
+            Served {
+                datagrams: 50,
+                after_drain: 50
+            }
+        );
+        assert!(
+            took >= deadline,
+            "returned before the socket was idle for the deadline: {took:?}"
+        );
         assert!(took < deadline * 10, "took {took:?}");
 
-        client.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
         let mut buf = [0u8; 8];
         for i in 0u32..50 {
             let n = client.recv(&mut buf).unwrap();
@@ -412,7 +444,8 @@ mod tests {
         let (server, client) = pair();
         let drain = DrainSignal::manual();
         thread::scope(|s| {
-            let serving = s.spawn(|| serve_until_drained(&server, &drain, Duration::from_millis(100), echo));
+            let serving =
+                s.spawn(|| serve_until_drained(&server, &drain, Duration::from_millis(100), echo));
             // Longer than several poll intervals: an idle socket is not a
             // reason to stop while nobody asked us to.
             thread::sleep(POLL_INTERVAL * 3);
@@ -454,12 +487,13 @@ mod tests {
         }
         let drain = DrainSignal::manual();
         drain.request();
-        let served = serve_all_until_drained(&servers, &drain, Duration::from_millis(100), |index| {
-            move |socket: &UdpSocket, _request: &[u8], peer| {
-                socket.send_to(&[index as u8], peer).unwrap();
-            }
-        })
-        .unwrap();
+        let served =
+            serve_all_until_drained(&servers, &drain, Duration::from_millis(100), |index| {
+                move |socket: &UdpSocket, _request: &[u8], peer| {
+                    socket.send_to(&[index as u8], peer).unwrap();
+                }
+            })
+            .unwrap();
         let counts: Vec<u64> = served.iter().map(|s| s.datagrams).collect();
         assert_eq!(counts, [1, 2, 3]);
         assert_eq!(served.into_iter().sum::<Served>().datagrams, 6);

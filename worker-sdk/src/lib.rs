@@ -40,7 +40,8 @@
 //! }
 //! ```
 //!
-//! With the `tokio` feature, [`tokio`](crate::tokio) has the async equivalents.
+//! With the `tokio` feature, the `worker_sdk::tokio` module has the async
+//! equivalents: tokio sockets, a drain signal that wakes tasks, an async serve loop.
 //!
 //! All `unsafe` code lives in the private `sys` module; each block there says
 //! which invariant makes it sound.
@@ -59,7 +60,7 @@ pub use drain::{
     DEFAULT_READ_DEADLINE, DrainSignal, MAX_DATAGRAM, POLL_INTERVAL, Served, parse_signal,
     serve_all_until_drained, serve_until_drained,
 };
-pub use env::{generation, worker_index};
+pub use env::{cookies, generation, worker_index};
 pub use error::Error;
 pub use listen::{Listeners, NamedSocket};
 pub use notify::{notify, notify_ready, notify_status, notify_stopping};

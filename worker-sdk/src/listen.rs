@@ -128,7 +128,11 @@ pub(crate) fn parse_listen_env(
         .map_err(|_| invalid("LISTEN_FDS", count_text, "not a non-negative integer"))?;
     // The last fd, 3 + count - 1, must be a valid fd number.
     if count > (RawFd::MAX - FIRST_FD) as usize {
-        return Err(invalid("LISTEN_FDS", count_text, "more fds than a process can have"));
+        return Err(invalid(
+            "LISTEN_FDS",
+            count_text,
+            "more fds than a process can have",
+        ));
     }
 
     let names = match listen_fdnames {
@@ -193,7 +197,12 @@ impl Listeners {
     /// finds them again returns [`Error::AlreadyAdopted`].
     pub fn from_env() -> Result<Listeners, Error> {
         let [pid, fds, names] = VARS.map(std::env::var_os);
-        let parsed = parse_listen_env(pid.as_ref(), fds.as_ref(), names.as_ref(), std::process::id());
+        let parsed = parse_listen_env(
+            pid.as_ref(),
+            fds.as_ref(),
+            names.as_ref(),
+            std::process::id(),
+        );
         if pid.is_some() || fds.is_some() || names.is_some() {
             // Whatever the outcome, the variables have been consumed, as
             // sd_listen_fds(unset_environment=1) does even on error.
@@ -283,10 +292,12 @@ impl Listeners {
         let mut sockets = Vec::new();
         for inherited in self.fds.iter().filter(|f| f.name == name) {
             inherited.check_udp()?;
-            let copy = inherited
-                .fd
-                .try_clone()
-                .map_err(|e| Error::io(format!("duplicating inherited fd {}", inherited.fd.as_raw_fd()), e))?;
+            let copy = inherited.fd.try_clone().map_err(|e| {
+                Error::io(
+                    format!("duplicating inherited fd {}", inherited.fd.as_raw_fd()),
+                    e,
+                )
+            })?;
             sockets.push(UdpSocket::from(copy));
         }
         Ok(sockets)
@@ -347,7 +358,11 @@ impl Listeners {
     /// When socket-activated but nothing is named `name`, this is an error
     /// ([`Error::NoSuchListener`]), not a fallback: binding our own socket
     /// then would join the supervisor's port outside its control.
-    pub fn udp_or_bind(&mut self, name: &str, fallback: SocketAddr) -> Result<Vec<UdpSocket>, Error> {
+    pub fn udp_or_bind(
+        &mut self,
+        name: &str,
+        fallback: SocketAddr,
+    ) -> Result<Vec<UdpSocket>, Error> {
         if !self.activated {
             return bind_reuseport(fallback).map(|socket| vec![socket]);
         }
@@ -379,20 +394,32 @@ impl Inherited {
             Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
                 return Err(not_udp("not a socket".to_owned()));
             }
-            Err(e) => return Err(Error::io(format!("getsockopt(SO_TYPE) on fd {}", fd.as_raw_fd()), e)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("getsockopt(SO_TYPE) on fd {}", fd.as_raw_fd()),
+                    e,
+                ));
+            }
         };
         if kind != libc::SOCK_DGRAM {
             return Err(not_udp(format!("a {} socket", socket_type_name(kind))));
         }
         let domain = ask(libc::SO_DOMAIN).map_err(|e| Error::io("getsockopt(SO_DOMAIN)", e))?;
         if domain != libc::AF_INET && domain != libc::AF_INET6 {
-            let family = if domain == libc::AF_UNIX { "AF_UNIX".to_owned() } else { format!("address family {domain}") };
+            let family = if domain == libc::AF_UNIX {
+                "AF_UNIX".to_owned()
+            } else {
+                format!("address family {domain}")
+            };
             return Err(not_udp(format!("a datagram socket of {family}")));
         }
         // SOCK_DGRAM over IP is not always UDP: ICMP "ping" sockets are too.
-        let protocol = ask(libc::SO_PROTOCOL).map_err(|e| Error::io("getsockopt(SO_PROTOCOL)", e))?;
+        let protocol =
+            ask(libc::SO_PROTOCOL).map_err(|e| Error::io("getsockopt(SO_PROTOCOL)", e))?;
         if protocol != libc::IPPROTO_UDP {
-            return Err(not_udp(format!("a datagram socket of IP protocol {protocol}")));
+            return Err(not_udp(format!(
+                "a datagram socket of IP protocol {protocol}"
+            )));
         }
         Ok(())
     }
@@ -417,11 +444,17 @@ pub(crate) fn bind_reuseport(addr: SocketAddr) -> Result<UdpSocket, Error> {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
     };
-    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, SockProtocol::Udp)
-        .map_err(|e| Error::io(context("socket()"), e.into()))?;
+    let fd = socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::Udp,
+    )
+    .map_err(|e| Error::io(context("socket()"), e.into()))?;
     setsockopt(&fd, sockopt::ReusePort, &true)
         .map_err(|e| Error::io(context("setsockopt(SO_REUSEPORT)"), e.into()))?;
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(|e| Error::io(context("bind()"), e.into()))?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .map_err(|e| Error::io(context("bind()"), e.into()))?;
     Ok(UdpSocket::from(fd))
 }
 
@@ -433,7 +466,11 @@ mod tests {
         OsString::from(s)
     }
 
-    fn parse(pid: Option<&str>, fds: Option<&str>, names: Option<&str>) -> Result<Option<ListenEnv>, Error> {
+    fn parse(
+        pid: Option<&str>,
+        fds: Option<&str>,
+        names: Option<&str>,
+    ) -> Result<Option<ListenEnv>, Error> {
         let [pid, fds, names] = [pid, fds, names].map(|v| v.map(os));
         parse_listen_env(pid.as_ref(), fds.as_ref(), names.as_ref(), 1234)
     }
@@ -455,7 +492,9 @@ mod tests {
 
     #[test]
     fn names_are_split_one_per_fd() {
-        let env = parse(Some("1234"), Some("3"), Some("echo:echo:dns")).unwrap().unwrap();
+        let env = parse(Some("1234"), Some("3"), Some("echo:echo:dns"))
+            .unwrap()
+            .unwrap();
         assert_eq!(env.count, 3);
         assert_eq!(env.names.unwrap(), ["echo", "echo", "dns"]);
     }
@@ -463,13 +502,25 @@ mod tests {
     #[test]
     fn names_are_optional() {
         let env = parse(Some("1234"), Some("2"), None).unwrap().unwrap();
-        assert_eq!(env, ListenEnv { count: 2, names: None });
+        assert_eq!(
+            env,
+            ListenEnv {
+                count: 2,
+                names: None
+            }
+        );
     }
 
     #[test]
     fn zero_fds_with_empty_names() {
         let env = parse(Some("1234"), Some("0"), Some("")).unwrap().unwrap();
-        assert_eq!(env, ListenEnv { count: 0, names: Some(vec![]) });
+        assert_eq!(
+            env,
+            ListenEnv {
+                count: 0,
+                names: Some(vec![])
+            }
+        );
     }
 
     #[test]
@@ -478,15 +529,21 @@ mod tests {
         assert_eq!(err, r#"LISTEN_PID="12x": not a process id"#);
         let err = parse(Some("0"), Some("1"), None).unwrap_err().to_string();
         assert!(err.starts_with("LISTEN_PID=\"0\""), "{err}");
-        let err = parse(Some("1234"), Some("-1"), None).unwrap_err().to_string();
+        let err = parse(Some("1234"), Some("-1"), None)
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, r#"LISTEN_FDS="-1": not a non-negative integer"#);
-        let err = parse(Some("1234"), Some("99999999999"), None).unwrap_err().to_string();
+        let err = parse(Some("1234"), Some("99999999999"), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("LISTEN_FDS=\"99999999999\""), "{err}");
     }
 
     #[test]
     fn name_count_must_match() {
-        let err = parse(Some("1234"), Some("2"), Some("echo")).unwrap_err().to_string();
+        let err = parse(Some("1234"), Some("2"), Some("echo"))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             r#"LISTEN_FDNAMES="echo": has 1 names but LISTEN_FDS=2; there must be one name per fd"#
@@ -503,7 +560,10 @@ mod tests {
     fn listeners_with(entries: Vec<(&str, OwnedFd)>) -> Listeners {
         let fds: Vec<Inherited> = entries
             .into_iter()
-            .map(|(name, fd)| Inherited { name: name.to_owned(), fd })
+            .map(|(name, fd)| Inherited {
+                name: name.to_owned(),
+                fd,
+            })
             .collect();
         let mut names: Vec<String> = Vec::new();
         for f in &fds {
@@ -511,7 +571,11 @@ mod tests {
                 names.push(f.name.clone());
             }
         }
-        Listeners { activated: true, fds, names }
+        Listeners {
+            activated: true,
+            fds,
+            names,
+        }
     }
 
     fn udp_fd() -> OwnedFd {
@@ -523,7 +587,11 @@ mod tests {
         let a0 = udp_fd();
         let b0 = udp_fd();
         let a1 = udp_fd();
-        let addr = |fd: &OwnedFd| UdpSocket::from(fd.try_clone().unwrap()).local_addr().unwrap();
+        let addr = |fd: &OwnedFd| {
+            UdpSocket::from(fd.try_clone().unwrap())
+                .local_addr()
+                .unwrap()
+        };
         let (a0_addr, a1_addr, b0_addr) = (addr(&a0), addr(&a1), addr(&b0));
         let mut listeners = listeners_with(vec![("a", a0), ("b", b0), ("a", a1)]);
         assert_eq!(listeners.names(), ["a", "b"]);
@@ -532,7 +600,12 @@ mod tests {
         assert_eq!(lent.len(), 2);
         assert_eq!(listeners.len(), 3, "udp() lends copies");
 
-        let a: Vec<_> = listeners.take_udp("a").unwrap().iter().map(|s| s.local_addr().unwrap()).collect();
+        let a: Vec<_> = listeners
+            .take_udp("a")
+            .unwrap()
+            .iter()
+            .map(|s| s.local_addr().unwrap())
+            .collect();
         assert_eq!(a, [a0_addr, a1_addr]);
         assert_eq!(listeners.len(), 1);
         assert!(listeners.take_udp("a").unwrap().is_empty());
@@ -546,7 +619,12 @@ mod tests {
 
     #[test]
     fn take_all_numbers_sockets_within_each_name() {
-        let mut listeners = listeners_with(vec![("a", udp_fd()), ("b", udp_fd()), ("a", udp_fd()), ("b", udp_fd())]);
+        let mut listeners = listeners_with(vec![
+            ("a", udp_fd()),
+            ("b", udp_fd()),
+            ("a", udp_fd()),
+            ("b", udp_fd()),
+        ]);
         let order: Vec<_> = listeners
             .take_all_udp()
             .unwrap()
@@ -562,10 +640,20 @@ mod tests {
         let tcp = OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
         let (unix, _peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let file = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
-        let mut listeners = listeners_with(vec![("t", tcp), ("u", OwnedFd::from(unix)), ("f", file), ("ok", udp_fd())]);
+        let mut listeners = listeners_with(vec![
+            ("t", tcp),
+            ("u", OwnedFd::from(unix)),
+            ("f", file),
+            ("ok", udp_fd()),
+        ]);
 
         let err = listeners.take_udp("t").unwrap_err().to_string();
-        assert!(err.contains("(LISTEN_FDNAMES entry \"t\") is not a UDP socket: it is a SOCK_STREAM socket"), "{err}");
+        assert!(
+            err.contains(
+                "(LISTEN_FDNAMES entry \"t\") is not a UDP socket: it is a SOCK_STREAM socket"
+            ),
+            "{err}"
+        );
         let err = listeners.udp("u").unwrap_err().to_string();
         assert!(err.ends_with("a datagram socket of AF_UNIX"), "{err}");
         let err = listeners.take_udp("f").unwrap_err().to_string();
@@ -578,20 +666,33 @@ mod tests {
     #[test]
     fn udp_or_bind_binds_only_when_not_activated() {
         let mut by_hand = Listeners::empty();
-        let sockets = by_hand.udp_or_bind("echo", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let sockets = by_hand
+            .udp_or_bind("echo", "127.0.0.1:0".parse().unwrap())
+            .unwrap();
         assert_eq!(sockets.len(), 1);
         let reuseport = nix::sys::socket::getsockopt(&sockets[0], sockopt::ReusePort).unwrap();
-        assert!(reuseport, "fallback sockets share the port with SO_REUSEPORT");
+        assert!(
+            reuseport,
+            "fallback sockets share the port with SO_REUSEPORT"
+        );
         // A second socket can join the same port.
         let port = sockets[0].local_addr().unwrap();
         bind_reuseport(port).unwrap();
 
         let mut activated = listeners_with(vec![("dns", udp_fd())]);
-        let err = activated.udp_or_bind("echo", "127.0.0.1:0".parse().unwrap()).unwrap_err();
+        let err = activated
+            .udp_or_bind("echo", "127.0.0.1:0".parse().unwrap())
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             r#"no inherited socket is named "echo"; LISTEN_FDNAMES has dns"#
         );
-        assert_eq!(activated.udp_or_bind("dns", "127.0.0.1:0".parse().unwrap()).unwrap().len(), 1);
+        assert_eq!(
+            activated
+                .udp_or_bind("dns", "127.0.0.1:0".parse().unwrap())
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

@@ -59,7 +59,12 @@ pub fn notify_stopping() -> Result<(), Error> {
 /// Sends `state` to the notify socket `target` (a `NOTIFY_SOCKET` value).
 pub(crate) fn notify_to(target: &OsStr, state: &str) -> Result<(), Error> {
     let addr = notify_addr(target)?;
-    let context = || format!("sending {state:?} to NOTIFY_SOCKET={}", target.to_string_lossy());
+    let context = || {
+        format!(
+            "sending {state:?} to NOTIFY_SOCKET={}",
+            target.to_string_lossy()
+        )
+    };
     // A fresh unbound socket per message: messages are rare (readiness,
     // occasional status), and holding no socket means nothing to share
     // between threads or to leak into children.
@@ -83,7 +88,11 @@ fn notify_addr(target: &OsStr) -> Result<SocketAddr, Error> {
         // leading NUL byte, which cannot be written in an environment variable.
         Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..]),
         Some(b'/') => SocketAddr::from_pathname(target),
-        _ => return Err(invalid("not an absolute path or an abstract name starting with '@'")),
+        _ => {
+            return Err(invalid(
+                "not an absolute path or an abstract name starting with '@'",
+            ));
+        }
     };
     result.map_err(|e| invalid(&e.to_string()))
 }
@@ -94,7 +103,9 @@ mod tests {
     use std::time::Duration;
 
     fn recv(socket: &UnixDatagram) -> String {
-        socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut buf = [0u8; 256];
         let n = socket.recv(&mut buf).unwrap();
         String::from_utf8(buf[..n].to_vec()).unwrap()
@@ -123,12 +134,22 @@ mod tests {
 
     #[test]
     fn bad_targets_are_reported() {
-        let err = notify_to(OsStr::new("relative/path"), "READY=1").unwrap_err().to_string();
-        assert!(err.starts_with(r#"NOTIFY_SOCKET="relative/path": not an absolute path"#), "{err}");
+        let err = notify_to(OsStr::new("relative/path"), "READY=1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(r#"NOTIFY_SOCKET="relative/path": not an absolute path"#),
+            "{err}"
+        );
         let err = notify_to(OsStr::new("@worker-sdk-test/nobody-listens"), "READY=1")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with(r#"sending "READY=1" to NOTIFY_SOCKET=@worker-sdk-test/nobody-listens: "#), "{err}");
+        assert!(
+            err.starts_with(
+                r#"sending "READY=1" to NOTIFY_SOCKET=@worker-sdk-test/nobody-listens: "#
+            ),
+            "{err}"
+        );
     }
 
     #[test]

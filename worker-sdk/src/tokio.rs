@@ -64,7 +64,10 @@ impl Listeners {
     pub fn take_tokio_udp(&mut self, name: &str) -> Result<Vec<UdpSocket>, Error> {
         self.take_udp(name)?
             .into_iter()
-            .map(|socket| into_tokio(socket).map_err(|e| Error::io(format!("registering a {name:?} socket with tokio"), e)))
+            .map(|socket| {
+                into_tokio(socket)
+                    .map_err(|e| Error::io(format!("registering a {name:?} socket with tokio"), e))
+            })
             .collect()
     }
 }
@@ -80,8 +83,12 @@ pub fn drain_signal_async(signal_number: libc::c_int) -> Result<DrainSignal, Err
     // Registering here, synchronously, rather than inside the task below
     // means no signal can slip through between this call and the task's
     // first poll.
-    let mut stream = signal(SignalKind::from_raw(signal_number))
-        .map_err(|e| Error::io(format!("installing a tokio handler for signal {signal_number}"), e))?;
+    let mut stream = signal(SignalKind::from_raw(signal_number)).map_err(|e| {
+        Error::io(
+            format!("installing a tokio handler for signal {signal_number}"),
+            e,
+        )
+    })?;
     let drain = DrainSignal::with_flag(Arc::new(AtomicBool::new(false)), Some(signal_number));
     let requester = drain.clone();
     ::tokio::spawn(async move {
@@ -194,7 +201,10 @@ mod tests {
         };
         client.send(b"first").await.unwrap();
         ::tokio::time::sleep(Duration::from_millis(250)).await;
-        assert!(!serving.is_finished(), "idle but not draining: still serving");
+        assert!(
+            !serving.is_finished(),
+            "idle but not draining: still serving"
+        );
 
         for i in 0u32..20 {
             client.send(&i.to_le_bytes()).await.unwrap();
@@ -220,7 +230,10 @@ mod tests {
             ::tokio::spawn(async move { drain.wait().await })
         };
         nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR1).unwrap();
-        ::tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        ::tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(drain.requested());
     }
 

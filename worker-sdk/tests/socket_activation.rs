@@ -73,7 +73,10 @@ fn child_adopt() {
     assert_eq!(listeners.len(), 2);
     assert_eq!(listeners.names(), ["echo", "other"]);
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        assert!(std::env::var_os(var).is_none(), "{var} is removed, as sd_listen_fds(1) does");
+        assert!(
+            std::env::var_os(var).is_none(),
+            "{var} is removed, as sd_listen_fds(1) does"
+        );
     }
 
     let err = listeners.take_udp("other").unwrap_err().to_string();
@@ -83,8 +86,14 @@ fn child_adopt() {
     );
     let echo = listeners.take_udp("echo").unwrap();
     assert_eq!(echo.len(), 1);
-    assert_eq!(echo[0].local_addr().unwrap().to_string(), std::env::var("EXPECT_UDP_ADDR").unwrap());
-    assert!(cloexec(&echo[0]), "adopted fds must not leak into our children");
+    assert_eq!(
+        echo[0].local_addr().unwrap().to_string(),
+        std::env::var("EXPECT_UDP_ADDR").unwrap()
+    );
+    assert!(
+        cloexec(&echo[0]),
+        "adopted fds must not leak into our children"
+    );
     assert!(proc_cloexec(3));
 
     // The environment is clean, so a second look finds nothing for us.
@@ -99,7 +108,10 @@ fn child_other_pid() {
     // Not ours, so not touched: fd 3 is still open and inheritable, as it
     // arrived. (Looked up in /proc: borrowing an fd we do not own would take
     // `unsafe`, which is exactly what from_env must not have done here.)
-    assert!(!proc_cloexec(3), "fds meant for another process are left alone");
+    assert!(
+        !proc_cloexec(3),
+        "fds meant for another process are left alone"
+    );
 }
 
 /// Whether `fd` has close-on-exec, from the `flags:` line (octal open flags)
@@ -114,7 +126,12 @@ fn proc_cloexec(fd: i32) -> bool {
 fn child_missing_fd() {
     match Listeners::from_env() {
         Err(err @ Error::BadFd { fd: 5, .. }) => {
-            assert!(err.to_string().starts_with(r#"inherited fd 5 (LISTEN_FDNAMES entry "ghost") is not usable: "#), "{err}");
+            assert!(
+                err.to_string().starts_with(
+                    r#"inherited fd 5 (LISTEN_FDNAMES entry "ghost") is not usable: "#
+                ),
+                "{err}"
+            );
         }
         other => panic!("expected BadFd for fd 5, got {other:?}"),
     }

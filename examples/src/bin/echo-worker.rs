@@ -90,7 +90,9 @@ fn run(args: &Args) -> Result<(), String> {
     let sockets: Vec<NamedSocket> = if activated {
         listeners.take_all_udp().map_err(|e| e.to_string())?
     } else {
-        let socket = listeners.udp_or_bind("echo", args.bind).map_err(|e| e.to_string())?;
+        let socket = listeners
+            .udp_or_bind("echo", args.bind)
+            .map_err(|e| e.to_string())?;
         socket
             .into_iter()
             .map(|socket| NamedSocket {
@@ -109,10 +111,20 @@ fn run(args: &Args) -> Result<(), String> {
     let who = format!("echo-worker gen={generation} worker={worker}");
     let read_deadline = Duration::from_millis(args.read_deadline_ms);
     if args.verbose {
-        let origin = if activated { "inherited" } else { "bound by hand" };
+        let origin = if activated {
+            "inherited"
+        } else {
+            "bound by hand"
+        };
         for s in &sockets {
-            let addr = s.socket.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
-            eprintln!("{who}: serving {}[{}] on {addr} ({origin})", s.name, s.index);
+            let addr = s
+                .socket
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string());
+            eprintln!(
+                "{who}: serving {}[{}] on {addr} ({origin})",
+                s.name, s.index
+            );
         }
         eprintln!("{who}: drain on {signal_name}, read deadline {read_deadline:?}");
     }
@@ -131,7 +143,9 @@ fn run(args: &Args) -> Result<(), String> {
             let drain = &drain;
             let spawned = thread::Builder::new()
                 .name(format!("echo-{}-{}", s.name, s.index))
-                .spawn_scoped(scope, move || serve(&s.socket, drain, read_deadline, trailer, counter));
+                .spawn_scoped(scope, move || {
+                    serve(&s.socket, drain, read_deadline, trailer, counter)
+                });
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
@@ -143,13 +157,15 @@ fn run(args: &Args) -> Result<(), String> {
             }
         }
 
-        if threads.len() == sockets.len() {
-            if let Err(e) = worker_sdk::notify_ready() {
-                // The supervisor would wait for READY=1 in vain; better to
-                // stop now and let it see us exit.
-                eprintln!("{who}: error: {e}");
-                drain.request();
-            }
+        // Every socket is taken and served: ready. (If a thread could not
+        // start, draining is already under way and we say nothing.)
+        if threads.len() == sockets.len()
+            && let Err(e) = worker_sdk::notify_ready()
+        {
+            // The supervisor would wait for READY=1 in vain; better to
+            // stop now and let it see us exit.
+            eprintln!("{who}: error: {e}");
+            drain.request();
         }
 
         supervise(&who, &drain, &counters, args.verbose, || {
@@ -157,7 +173,10 @@ fn run(args: &Args) -> Result<(), String> {
         });
         threads
             .into_iter()
-            .map(|t| t.join().unwrap_or_else(|_| Err(std::io::Error::other("serving thread panicked"))))
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("serving thread panicked")))
+            })
             .collect()
     });
 
@@ -174,11 +193,17 @@ fn run(args: &Args) -> Result<(), String> {
         }
     }
     if failed || results.len() != sockets.len() {
-        return Err(format!("{who} stopped after an error; served {} datagrams", total.datagrams));
+        return Err(format!(
+            "{who} stopped after an error; served {} datagrams",
+            total.datagrams
+        ));
     }
     eprintln!("{who} drained: served {} datagrams", total.datagrams);
     if args.verbose {
-        eprintln!("{who}: {} of them after the drain signal", total.after_drain);
+        eprintln!(
+            "{who}: {} of them after the drain signal",
+            total.after_drain
+        );
     }
     Ok(())
 }
@@ -211,8 +236,19 @@ fn serve(
 
 /// The main thread's job while the sockets are served: periodic `STATUS=`,
 /// and `STOPPING=1` once draining starts. Returns when `all_done()`.
-fn supervise(who: &str, drain: &DrainSignal, counters: &[Counter], verbose: bool, all_done: impl Fn() -> bool) {
-    let total = || counters.iter().map(|c| c.0.load(Ordering::Relaxed)).sum::<u64>();
+fn supervise(
+    who: &str,
+    drain: &DrainSignal,
+    counters: &[Counter],
+    verbose: bool,
+    all_done: impl Fn() -> bool,
+) {
+    let total = || {
+        counters
+            .iter()
+            .map(|c| c.0.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
     let sockets = counters.len();
     let mut last_status = Instant::now();
     let mut stopping = false;
@@ -222,7 +258,10 @@ fn supervise(who: &str, drain: &DrainSignal, counters: &[Counter], verbose: bool
             stopping = true;
             // Notify errors are not fatal here: we are on our way out anyway.
             let _ = worker_sdk::notify_stopping();
-            let _ = worker_sdk::notify_status(&format!("draining {sockets} sockets, {} datagrams served", total()));
+            let _ = worker_sdk::notify_status(&format!(
+                "draining {sockets} sockets, {} datagrams served",
+                total()
+            ));
             if verbose {
                 eprintln!("{who}: drain requested; serving until idle");
             }

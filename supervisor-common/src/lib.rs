@@ -266,6 +266,34 @@ pub mod pin_names {
     pub const GENERATION_PREFIX: &str = "gen-";
 }
 
+/// [`FlowCounters`] for user space's reports (serde, without the `no_std` constraints).
+#[cfg(feature = "user")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowCountersOut {
+    pub hits: u64,
+    pub new_flows: u64,
+    pub socket_gone: u64,
+    pub expired: u64,
+    pub cookie_hits: u64,
+    pub cookie_invalid: u64,
+    pub insert_failed: u64,
+}
+
+#[cfg(feature = "user")]
+impl From<FlowCounters> for FlowCountersOut {
+    fn from(c: FlowCounters) -> Self {
+        FlowCountersOut {
+            hits: c.hits,
+            new_flows: c.new_flows,
+            socket_gone: c.socket_gone,
+            expired: c.expired,
+            cookie_hits: c.cookie_hits,
+            cookie_invalid: c.cookie_invalid,
+            insert_failed: c.insert_failed,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain old data: #[repr(C)], only u64 fields, no padding, any bit

@@ -13,6 +13,20 @@ pub struct Status {
     pub upgrade_in_progress: bool,
     pub upgrading_to: Option<u32>,
     pub generations: Vec<GenerationStatus>,
+    /// One per listener: the selector's own state, across generations.
+    #[serde(default)]
+    pub selectors: Vec<SelectorStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SelectorStatus {
+    pub listener: String,
+    pub working_generation: u32,
+    pub balance: String,
+    /// Flow-table entries (live or idle) and capacity (`flow` mode).
+    pub flow_table_entries: u64,
+    pub flow_table_size: u32,
+    pub flow: supervisor_common::FlowCountersOut,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +55,8 @@ pub struct ListenerStatus {
     pub address: String,
     pub balance: String,
     pub working: bool,
+    /// `flow` mode: flows in the table that point at this generation and are not idle.
+    pub flows_held: u64,
     pub sockets: Vec<SocketStatus>,
 }
 
@@ -90,6 +106,15 @@ pub fn collect(state: &State) -> Status {
                         balance: crate::config::Balance(listener.balance).to_string(),
                         working: working.generation == generation.number
                             && working.socket_count > 0,
+                        flows_held: if listener.balance == supervisor_common::BalanceMode::Flow {
+                            dataplane
+                                .live_flows()
+                                .get(&generation.number)
+                                .copied()
+                                .unwrap_or(0)
+                        } else {
+                            0
+                        },
                         sockets: listener
                             .sockets
                             .iter()
@@ -128,7 +153,26 @@ pub fn collect(state: &State) -> Status {
             }
         })
         .collect();
+    let selectors = state
+        .dataplanes
+        .iter()
+        .map(|dataplane| {
+            let working = dataplane.working();
+            let (entries, capacity) = dataplane.flow_table_usage();
+            SelectorStatus {
+                listener: dataplane.listener.clone(),
+                working_generation: working.generation,
+                balance: supervisor_common::BalanceMode::from_u8(working.balance_mode)
+                    .map(|m| crate::config::Balance(m).to_string())
+                    .unwrap_or_default(),
+                flow_table_entries: entries,
+                flow_table_size: capacity,
+                flow: dataplane.flow_counters().into(),
+            }
+        })
+        .collect();
     Status {
+        selectors,
         service: state.config.service.name.clone(),
         pid: std::process::id(),
         upgrade_in_progress: state.upgrading_to.is_some(),
@@ -190,6 +234,26 @@ pub fn render(status: &Status) -> String {
                     s.index, s.worker, s.selected, s.errors, s.fallback, s.queue_bytes, s.drops
                 );
             }
+        }
+    }
+    for s in &status.selectors {
+        let f = &s.flow;
+        if s.balance == "flow" || s.balance == "cookie" {
+            let _ = writeln!(
+                out,
+                "selector {} ({}): flow table {}/{}; hits {} new {} socket gone {} expired {} insert failed {}; cookie hits {} invalid {}",
+                s.listener,
+                s.balance,
+                s.flow_table_entries,
+                s.flow_table_size,
+                f.hits,
+                f.new_flows,
+                f.socket_gone,
+                f.expired,
+                f.insert_failed,
+                f.cookie_hits,
+                f.cookie_invalid
+            );
         }
     }
     out

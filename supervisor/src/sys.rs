@@ -12,6 +12,8 @@
 //!   is one atomic 8-byte store.
 //! - [`socket_meminfo`]: `SO_MEMINFO`, the receive-queue bytes and drop count of a
 //!   socket (nix has no wrapper for it).
+//! - [`synchronize_rcu`]: `membarrier(MEMBARRIER_CMD_GLOBAL)`, an RCU grace period, so
+//!   the XDP filter knows when no packet still uses a ruleset it switched away from.
 use std::{
     ffi::CString,
     io,
@@ -573,6 +575,25 @@ pub fn bpf_map_delete_u32(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
             return Ok(());
         }
         return Err(err);
+    }
+    Ok(())
+}
+
+/// Waits for an RCU grace period: returns only after every CPU has left the RCU
+/// read-side section it was in at the call, which includes every eBPF program run
+/// (XDP and socket programs run inside one, with bottom halves disabled).
+///
+/// The XDP filter's ruleset switch uses it: after it returns, no packet can still be
+/// using a ruleset slot the control word stopped pointing at before the call, so the
+/// slot may be refilled. `membarrier(MEMBARRIER_CMD_GLOBAL)` is exactly
+/// `synchronize_rcu()` in the kernel. It is refused on `nohz_full` kernels; the
+/// caller then falls back to waiting (see `crate::xdp`).
+pub fn synchronize_rcu() -> io::Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: plain syscall with integer arguments and no memory effects on us.
+    let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -511,6 +511,71 @@ pub fn worker_pids(status: &Value, generation: u32) -> Vec<i32> {
         .collect()
 }
 
+/// The sockets (all listeners) of generation `generation` in a status.
+pub fn sockets_of(status: &Value, generation: u32) -> Vec<&Value> {
+    status["generations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| g["generation"] == generation)
+        .flat_map(|g| g["listeners"].as_array().into_iter().flatten())
+        .flat_map(|l| l["sockets"].as_array().into_iter().flatten())
+        .collect()
+}
+
+/// Datagrams the selector sent to generation `generation` (sum of its sockets'
+/// `selected` counters); 0 if it is not listed.
+pub fn selected_total(status: &Value, generation: u32) -> u64 {
+    sockets_of(status, generation)
+        .iter()
+        .filter_map(|s| s["selected"].as_u64())
+        .sum()
+}
+
+/// The one `error: ...` line a refused command must print on stderr. Timestamped log lines (the daemon's tracing output)
+/// are ignored; anything else besides the one error line fails, so a message that
+/// spills over several lines is caught.
+pub fn single_error_line(stderr: &str) -> String {
+    let text: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !is_log_line(l))
+        .collect();
+    let errors: Vec<&&str> = text.iter().filter(|l| l.starts_with("error:")).collect();
+    assert!(
+        errors.len() == 1 && text.len() == 1,
+        "expected exactly one line starting with `error:` (and nothing else but log \
+         lines) on stderr, got {} error lines and {} other lines:\n{stderr}",
+        errors.len(),
+        text.len() - errors.len()
+    );
+    errors[0].to_string()
+}
+
+/// A line of `tracing_subscriber::fmt` output: `2025-01-02T03:04:05.678Z  INFO ...`,
+/// possibly wrapped in ANSI colour codes.
+fn is_log_line(line: &str) -> bool {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let b = plain.as_bytes();
+    b.len() > 11
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+}
+
 /// The first generation whose state is "serving", if any.
 pub fn serving_generation(status: &Value) -> Option<&Value> {
     status["generations"]
@@ -537,6 +602,16 @@ fn clean_env(cmd: &mut Command) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_line_ignores_log_lines_only() {
+        let err = "\u{1b}[2m2025-01-02T03:04:05.678901Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m mounting\n\
+                   2025-01-02T03:04:05.678901Z ERROR oops\nerror: bad thing\n";
+        assert_eq!(single_error_line(err), "error: bad thing");
+        let two = "error: x: invalid table header\nexpected `.`\n";
+        assert!(std::panic::catch_unwind(|| single_error_line(two)).is_err());
+        assert!(std::panic::catch_unwind(|| single_error_line("")).is_err());
+    }
 
     #[test]
     fn config_toml_has_the_documented_shape() {

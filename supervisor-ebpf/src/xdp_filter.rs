@@ -1,0 +1,401 @@
+//! The XDP filter: drops unwanted datagrams to the service's listeners at the
+//! interface, before the kernel builds an skb for them.
+//!
+//! It acts only on UDP to a listener's (address, port) (a wildcard listener address
+//! matches any destination with its port) and passes everything else untouched:
+//! other ports, other protocols, other addresses, ARP, VLAN-tagged frames (the
+//! filter belongs on the VLAN's own interface then).
+//!
+//! For the service's datagrams, in order:
+//! 1. **malformed** (if `drop_malformed`): IP header shorter than its IHL, a total or
+//!    payload length beyond the frame, a UDP header that does not fit, or a UDP
+//!    length that disagrees with the IP payload length (either way: the kernel
+//!    would trim trailing bytes and deliver, which is how datagrams get smuggled
+//!    past length-based parsers). A UDP packet whose port cannot be read at all is
+//!    checked against the listeners' addresses only (the "address only" entries of
+//!    the listener table) and dropped as malformed if it is addressed to the service.
+//! 2. **denied / not allowed**: one longest-prefix lookup of the source in the
+//!    ruleset's trie, whose entries user space built so that deny always wins.
+//! 3. **rate limited**: GCRA (a token bucket kept as one u64 "theoretical arrival
+//!    time" per source) in an LRU hash; time from `bpf_ktime_get_ns`. One lookup and
+//!    one 8-byte store per datagram. Two CPUs updating one source at the same instant
+//!    may both admit a datagram: the limit is exact per CPU, approximate across CPUs,
+//!    which is the usual trade for not taking a lock per packet.
+//!
+//! Fragments: a non-first fragment (offset > 0) has no UDP header, so its port is
+//! unknown; it passes (counted as `FRAGMENT`). The first fragment carries the UDP
+//! header and gets the full verdict, with the length check relaxed to "the UDP length
+//! covers more than this fragment". Dropping the first fragment is enough: the
+//! kernel cannot reassemble the datagram without it and frees the rest after
+//! `ipfrag_time`. A first fragment too short to hold the UDP header (RFC 1858's tiny
+//! fragment) is malformed.
+//!
+//! IPv6 extension headers (hop-by-hop, routing, destination options, fragment) are
+//! walked, at most `MAX_EXTENSION_HEADERS` of them; a chain longer than that, or one
+//! cut short, to one of the service's addresses is treated as malformed.
+//!
+//! Which ruleset applies is decided once per packet by one 8-byte load of the control
+//! word (see `supervisor_common::xdp::RulesetControl`); every lookup then uses that
+//! slot, so a packet never mixes two rulesets.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_F_MMAPABLE,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use supervisor_common::xdp::{
+    FAMILY_V4, FAMILY_V6, ListenerKey, ListenerRule, MAX_LISTENER_KEYS, MAX_PREFIXES,
+    RATE_ENTRIES, RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS, RulesetControl, SourceKey,
+    VERDICT_DENY, VERDICT_NOT_ALLOWED, XdpCounter, counter,
+};
+
+#[btf_map]
+static CONTROL: Array<u64, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
+
+#[btf_map]
+static LISTENERS: ArrayOfMaps<
+    HashMap<ListenerKey, ListenerRule, { MAX_LISTENER_KEYS as usize }>,
+    { RULESET_SLOTS as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+static PREFIXES_V4: ArrayOfMaps<
+    LpmTrie<[u8; 4], u32, { MAX_PREFIXES as usize }>,
+    { RULESET_SLOTS as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+static PREFIXES_V6: ArrayOfMaps<
+    LpmTrie<[u8; 16], u32, { MAX_PREFIXES as usize }>,
+    { RULESET_SLOTS as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+static RATE: LruHashMap<SourceKey, u64, { RATE_ENTRIES as usize }> = LruHashMap::new();
+
+#[btf_map]
+static COUNTERS: PerCpuArray<XdpCounter, { counter::COUNT as usize }> = PerCpuArray::new();
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_UDP: u8 = 17;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+const IPV6_HLEN: usize = 40;
+const UDP_HLEN: usize = 8;
+/// Longest IPv6 extension header chain walked before giving up (see the module docs).
+const MAX_EXTENSION_HEADERS: usize = 6;
+
+/// (XDP action, counter index).
+type Verdict = (u32, u32);
+const NOT_OURS: Verdict = (XDP_PASS, counter::NOT_OURS);
+const FRAGMENT: Verdict = (XDP_PASS, counter::FRAGMENT);
+const PASSED: Verdict = (XDP_PASS, counter::PASSED);
+
+#[xdp]
+pub fn xdp_filter(ctx: XdpContext) -> u32 {
+    let (action, reason) = filter(&ctx);
+    count(reason, (ctx.data_end() - ctx.data()) as u64);
+    action
+}
+
+#[inline(always)]
+fn filter(ctx: &XdpContext) -> Verdict {
+    let Some(eth) = ptr_at::<[u8; ETH_HLEN]>(ctx, 0) else {
+        return NOT_OURS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { &*eth };
+    match u16::from_be_bytes([eth[12], eth[13]]) {
+        ETH_P_IP => ipv4(ctx),
+        ETH_P_IPV6 => ipv6(ctx),
+        _ => NOT_OURS,
+    }
+}
+
+/// The slot to use for this packet, or `None` while no ruleset is installed.
+#[inline(always)]
+fn ruleset_slot() -> Option<u32> {
+    let word = CONTROL.get_ptr(0)?;
+    // One 8-byte load: the switch is one 8-byte store on the other side.
+    // SAFETY: the pointer comes from a successful lookup in a 1-entry array.
+    let control = RulesetControl::from_word(unsafe { core::ptr::read_volatile(word) });
+    if control.armed == 0 {
+        return None;
+    }
+    Some(control.slot as u32 % RULESET_SLOTS)
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext) -> Verdict {
+    // Without the fixed header neither destination nor protocol can be read: not
+    // identifiable as the service's; the kernel drops such a packet itself.
+    let Some(header) = ptr_at::<[u8; 20]>(ctx, ETH_HLEN) else {
+        return NOT_OURS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*header };
+    if h[0] >> 4 != 4 || h[9] != IPPROTO_UDP {
+        return NOT_OURS;
+    }
+    let fragment = u16::from_be_bytes([h[6], h[7]]);
+    if fragment & 0x1fff != 0 {
+        return FRAGMENT;
+    }
+    let more_fragments = fragment & 0x2000 != 0;
+    let Some(slot) = ruleset_slot() else {
+        return NOT_OURS;
+    };
+    let src = [h[12], h[13], h[14], h[15]];
+    let mut dst = [0u8; 16];
+    dst[..4].copy_from_slice(&h[16..20]);
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    let frame_ip_len = ctx.data_end() - ctx.data() - ETH_HLEN;
+
+    // The UDP header at IHL (options skipped). `ihl` is at most 60 here, which
+    // keeps the variable packet offset within what the verifier can track.
+    let udp = if ihl >= 20 { ptr_at::<[u8; UDP_HLEN]>(ctx, ETH_HLEN + ihl) } else { None };
+    let (rule, malformed) = match udp {
+        Some(udp) => {
+            // SAFETY: bounds checked by ptr_at.
+            let udp = unsafe { &*udp };
+            let Some(rule) = listener(slot, &dst, FAMILY_V4, [udp[2], udp[3]]) else {
+                return NOT_OURS;
+            };
+            let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+            let malformed = total_len < ihl + UDP_HLEN
+                || total_len > frame_ip_len
+                || udp_len_malformed(udp_len, total_len - ihl, more_fragments);
+            (rule, malformed)
+        }
+        None => match listener(slot, &dst, FAMILY_V4, [0, 0]) {
+            Some(rule) => (rule, true),
+            None => return NOT_OURS,
+        },
+    };
+    if malformed && rule.flags & RULE_DROP_MALFORMED != 0 {
+        return (XDP_DROP, counter::MALFORMED);
+    }
+    match PREFIXES_V4.get(slot).and_then(|trie| trie.get(&Key::new(32, src))) {
+        Some(&verdict) if verdict == VERDICT_DENY => return (XDP_DROP, counter::DENIED),
+        Some(&verdict) if verdict == VERDICT_NOT_ALLOWED => {
+            return (XDP_DROP, counter::NOT_ALLOWED);
+        }
+        _ => {}
+    }
+    let mut source = [0u8; 16];
+    source[..4].copy_from_slice(&src);
+    rate_limit(&rule, source, FAMILY_V4)
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext) -> Verdict {
+    let Some(header) = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
+        return NOT_OURS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*header };
+    if h[0] >> 4 != 6 {
+        return NOT_OURS;
+    }
+    let payload_len = u16::from_be_bytes([h[4], h[5]]) as usize;
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&h[24..40]);
+
+    // Walk the extension headers to the UDP header.
+    let mut next = h[6];
+    let mut offset = ETH_HLEN + IPV6_HLEN;
+    let mut more_fragments = false;
+    let mut udp_at = None;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        match next {
+            IPPROTO_UDP => {
+                udp_at = Some(offset);
+                break;
+            }
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let Some(ext) = ptr_at::<[u8; 2]>(ctx, offset) else {
+                    break;
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let ext = unsafe { &*ext };
+                next = ext[0];
+                offset += (ext[1] as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let Some(frag) = ptr_at::<[u8; 8]>(ctx, offset) else {
+                    break;
+                };
+                // SAFETY: bounds checked by ptr_at.
+                let frag = unsafe { &*frag };
+                let offset_and_flags = u16::from_be_bytes([frag[2], frag[3]]);
+                if offset_and_flags & 0xfff8 != 0 {
+                    return if frag[0] == IPPROTO_UDP { FRAGMENT } else { NOT_OURS };
+                }
+                more_fragments = offset_and_flags & 1 != 0;
+                next = frag[0];
+                offset += 8;
+            }
+            // TCP, ICMPv6, ESP, "no next header", ...: not UDP.
+            _ => return NOT_OURS,
+        }
+    }
+    // A UDP header at `offset` if the chain ended there (the last iteration may
+    // have stepped onto it without seeing it).
+    if udp_at.is_none() && next == IPPROTO_UDP {
+        udp_at = Some(offset);
+    }
+
+    let Some(slot) = ruleset_slot() else {
+        return NOT_OURS;
+    };
+    let frame_ip_len = ctx.data_end() - ctx.data() - ETH_HLEN;
+    let udp = match udp_at {
+        // Bounded for the verifier: the chain above can reach a few KiB at most.
+        Some(at) if at < 0x4000 => ptr_at::<[u8; UDP_HLEN]>(ctx, at).map(|p| (at, p)),
+        _ => None,
+    };
+    let (rule, malformed) = match udp {
+        Some((at, udp)) => {
+            // SAFETY: bounds checked by ptr_at.
+            let udp = unsafe { &*udp };
+            let Some(rule) = listener(slot, &dst, FAMILY_V6, [udp[2], udp[3]]) else {
+                return NOT_OURS;
+            };
+            let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+            let extensions = at - ETH_HLEN - IPV6_HLEN;
+            // payload_len 0 is a jumbogram (RFC 2675), never seen on our links.
+            let malformed = payload_len < extensions + UDP_HLEN
+                || IPV6_HLEN + payload_len > frame_ip_len
+                || udp_len_malformed(udp_len, payload_len - extensions, more_fragments);
+            (rule, malformed)
+        }
+        // Cut short, too long a chain, or the UDP header missing: malformed if it is
+        // addressed to the service (see the module docs).
+        None => match listener(slot, &dst, FAMILY_V6, [0, 0]) {
+            Some(rule) => (rule, true),
+            None => return NOT_OURS,
+        },
+    };
+    if malformed && rule.flags & RULE_DROP_MALFORMED != 0 {
+        return (XDP_DROP, counter::MALFORMED);
+    }
+    match PREFIXES_V6.get(slot).and_then(|trie| trie.get(&Key::new(128, src))) {
+        Some(&verdict) if verdict == VERDICT_DENY => return (XDP_DROP, counter::DENIED),
+        Some(&verdict) if verdict == VERDICT_NOT_ALLOWED => {
+            return (XDP_DROP, counter::NOT_ALLOWED);
+        }
+        _ => {}
+    }
+    rate_limit(&rule, src, FAMILY_V6)
+}
+
+/// Whether the UDP length field disagrees with the IP payload carrying it. In a
+/// first fragment the UDP length covers the whole datagram, so it must exceed this
+/// fragment's payload instead of matching it.
+#[inline(always)]
+fn udp_len_malformed(udp_len: usize, ip_payload: usize, more_fragments: bool) -> bool {
+    udp_len < UDP_HLEN || if more_fragments { udp_len <= ip_payload } else { udp_len != ip_payload }
+}
+
+/// The rule for a listener: exact destination first, then the family's wildcard.
+#[inline(always)]
+fn listener(slot: u32, dst: &[u8; 16], family: u8, port: [u8; 2]) -> Option<ListenerRule> {
+    let listeners = LISTENERS.get(slot)?;
+    let mut key = ListenerKey {
+        addr: *dst,
+        port,
+        family,
+        _pad: 0,
+    };
+    if let Some(rule) = listeners.get_ptr(&key) {
+        // SAFETY: user space never changes a ruleset's table after installing it,
+        // so the entry cannot be reused under us.
+        return Some(unsafe { *rule });
+    }
+    key.addr = [0; 16];
+    // SAFETY: as above.
+    listeners.get_ptr(&key).map(|rule| unsafe { *rule })
+}
+
+/// GCRA: admit when the source's theoretical arrival time is at most
+/// `tolerance_ns` ahead of now, then move it one interval on.
+#[inline(always)]
+fn rate_limit(rule: &ListenerRule, addr: [u8; 16], family: u8) -> Verdict {
+    if rule.flags & RULE_RATE_LIMIT == 0 {
+        return PASSED;
+    }
+    let key = SourceKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match RATE.get_ptr_mut(&key) {
+        Some(tat) => {
+            // SAFETY: a value pointer from a successful lookup; a concurrent
+            // eviction can at worst make this update land in a recycled entry,
+            // which costs one source one token.
+            let current = unsafe { *tat };
+            if current > now + rule.tolerance_ns {
+                return (XDP_DROP, counter::RATE_LIMITED);
+            }
+            let base = if current > now { current } else { now };
+            // SAFETY: as above; one aligned 8-byte store.
+            unsafe { *tat = base + rule.interval_ns };
+        }
+        None => {
+            // A full table evicts its least recently used source.
+            let _ = RATE.insert(&key, now + rule.interval_ns, BPF_ANY as u64);
+        }
+    }
+    PASSED
+}
+
+#[inline(always)]
+fn count(reason: u32, bytes: u64) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(reason) {
+        // SAFETY: this CPU's slot of a preallocated per-CPU array; XDP runs with
+        // migration disabled, so this program is its only writer meanwhile.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += bytes;
+        }
+    }
+}
+
+/// A pointer to `T` at `offset` into the packet, if the whole `T` lies before
+/// `data_end`: the bounds check the verifier demands before every packet read.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"MIT\0";

@@ -1,0 +1,314 @@
+//! Flow affinity across generations (`balance = "flow"` and `"cookie"`), with the
+//! stateful example worker: it counts datagrams per client, so a client that
+//! lands on another worker sees its count start over.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use supervisor_tests::{
+    PinDir, ServiceConfig, Supervisor, TempDir, TestNet, bin_path, require_root,
+};
+
+/// One reply of the stateful worker.
+#[derive(Clone, Copy, Debug)]
+struct Reply {
+    generation: u32,
+    worker: u16,
+    count: u64,
+    cookie: u16,
+}
+
+fn parse(reply: &[u8]) -> Option<Reply> {
+    if reply.len() < 34 {
+        return None;
+    }
+    Some(Reply {
+        generation: u32::from_le_bytes(reply[16..20].try_into().ok()?),
+        worker: u16::from_le_bytes(reply[20..22].try_into().ok()?),
+        count: u64::from_le_bytes(reply[24..32].try_into().ok()?),
+        cookie: u16::from_be_bytes(reply[32..34].try_into().ok()?),
+    })
+}
+
+/// What one client saw.
+#[derive(Debug, Default)]
+struct ClientLog {
+    replies: Vec<Reply>,
+    lost: u64,
+}
+
+impl ClientLog {
+    fn generations(&self) -> Vec<u32> {
+        let mut g: Vec<u32> = self.replies.iter().map(|r| r.generation).collect();
+        g.dedup();
+        g
+    }
+
+    /// Its state never reset: counts run 1, 2, 3, ... on one worker.
+    fn assert_state_kept(&self, who: &str) {
+        for (i, r) in self.replies.iter().enumerate() {
+            assert_eq!(
+                r.count,
+                i as u64 + 1,
+                "{who}: reply {i} has count {} (state reset: the client moved to another worker); replies: {:?}",
+                r.count,
+                self.replies
+            );
+        }
+    }
+}
+
+/// A client that sends `datagrams` requests, one every `interval`, each waiting
+/// for its reply; with `echo_cookie` it puts the cookie of the last reply into
+/// the next request, as a cookie-mode client (a QUIC client echoing its
+/// connection id) does. Stops early when `stop` is set.
+fn client(
+    target: SocketAddr,
+    datagrams: u64,
+    interval: Duration,
+    echo_cookie: bool,
+    stop: Arc<AtomicBool>,
+) -> ClientLog {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(target).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut log = ClientLog::default();
+    let mut cookie = 0u16;
+    let mut buf = [0u8; 128];
+    for sequence in 0..datagrams {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let mut request = [0u8; 16];
+        request[..2].copy_from_slice(&cookie.to_be_bytes());
+        request[8..].copy_from_slice(&sequence.to_le_bytes());
+        socket.send(&request).unwrap();
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let reply = parse(&buf[..n]).expect("a well-formed stateful reply");
+                if echo_cookie {
+                    cookie = reply.cookie;
+                }
+                log.replies.push(reply);
+            }
+            Err(_) => log.lost += 1,
+        }
+        thread::sleep(interval);
+    }
+    log
+}
+
+fn stateful_config(
+    net_name: &str,
+    balance: &str,
+    pins: &PinDir,
+    run: &TempDir,
+    extra: &str,
+) -> ServiceConfig {
+    let address: SocketAddr = "127.0.0.1:5400".parse().unwrap();
+    let mut config = ServiceConfig::new(
+        &format!("aff-{}", &net_name[net_name.len().saturating_sub(6)..]),
+        vec![bin_path("stateful-worker").to_string_lossy().into_owned()],
+        4,
+        address,
+        pins,
+        run.path(),
+    );
+    config.drain_timeout = Some(Duration::from_secs(30));
+    config.flow_idle = Some(Duration::from_secs(2));
+    config.extra_toml = format!("balance = \"{balance}\"\n{extra}");
+    config
+}
+
+/// Old clients keep talking across an upgrade; new clients start after it.
+fn clients_keep_their_generation(balance: &str) {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity");
+    let config = stateful_config(net.name(), balance, &pins, &run, "");
+    let target = config.address;
+    let echo_cookie = balance == "cookie";
+    let supervisor = Supervisor::start(&net, config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (old, new, upgrade) = net.run_in(|| {
+        thread::scope(|scope| {
+            // Six clients for ~3 s, one datagram every 20 ms: never idle for flow_idle (2 s).
+            let old: Vec<_> = (0..6)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || {
+                        client(target, 150, Duration::from_millis(20), echo_cookie, stop)
+                    })
+                })
+                .collect();
+            thread::sleep(Duration::from_millis(500));
+            let upgrade = scope.spawn(|| supervisor.upgrade());
+            // Wait until generation 2 serves, then start new clients.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while supervisor.serving_generation() != 2 {
+                assert!(Instant::now() < deadline, "generation 2 never served");
+                thread::sleep(Duration::from_millis(20));
+            }
+            let new: Vec<_> = (0..6)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || {
+                        client(target, 30, Duration::from_millis(20), echo_cookie, stop)
+                    })
+                })
+                .collect();
+            let old: Vec<ClientLog> = old.into_iter().map(|h| h.join().unwrap()).collect();
+            let new: Vec<ClientLog> = new.into_iter().map(|h| h.join().unwrap()).collect();
+            (old, new, upgrade.join().unwrap())
+        })
+    });
+
+    let stdout = String::from_utf8_lossy(&upgrade.stdout);
+    assert!(
+        upgrade.status.success(),
+        "upgrade failed: {stdout}\n{}",
+        String::from_utf8_lossy(&upgrade.stderr)
+    );
+    assert!(
+        stdout.contains("keeps its flows"),
+        "upgrade did not wait for the old generation's flows:\n{stdout}"
+    );
+    for (i, log) in old.iter().enumerate() {
+        assert_eq!(log.lost, 0, "old client {i} lost datagrams: {log:?}");
+        assert_eq!(
+            log.generations(),
+            vec![1],
+            "old client {i} left generation 1 while it was busy"
+        );
+        log.assert_state_kept(&format!("old client {i}"));
+    }
+    for (i, log) in new.iter().enumerate() {
+        assert_eq!(log.lost, 0, "new client {i} lost datagrams");
+        assert_eq!(
+            log.generations(),
+            vec![2],
+            "new client {i} did not land on the new generation"
+        );
+        log.assert_state_kept(&format!("new client {i}"));
+    }
+    let status = supervisor.status_json();
+    assert_eq!(
+        status["generations"].as_array().unwrap().len(),
+        1,
+        "generation 1 is gone after draining: {status}"
+    );
+    let flow = &status["selectors"][0]["flow"];
+    if balance == "flow" {
+        assert!(
+            flow["hits"].as_u64().unwrap() > 0 && flow["new_flows"].as_u64().unwrap() >= 12,
+            "{flow}"
+        );
+    } else {
+        assert!(flow["cookie_hits"].as_u64().unwrap() > 0, "{flow}");
+    }
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+#[test]
+fn flow_mode_keeps_clients_on_their_generation_across_an_upgrade() {
+    clients_keep_their_generation("flow");
+}
+
+#[test]
+fn cookie_mode_keeps_clients_on_their_generation_across_an_upgrade() {
+    clients_keep_their_generation("cookie");
+}
+
+/// More new sources than the flow table holds: the LRU table evicts the idle
+/// ones, the clients that keep talking stay where they are, and every datagram
+/// of the flood is still delivered (the selector never drops).
+#[test]
+fn flood_of_new_flows_does_not_evict_busy_ones() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-flood");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "flow_table_size = 1024");
+    let target = config.address;
+    let supervisor = Supervisor::start(&net, config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (busy, flood_answered, flood_sent) = net.run_in(|| {
+        thread::scope(|scope| {
+            let busy: Vec<_> = (0..4)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || client(target, 400, Duration::from_millis(5), false, stop))
+                })
+                .collect();
+            thread::sleep(Duration::from_millis(200));
+            // 6000 new sources (source ports), one datagram each: six times the table.
+            let mut answered = 0u64;
+            let mut sent = 0u64;
+            for _ in 0..60 {
+                let sockets: Vec<UdpSocket> = (0..100)
+                    .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                for socket in &sockets {
+                    socket
+                        .set_read_timeout(Some(Duration::from_secs(2)))
+                        .unwrap();
+                    socket.send_to(&[0u8; 16], target).unwrap();
+                    sent += 1;
+                }
+                let mut buf = [0u8; 64];
+                for socket in &sockets {
+                    if socket.recv(&mut buf).is_ok() {
+                        answered += 1;
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            let busy: Vec<ClientLog> = busy.into_iter().map(|h| h.join().unwrap()).collect();
+            (busy, answered, sent)
+        })
+    });
+    assert_eq!(
+        flood_answered, flood_sent,
+        "the selector must deliver every datagram of the flood"
+    );
+    for (i, log) in busy.iter().enumerate() {
+        assert_eq!(log.lost, 0, "busy client {i} lost datagrams");
+        log.assert_state_kept(&format!("busy client {i}"));
+    }
+    let status = supervisor.status_json();
+    let selector = &status["selectors"][0];
+    assert!(
+        selector["flow_table_entries"].as_u64().unwrap() <= 1024,
+        "{selector}"
+    );
+    // Ephemeral ports get reused across the flood's batches, so some of its
+    // "new" sources are known flows again: count both. More new flows than the
+    // table holds means the LRU evicted (idle ones, as the busy clients show).
+    let flow = &selector["flow"];
+    let (new_flows, hits) = (
+        flow["new_flows"].as_u64().unwrap(),
+        flow["hits"].as_u64().unwrap(),
+    );
+    assert!(new_flows + hits >= flood_sent, "{selector}");
+    assert!(
+        new_flows > 1024,
+        "the flood did not overflow the table: {selector}"
+    );
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

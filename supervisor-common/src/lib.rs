@@ -92,7 +92,12 @@ pub mod control_index {
     /// generation that no longer owns its slot is stale, even if the slot was
     /// reused and has a socket at the same index.
     pub const SLOT_GENERATION: u32 = 2;
-    pub const ENTRIES: u32 = SLOT_GENERATION + super::GENERATION_SLOTS;
+    /// Milliseconds of `CLOCK_MONOTONIC_COARSE`, stored by the supervisor every
+    /// [`CLOCK_TICK_MS`](super::CLOCK_TICK_MS). The flow table's idle clock: one
+    /// array read is several times cheaper per datagram than a time helper. 0 (no
+    /// supervisor ticking) makes the selector read the kernel's clock instead.
+    pub const CLOCK_MS: u32 = SLOT_GENERATION + super::GENERATION_SLOTS;
+    pub const ENTRIES: u32 = CLOCK_MS + 1;
 }
 
 /// Parameters of the flow and cookie modes, one `u64` word in `CONTROL`.
@@ -149,32 +154,33 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// `bpf_ktime_get_coarse_ns` at the last refresh. Refreshed at most every
+    /// `CONTROL[CLOCK_MS]` at the last refresh. Refreshed at most every
     /// `flow_idle / 4`, so a busy flow does not write its entry on every datagram.
-    pub last_seen_ns: u64,
+    pub last_seen_ms: u64,
     pub generation: u32,
     pub socket: u16,
     pub slot: u8,
     pub _pad: u8,
 }
 
+/// How often the supervisor advances `CONTROL[CLOCK_MS]`; flow idle times are
+/// measured at this resolution.
+pub const CLOCK_TICK_MS: u64 = 10;
+
 /// Default `flow_table_size`.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65536;
 
-/// Per-CPU counters of the flow and cookie stages.
+/// Per-CPU counters of the flow and cookie stages' slow paths. (Hits, the fast
+/// path, are `SocketCounters::affinity_hits`.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCounters {
-    /// Datagrams of a known flow delivered to its socket.
-    pub hits: u64,
     /// Flows seen for the first time (or again after expiring) and recorded.
     pub new_flows: u64,
     /// Known flows whose socket (or generation) was gone: sent to the working generation.
     pub socket_gone: u64,
     /// Known flows idle longer than `flow_idle`: sent to the working generation.
     pub expired: u64,
-    /// Datagrams whose cookie named a live socket.
-    pub cookie_hits: u64,
     /// Datagrams too short for a cookie, or whose cookie named no live socket.
     pub cookie_invalid: u64,
     /// Flows that could not be recorded (the table refused the insert).
@@ -237,12 +243,16 @@ impl Control {
 /// had left the group); the datagram then got the kernel's own choice.
 /// `fallback`: counted on socket 0 of a slot only: datagrams for which the slot had
 /// no socket array, so the kernel chose.
+/// `affinity_hits`: of `selected`, the datagrams of a known flow (`flow`) or with a
+/// valid cookie (`cookie`). Counted here, in the entry the selector writes
+/// anyway, so the hit path costs no second counter update.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketCounters {
     pub selected: u64,
     pub fallback: u64,
     pub errors: u64,
+    pub affinity_hits: u64,
 }
 
 /// Index of (slot, socket) in `COUNTERS`.
@@ -280,14 +290,20 @@ pub struct FlowCountersOut {
 }
 
 #[cfg(feature = "user")]
-impl From<FlowCounters> for FlowCountersOut {
-    fn from(c: FlowCounters) -> Self {
+impl FlowCountersOut {
+    /// `affinity_hits`: the sum of [`SocketCounters::affinity_hits`] over the live
+    /// generations, reported as flow or cookie hits depending on `mode`.
+    pub fn new(c: FlowCounters, affinity_hits: u64, mode: BalanceMode) -> Self {
+        let (hits, cookie_hits) = match mode {
+            BalanceMode::Cookie => (0, affinity_hits),
+            _ => (affinity_hits, 0),
+        };
         FlowCountersOut {
-            hits: c.hits,
+            hits,
             new_flows: c.new_flows,
             socket_gone: c.socket_gone,
             expired: c.expired,
-            cookie_hits: c.cookie_hits,
+            cookie_hits,
             cookie_invalid: c.cookie_invalid,
             insert_failed: c.insert_failed,
         }

@@ -89,20 +89,21 @@ fn select(ctx: &SkReuseportContext) {
     let slot = control.working_slot as u32 % GENERATION_SLOTS;
     match BalanceMode::from_u8(control.balance_mode) {
         Some(BalanceMode::Hash) => {
-            select_in(ctx, slot, ctx.hash() % sockets);
+            select_in(ctx, slot, ctx.hash() % sockets, false);
         }
         Some(BalanceMode::Flow) => select_flow(ctx, &control, slot),
         Some(BalanceMode::Cookie) => select_cookie(ctx, slot, sockets),
         // Random, and any mode this build does not know: spread evenly.
         _ => {
-            select_in(ctx, slot, random_below(sockets));
+            select_in(ctx, slot, random_below(sockets), false);
         }
     }
 }
 
 /// Selects socket `index` of the generation in `slot`; false if the kernel refused.
+/// `affinity_hit`: the datagram belongs to a known flow or carries a valid cookie.
 #[inline(always)]
-fn select_in(ctx: &SkReuseportContext, slot: u32, index: u32) -> bool {
+fn select_in(ctx: &SkReuseportContext, slot: u32, index: u32, affinity_hit: bool) -> bool {
     // Bounded for the verifier; callers already keep index below the socket count.
     let index = index % MAX_SOCKETS;
     let slot = slot % GENERATION_SLOTS;
@@ -112,7 +113,10 @@ fn select_in(ctx: &SkReuseportContext, slot: u32, index: u32) -> bool {
     };
     match sockarray.select_reuseport(ctx, index) {
         Ok(()) => {
-            count(slot, index, |c| c.selected += 1);
+            count(slot, index, |c| {
+                c.selected += 1;
+                c.affinity_hits += affinity_hit as u64;
+            });
             true
         }
         Err(_) => {
@@ -129,31 +133,32 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
     let sockets = control.socket_count as u32;
     let Some(key) = flow_key(ctx) else {
         // Not IPv4/IPv6 or unreadable: no key to stick to.
-        select_in(ctx, working_slot, random_below(sockets));
+        select_in(ctx, working_slot, random_below(sockets), false);
         return;
     };
     let settings = Settings::from_word(word(control_index::SETTINGS));
-    let idle_ns = settings.flow_idle_ms as u64 * 1_000_000;
-    // Coarse time (jiffies resolution) is enough for idle timeouts in seconds and
-    // cheaper than the precise clock.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let idle_ms = settings.flow_idle_ms as u64;
+    // The supervisor's clock word: an array read instead of a helper call.
+    let mut now = word(control_index::CLOCK_MS);
+    if now == 0 {
+        now = unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000;
+    }
 
     if let Some(entry) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: a pointer to the value of a successful lookup; LRU entries stay
         // valid for the program's run (RCU), and a concurrent refresh of
         // `last_seen_ns` by another CPU is a benign race on a timestamp.
         let known = unsafe { *entry };
-        let age = now.saturating_sub(known.last_seen_ns);
+        let age = now.saturating_sub(known.last_seen_ms);
         let slot = known.slot as u32 % GENERATION_SLOTS;
-        if age >= idle_ns {
+        if age >= idle_ms {
             flow_count(|c| c.expired += 1);
         } else if word(control_index::SLOT_GENERATION + slot) != known.generation as u64 {
             flow_count(|c| c.socket_gone += 1);
-        } else if select_in(ctx, slot, known.socket as u32) {
-            if age > idle_ns / 4 {
-                unsafe { (*entry).last_seen_ns = now };
+        } else if select_in(ctx, slot, known.socket as u32, true) {
+            if age > idle_ms / 4 {
+                unsafe { (*entry).last_seen_ms = now };
             }
-            flow_count(|c| c.hits += 1);
             return;
         } else {
             flow_count(|c| c.socket_gone += 1);
@@ -161,9 +166,9 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
     }
 
     let index = random_below(sockets);
-    if select_in(ctx, working_slot, index) {
+    if select_in(ctx, working_slot, index, false) {
         let entry = FlowEntry {
-            last_seen_ns: now,
+            last_seen_ms: now,
             generation: control.generation,
             socket: index as u16,
             slot: working_slot as u8,
@@ -190,13 +195,13 @@ fn select_cookie(ctx: &SkReuseportContext, working_slot: u32, sockets: u32) {
         let (generation_byte, socket) = parse_cookie(u16::from_be_bytes(cookie));
         let slot = generation_byte as u32 % GENERATION_SLOTS;
         let owner = word(control_index::SLOT_GENERATION + slot);
-        if owner != 0 && owner as u8 == generation_byte && select_in(ctx, slot, socket as u32) {
-            flow_count(|c| c.cookie_hits += 1);
+        if owner != 0 && owner as u8 == generation_byte && select_in(ctx, slot, socket as u32, true)
+        {
             return;
         }
     }
     flow_count(|c| c.cookie_invalid += 1);
-    select_in(ctx, working_slot, random_below(sockets));
+    select_in(ctx, working_slot, random_below(sockets), false);
 }
 
 /// The remote address and port of the datagram.

@@ -354,10 +354,10 @@ impl Config {
                     ),
                 );
             }
-            if listener.flow_idle < Duration::from_millis(10)
+            if listener.flow_idle < Duration::from_millis(100)
                 || listener.flow_idle.as_millis() > u128::from(u32::MAX)
             {
-                return bad(&key("flow_idle"), "must be between 10ms and 49 days".into());
+                return bad(&key("flow_idle"), "must be between 100ms and 49 days (idle time is measured in 10ms ticks)".into());
             }
             if !(16..=(1 << 24)).contains(&listener.flow_table_size) {
                 return bad(
@@ -440,7 +440,7 @@ address = "127.0.0.1:5300"
             .replace("workers", "wrokers")
             .replace("command =", "wrokers = 2\ncommand =");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.starts_with("svc.toml:5:"), "{err}");
+        assert!(err.starts_with("svc.toml:4:"), "{err}");
         assert!(err.contains("wrokers"), "{err}");
     }
 

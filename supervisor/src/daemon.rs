@@ -225,6 +225,8 @@ async fn event_loop(
     let mut sighup = signal(SignalKind::hangup())?;
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    let mut clock = tokio::time::interval(Duration::from_millis(supervisor_common::CLOCK_TICK_MS));
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let config_path = Arc::new(Mutex::new(config_path));
     let mut upgrades: Vec<JoinHandle<()>> = Vec::new();
     loop {
@@ -260,6 +262,11 @@ async fn event_loop(
                         tracing::warn!("control connection: {e:#}");
                     }
                 });
+            }
+            _ = clock.tick() => {
+                for dataplane in &shared.lock().unwrap().dataplanes {
+                    dataplane.tick_clock();
+                }
             }
             _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
                 systemd::watchdog();

@@ -9,6 +9,7 @@
 //! | `sys`       | every `unsafe` block and raw syscall |
 //! | `daemon`    | start-up, the event loop, shutdown |
 //! | `control`   | the CLI ↔ daemon socket |
+//! | `xdp`       | the XDP filter at the interface: attach/adopt via a pinned link, rulesets |
 pub mod bpffs;
 pub mod config;
 pub mod control;
@@ -23,3 +24,4 @@ pub mod sys;
 pub mod systemd;
 pub mod upgrade;
 pub mod worker;
+pub mod xdp;

@@ -145,6 +145,7 @@ impl ListenerDataplane {
         )
         .context("mapping the selector's control word")?;
         control.store(control_index::WORD, Control::NONE.to_word());
+        control.store(control_index::CLOCK_MS, monotonic_coarse_ms());
         Ok(ListenerDataplane {
             listener: listener.to_string(),
             dir: dir.to_path_buf(),
@@ -247,17 +248,19 @@ impl ListenerDataplane {
         Settings::from_word(self.control.load(control_index::SETTINGS))
     }
 
+    /// Advances the selector's clock word (see `control_index::CLOCK_MS`).
+    pub fn tick_clock(&self) {
+        self.control.store(control_index::CLOCK_MS, monotonic_coarse_ms());
+    }
+
     /// Flow-table entries per generation that are not idle yet.
     pub fn live_flows(&self) -> std::collections::BTreeMap<u32, u64> {
-        let idle_ns = u64::from(self.settings().flow_idle_ms) * 1_000_000;
-        // The selector stamps entries with CLOCK_MONOTONIC at jiffies resolution.
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-            .unwrap_or(0);
+        let idle_ms = u64::from(self.settings().flow_idle_ms);
+        let now = self.control.load(control_index::CLOCK_MS);
         let mut flows = std::collections::BTreeMap::new();
         for entry in self.flows.iter().flatten() {
             let (_, value) = entry;
-            if now.saturating_sub(value.last_seen_ns) < idle_ns {
+            if now.saturating_sub(value.last_seen_ms) < idle_ms {
                 *flows.entry(value.generation).or_insert(0) += 1;
             }
         }
@@ -270,11 +273,9 @@ impl ListenerDataplane {
             Ok(values) => values
                 .iter()
                 .fold(FlowCounters::default(), |sum, c| FlowCounters {
-                    hits: sum.hits + c.hits,
                     new_flows: sum.new_flows + c.new_flows,
                     socket_gone: sum.socket_gone + c.socket_gone,
                     expired: sum.expired + c.expired,
-                    cookie_hits: sum.cookie_hits + c.cookie_hits,
                     cookie_invalid: sum.cookie_invalid + c.cookie_invalid,
                     insert_failed: sum.insert_failed + c.insert_failed,
                 }),
@@ -311,6 +312,7 @@ impl ListenerDataplane {
                     selected: sum.selected + c.selected,
                     fallback: sum.fallback + c.fallback,
                     errors: sum.errors + c.errors,
+                    affinity_hits: sum.affinity_hits + c.affinity_hits,
                 }),
             Err(e) => {
                 tracing::warn!("reading counters: {e}");
@@ -327,6 +329,15 @@ impl ListenerDataplane {
             tracing::warn!("cannot remove {}: {e}", self.dir.display());
         }
     }
+}
+
+/// The clock the selector's flow table runs on, in milliseconds. Never 0 (0 means
+/// "not ticking" to the selector).
+fn monotonic_coarse_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+        .max(1)
 }
 
 fn map_data(map: &Map) -> &MapData {

@@ -65,6 +65,9 @@ pub struct SocketStatus {
     pub index: u32,
     pub worker: u32,
     pub selected: u64,
+    /// Of `selected`: datagrams of a known flow / with a valid cookie.
+    #[serde(default)]
+    pub affinity_hits: u64,
     pub errors: u64,
     pub fallback: u64,
     pub queue_bytes: u32,
@@ -126,6 +129,7 @@ pub fn collect(state: &State) -> Status {
                                     index: index as u32,
                                     worker: index as u32 / listener.sockets_per_worker,
                                     selected: counters.selected,
+                                    affinity_hits: counters.affinity_hits,
                                     errors: counters.errors,
                                     fallback: counters.fallback,
                                     queue_bytes: mem.queued_bytes,
@@ -156,7 +160,16 @@ pub fn collect(state: &State) -> Status {
     let selectors = state
         .dataplanes
         .iter()
-        .map(|dataplane| {
+        .enumerate()
+        .map(|(listener_index, dataplane)| {
+            // Hits live in the per-socket counters of each live generation.
+            let affinity_hits: u64 = state
+                .generations
+                .iter()
+                .filter_map(|g| g.listeners.get(listener_index).map(|l| (g.slot, l.sockets.len() as u32)))
+                .flat_map(|(slot, sockets)| (0..sockets).map(move |socket| (slot, socket)))
+                .map(|(slot, socket)| dataplane.counters(slot, socket).affinity_hits)
+                .sum();
             let working = dataplane.working();
             let (entries, capacity) = dataplane.flow_table_usage();
             SelectorStatus {
@@ -167,7 +180,12 @@ pub fn collect(state: &State) -> Status {
                     .unwrap_or_default(),
                 flow_table_entries: entries,
                 flow_table_size: capacity,
-                flow: dataplane.flow_counters().into(),
+                flow: supervisor_common::FlowCountersOut::new(
+                    dataplane.flow_counters(),
+                    affinity_hits,
+                    supervisor_common::BalanceMode::from_u8(working.balance_mode)
+                        .unwrap_or(supervisor_common::BalanceMode::Random),
+                ),
             }
         })
         .collect();

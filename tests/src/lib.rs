@@ -7,6 +7,7 @@
 //! Everything here panics on setup failure instead of returning errors: a test that
 //! cannot set up its environment must fail loudly, never skip silently.
 
+pub mod bench;
 pub mod echo;
 pub mod leaks;
 pub mod loadgen;

@@ -16,7 +16,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -45,10 +44,6 @@ pub struct LoadConfig {
     /// Receive buffer of each sending socket (SO_RCVBUFFORCE), so replies are not dropped
     /// at our end and counted as lost by the service.
     pub recv_buffer: usize,
-    /// Ends the sending early once set (checked before every batch): for runs whose
-    /// length is only known while they run, e.g. "until the last upgrade is done".
-    /// `count`/`duration` still bound the run if the flag is never set.
-    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl LoadConfig {
@@ -64,7 +59,6 @@ impl LoadConfig {
             max_batch: 64,
             grace: Duration::from_secs(1),
             recv_buffer: 16 << 20,
-            stop: None,
         }
     }
     pub fn senders(mut self, n: usize) -> Self {
@@ -101,11 +95,6 @@ impl LoadConfig {
     }
     pub fn recv_buffer(mut self, bytes: usize) -> Self {
         self.recv_buffer = bytes;
-        self
-    }
-    /// Stop sending when `flag` becomes true (see [`LoadConfig::stop`]).
-    pub fn stop_flag(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.stop = Some(flag);
         self
     }
 }

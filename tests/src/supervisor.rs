@@ -536,19 +536,26 @@ pub fn selected_total(status: &Value, generation: u32) -> u64 {
 /// are ignored; anything else besides the one error line fails, so a message that
 /// spills over several lines is caught.
 pub fn single_error_line(stderr: &str) -> String {
+    try_single_error_line(stderr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`single_error_line`] without the panic: `Err` says what is wrong with `stderr`.
+pub fn try_single_error_line(stderr: &str) -> Result<String, String> {
     let text: Vec<&str> = stderr
         .lines()
         .filter(|l| !l.trim().is_empty() && !is_log_line(l))
         .collect();
     let errors: Vec<&&str> = text.iter().filter(|l| l.starts_with("error:")).collect();
-    assert!(
-        errors.len() == 1 && text.len() == 1,
-        "expected exactly one line starting with `error:` (and nothing else but log \
-         lines) on stderr, got {} error lines and {} other lines:\n{stderr}",
-        errors.len(),
-        text.len() - errors.len()
-    );
-    errors[0].to_string()
+    if errors.len() == 1 && text.len() == 1 {
+        Ok(errors[0].to_string())
+    } else {
+        Err(format!(
+            "expected exactly one line starting with `error:` (and nothing else but log \
+             lines) on stderr, got {} error lines and {} other lines:\n{stderr}",
+            errors.len(),
+            text.len() - errors.len()
+        ))
+    }
 }
 
 /// A line of `tracing_subscriber::fmt` output: `2025-01-02T03:04:05.678Z  INFO ...`,

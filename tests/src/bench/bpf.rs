@@ -1,0 +1,190 @@
+//! Per-program cost from the kernel's BPF statistics, and a "no program" baseline on
+//! the very same sockets.
+//!
+//! With statistics enabled the kernel adds the run time of every program invocation to
+//! the program's `run_time_ns` and counts it in `run_cnt`; the delta of both over a
+//! measured burst of traffic is the honest per-datagram cost of the selector (no
+//! sampling, no instrumentation inside the program).
+//!
+//! There is no "empty program" floor: aya 0.14 only loads programs from ELF objects (it
+//! cannot assemble a two-instruction program), and this crate deliberately builds no
+//! kernel-side code of its own. The floor the benchmark reports instead is throughput
+//! with no program at all.
+
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use aya::programs::{ProgramInfo, loaded_programs};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
+};
+
+/// The selector's program name (`supervisor_common::program_names::SELECTOR`).
+pub const SELECTOR_NAME: &str = "select_socket";
+/// The selector's pin inside `<bpffs>/<service>/<listener>/`
+/// (`supervisor_common::pin_names::SELECTOR`).
+pub const SELECTOR_PIN: &str = "selector";
+
+/// A program's cumulative statistics at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgStats {
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+impl ProgStats {
+    /// What happened between `before` and `self`: (runs, ns per run).
+    pub fn since(&self, before: &ProgStats) -> (u64, Option<f64>) {
+        let runs = self.run_cnt.saturating_sub(before.run_cnt);
+        let ns = self.run_time_ns.saturating_sub(before.run_time_ns);
+        (runs, (runs > 0).then(|| ns as f64 / runs as f64))
+    }
+}
+
+/// Turns the kernel's BPF run-time statistics on for as long as the returned fd is open
+/// (`BPF_ENABLE_STATS`).
+///
+/// Used instead of writing `kernel.bpf_stats_enabled`: the kernel counts the holders and
+/// turns statistics off by itself when the last fd closes, even if this process is
+/// killed, so there is no sysctl to restore and a concurrent user of the sysctl is not
+/// disturbed. While the fd is open the sysctl reads 1.
+pub fn enable_stats() -> io::Result<OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(io::Error::other)
+}
+
+/// `kernel.bpf_stats_enabled` as it reads now.
+pub fn stats_sysctl() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The id of the selector program of one listener of a running supervisor.
+///
+/// First by its pin (`<pins>/<service>/<listener>/selector`), which names exactly this
+/// run's program; failing that (a changed pin layout), by the `prog_id:` lines of the
+/// supervisor's own fds in `/proc/<pid>/fdinfo`, keeping programs named
+/// [`SELECTOR_NAME`].
+pub fn find_selector(
+    pins: &Path,
+    service: &str,
+    listener: &str,
+    supervisor_pid: u32,
+) -> Result<u32, String> {
+    let pin: PathBuf = pins.join(service).join(listener).join(SELECTOR_PIN);
+    if let Ok(info) = ProgramInfo::from_pin(&pin)
+        && info.name_as_str() == Some(SELECTOR_NAME)
+    {
+        return Ok(info.id());
+    }
+    let mut ids = Vec::new();
+    let dir = format!("/proc/{supervisor_pid}/fdinfo");
+    for e in fs::read_dir(&dir)
+        .map_err(|e| format!("read {dir}: {e}"))?
+        .flatten()
+    {
+        let Ok(text) = fs::read_to_string(e.path()) else {
+            continue;
+        };
+        if let Some(id) = fdinfo_field(&text, "prog_id") {
+            ids.push(id as u32);
+        }
+    }
+    let found: Vec<u32> = loaded_programs()
+        .flatten()
+        .filter(|p| ids.contains(&p.id()) && p.name_as_str() == Some(SELECTOR_NAME))
+        .map(|p| p.id())
+        .collect();
+    match found.as_slice() {
+        [id] => Ok(*id),
+        [] => Err(format!(
+            "no program named {SELECTOR_NAME} at {} nor among the fds of pid {supervisor_pid}",
+            pin.display()
+        )),
+        many => Err(format!(
+            "{} programs named {SELECTOR_NAME} held by pid {supervisor_pid}: {many:?}",
+            many.len()
+        )),
+    }
+}
+
+/// Statistics of the loaded program with this id.
+pub fn prog_stats(id: u32) -> Result<ProgStats, String> {
+    loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .map(|p| ProgStats {
+            run_time_ns: p.run_time().as_nanos() as u64,
+            run_cnt: p.run_count(),
+        })
+        .ok_or_else(|| format!("program {id} is no longer loaded"))
+}
+
+fn fdinfo_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// Detaches the program of the `SO_REUSEPORT` group bound to `addr` (in the calling
+/// thread's network namespace): from then on the kernel picks sockets by its own 4-tuple
+/// hash, as if no program had ever been attached.
+///
+/// The program belongs to the group, not to a socket, so any member may detach it: a
+/// throw-away socket joins the group, detaches it, and leaves again. This lets the
+/// benchmark compare the very same supervisor sockets and workers with and without the
+/// selector. Do it before traffic starts: while it is a member, the kernel may hand the
+/// throw-away socket a datagram, which would then be lost.
+pub fn detach_group_program(addr: SocketAddr) -> io::Result<()> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    let value: libc::c_int = 0;
+    // SAFETY: plain setsockopt with an int argument on a socket we own.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(fd);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fdinfo_fields_parse() {
+        let text = "pos:\t0\nflags:\t02000002\nprog_type:\t21\nprog_id:\t42\nrun_time_ns:\t1234\nrun_cnt:\t10\n";
+        assert_eq!(fdinfo_field(text, "prog_id"), Some(42));
+        assert_eq!(fdinfo_field(text, "run_time_ns"), Some(1234));
+        assert_eq!(fdinfo_field(text, "run_cnt"), Some(10));
+        assert_eq!(fdinfo_field(text, "map_id"), None);
+        let a = ProgStats {
+            run_time_ns: 1000,
+            run_cnt: 10,
+        };
+        let b = ProgStats {
+            run_time_ns: 3000,
+            run_cnt: 30,
+        };
+        assert_eq!(b.since(&a), (20, Some(100.0)));
+        assert_eq!(a.since(&a), (0, None));
+    }
+}

@@ -1,0 +1,10 @@
+//! Building blocks of the benchmark (`src/bin/bench.rs`) and the demo
+//! (`src/bin/demo.rs`): BPF run-time statistics, hand-run baselines, /proc readings,
+//! upgrade phase lines, markdown tables, and cleanup on Ctrl-C.
+
+pub mod bpf;
+pub mod cleanup;
+pub mod handrun;
+pub mod phases;
+pub mod procfs;
+pub mod table;

@@ -1,0 +1,121 @@
+//! What /proc says about a process and the machine.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+/// Resident memory (VmRSS) in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// CPU time used so far (utime + stime of all threads), from /proc/PID/stat.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: the fields after
+    // it start behind the last ')'. utime and stime are fields 14 and 15.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(Duration::from_nanos(
+        (utime + stime) * 1_000_000_000 / clock_ticks(),
+    ))
+}
+
+/// CPU use of `pid` over a stretch of time: start it, do something, call `finish`.
+pub struct CpuMeter {
+    pid: u32,
+    cpu: Duration,
+    wall: Instant,
+}
+
+impl CpuMeter {
+    pub fn start(pid: u32) -> Option<CpuMeter> {
+        Some(CpuMeter {
+            pid,
+            cpu: cpu_time(pid)?,
+            wall: Instant::now(),
+        })
+    }
+
+    /// (CPU time used, wall time elapsed) since `start`.
+    pub fn finish(&self) -> Option<(Duration, Duration)> {
+        let cpu = cpu_time(self.pid)?.saturating_sub(self.cpu);
+        Some((cpu, self.wall.elapsed()))
+    }
+}
+
+/// Clock ticks per second: the resolution of [`cpu_time`].
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as u64 } else { 100 }
+}
+
+/// One line about the machine: CPUs, CPU model, kernel.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let uts = nix::sys::utsname::uname().ok();
+    let kernel = uts
+        .as_ref()
+        .map(|u| {
+            format!(
+                "{} {} {}",
+                u.sysname().to_string_lossy(),
+                u.release().to_string_lossy(),
+                u.machine().to_string_lossy()
+            )
+        })
+        .unwrap_or_else(|| "unknown kernel".into());
+    format!("{cpus} CPUs ({model}), {kernel}")
+}
+
+/// The git commit of the workspace, with `+dirty` when the tree has changes; `None`
+/// when git is not there.
+pub fn git_revision() -> Option<String> {
+    let root = crate::workspace_root();
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["describe", "--always", "--dirty=+dirty"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_readable() {
+        let me = std::process::id();
+        assert!(rss_kib(me).unwrap() > 0);
+        let meter = CpuMeter::start(me).unwrap();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(50) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        let (cpu, wall) = meter.finish().unwrap();
+        assert!(wall >= Duration::from_millis(50) && cpu <= wall + Duration::from_millis(20));
+        assert!(machine().contains("CPUs"));
+        assert!(clock_ticks() > 0);
+        std::hint::black_box(x);
+    }
+}

@@ -1,0 +1,1077 @@
+//! `bench`: the numbers a user of the supervisor would ask for, each next to the
+//! baseline it should be compared with, measured in the same run.
+//!
+//! Every measurement gets a fresh network namespace, pin directory and runtime
+//! directory (the test harness), so one cannot disturb the next. Prints markdown on
+//! stdout (progress goes to stderr); `--json FILE` also writes the raw figures.
+//! Run it as root through `scripts/bench.sh` (release build); `--quick` takes about a
+//! minute, the default three to five.
+//!
+//! Figures: spread of one sender over 4 workers; the selector's cost per datagram
+//! (kernel BPF statistics); throughput with and without the selector on the same
+//! sockets; loss across upgrades against the two ways of restarting a plain
+//! `SO_REUSEPORT` service by hand; upgrade timing; the supervisor's own footprint; and
+//! a hook for the XDP figures.
+
+use std::any::Any;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{Value, json};
+use supervisor_tests::bench::bpf;
+use supervisor_tests::bench::handrun::{HandWorker, NotifyListener};
+use supervisor_tests::bench::phases::{self, UpgradeTiming, median_max};
+use supervisor_tests::bench::procfs::{self, CpuMeter};
+use supervisor_tests::bench::table::{Table, ms, percent, thousands};
+use supervisor_tests::bench::cleanup;
+use supervisor_tests::plain::run_plain_baseline;
+use supervisor_tests::{
+    BackgroundLoad, Balance, LoadConfig, PinDir, Report, ServiceConfig, Supervisor, TempDir,
+    TestNet, bin_path, loadgen, output_with_timeout,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "Benchmark of the UDP upgrade supervisor against plain SO_REUSEPORT (run as root; markdown on stdout)."
+)]
+struct Args {
+    /// About one minute instead of three to five: fewer datagrams, shorter runs, fewer upgrades.
+    #[arg(long)]
+    quick: bool,
+    /// Also write every figure as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Datagrams per spread / selector-cost run [default: 1000000; --quick: 200000].
+    #[arg(long)]
+    spread_count: Option<u64>,
+    /// Send rate of the spread / selector-cost runs, datagrams/s [default: 100000].
+    #[arg(long)]
+    spread_rate: Option<u64>,
+    /// Seconds per throughput run (flat out) [default: 5; --quick: 2].
+    #[arg(long)]
+    throughput_secs: Option<f64>,
+    /// Upgrades (or hand restarts) per loss run [default: 10; --quick: 3].
+    #[arg(long)]
+    upgrades: Option<u32>,
+    /// Send rate during the upgrades, datagrams/s [default: 20000].
+    #[arg(long)]
+    upgrade_rate: Option<u64>,
+    /// Sending sockets (flows) during the upgrades [default: 4].
+    #[arg(long)]
+    upgrade_flows: Option<usize>,
+    /// Run only these figures: spread (with selector cost), throughput, upgrades (with
+    /// timing), footprint, xdp.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// Everything fixed for one run, resolved from the arguments.
+#[derive(Clone, Debug)]
+struct Plan {
+    quick: bool,
+    workers: u32,
+    spread_count: u64,
+    spread_rate: u64,
+    throughput: Duration,
+    upgrades: u32,
+    upgrade_rate: u64,
+    upgrade_flows: usize,
+    /// Pause between two upgrades (or hand restarts), so each one starts from a steady
+    /// state rather than from the tail of the previous one.
+    upgrade_gap: Duration,
+    footprint: Duration,
+    footprint_rate: u64,
+    only: Vec<String>,
+}
+
+impl Plan {
+    fn from(a: &Args) -> Plan {
+        let q = a.quick;
+        Plan {
+            quick: q,
+            workers: 4,
+            spread_count: a
+                .spread_count
+                .unwrap_or(if q { 200_000 } else { 1_000_000 }),
+            spread_rate: a.spread_rate.unwrap_or(100_000),
+            throughput: Duration::from_secs_f64(a.throughput_secs.unwrap_or(if q {
+                2.0
+            } else {
+                5.0
+            })),
+            upgrades: a.upgrades.unwrap_or(if q { 3 } else { 10 }),
+            upgrade_rate: a.upgrade_rate.unwrap_or(20_000),
+            upgrade_flows: a.upgrade_flows.unwrap_or(4),
+            upgrade_gap: Duration::from_millis(300),
+            footprint: Duration::from_secs(if q { 2 } else { 5 }),
+            footprint_rate: 50_000,
+            only: a.only.clone(),
+        }
+    }
+
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == figure)
+    }
+}
+
+const ADDR: &str = "127.0.0.1:5300";
+const SERVICE: &str = "echo";
+
+fn main() -> ExitCode {
+    cleanup::install_signal_cleanup("bench");
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "bench: error: run as root (network namespaces, eBPF, SO_RCVBUFFORCE): sudo ./scripts/bench.sh"
+        );
+        return ExitCode::from(2);
+    }
+    for o in &args.only {
+        if !["spread", "throughput", "upgrades", "footprint", "xdp"].contains(&o.as_str()) {
+            eprintln!(
+                "bench: error: unknown figure {o:?} for --only (spread, throughput, upgrades, footprint, xdp)"
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let plan = Plan::from(&args);
+    // Measurement failures are caught per figure (and reported in the table); a panic
+    // that still gets here has unwound through the harness' drops. Whatever might be
+    // left is swept up by name.
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run(&plan)));
+    for l in cleanup::remove_own_leftovers() {
+        eprintln!("bench: cleanup: {l}");
+    }
+    let (markdown, json) = match result {
+        Ok(r) => r,
+        Err(p) => {
+            eprintln!("bench: failed: {}", panic_text(&*p));
+            return ExitCode::from(1);
+        }
+    };
+    print!("{markdown}");
+    if let Some(path) = &args.json {
+        match std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default()) {
+            Ok(()) => eprintln!("bench: wrote {}", path.display()),
+            Err(e) => {
+                eprintln!("bench: error: write {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// One figure's output.
+struct Section {
+    title: String,
+    intro: Vec<String>,
+    tables: Vec<Table>,
+    notes: Vec<String>,
+    json: Value,
+}
+
+impl Section {
+    fn new(title: impl Into<String>) -> Section {
+        Section {
+            title: title.into(),
+            intro: Vec::new(),
+            tables: Vec::new(),
+            notes: Vec::new(),
+            json: json!({}),
+        }
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "## {}\n", self.title);
+        for l in &self.intro {
+            let _ = writeln!(out, "{l}");
+        }
+        if !self.intro.is_empty() {
+            out.push('\n');
+        }
+        for t in &self.tables {
+            out.push_str(&t.render());
+            out.push('\n');
+        }
+        for n in &self.notes {
+            let _ = writeln!(out, "- {n}");
+        }
+        if !self.notes.is_empty() {
+            out.push('\n');
+        }
+    }
+}
+
+fn run(plan: &Plan) -> (String, Value) {
+    let started = Instant::now();
+    let addr: SocketAddr = ADDR.parse().expect("valid address");
+    let machine = procfs::machine();
+    let rev = procfs::git_revision().unwrap_or_else(|| "unknown".into());
+    let sysctl_before = bpf::stats_sysctl();
+    eprintln!("bench: {machine}");
+
+    let mut sections = Vec::new();
+    if plan.wants("spread") {
+        let (spread, cost) = spread_and_cost(plan, addr);
+        sections.push(spread);
+        sections.push(cost);
+    }
+    if plan.wants("throughput") {
+        sections.push(throughput(plan, addr));
+    }
+    if plan.wants("upgrades") {
+        let (loss, timing) = upgrades(plan, addr);
+        sections.push(loss);
+        sections.push(timing);
+    }
+    if plan.wants("footprint") {
+        sections.push(footprint(plan, addr));
+    }
+    if plan.wants("xdp") {
+        sections.push(xdp(plan, addr));
+    }
+    let sysctl_after = bpf::stats_sysctl();
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# udp-supervisor benchmark\n");
+    let _ = writeln!(md, "- machine: {machine}");
+    let _ = writeln!(md, "- build: release, git {rev}");
+    let _ = writeln!(
+        md,
+        "- run: {}, {:.0} s in all; every figure and its baseline measured in this run, each in a fresh network namespace",
+        if plan.quick { "--quick" } else { "full" },
+        started.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        md,
+        "- kernel.bpf_stats_enabled: {} before, {} after (statistics were on only during the cost runs, through a BPF_ENABLE_STATS fd)\n",
+        sysctl_before.as_deref().unwrap_or("?"),
+        sysctl_after.as_deref().unwrap_or("?"),
+    );
+    for s in &sections {
+        s.render(&mut md);
+    }
+    let json = json!({
+        "machine": machine,
+        "git": rev,
+        "quick": plan.quick,
+        "seconds": started.elapsed().as_secs_f64(),
+        "bpf_stats_enabled": {"before": sysctl_before, "after": sysctl_after},
+        "figures": sections.iter().map(|s| json!({"title": s.title, "data": s.json})).collect::<Vec<_>>(),
+    });
+    (md, json)
+}
+
+// ---------------------------------------------------------------------------------
+// Plumbing
+
+fn panic_text(p: &(dyn Any + Send)) -> String {
+    let text = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into());
+    // The harness' messages carry the daemon's whole log; a table cell wants one line.
+    text.lines().next().unwrap_or("").chars().take(200).collect()
+}
+
+/// Runs one measurement, reporting progress on stderr; a panic (a harness setup
+/// failure, a supervisor that would not start) becomes `Err` with its first line, so
+/// the other figures still get measured.
+fn measure<T>(label: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    eprint!("bench: {label} ... ");
+    let t = Instant::now();
+    let r = std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_text(&*p));
+    match &r {
+        Ok(_) => eprintln!("{:.1} s", t.elapsed().as_secs_f64()),
+        Err(e) => eprintln!("FAILED: {e}"),
+    }
+    r
+}
+
+/// A fresh namespace, pin directory and runtime directory, and a supervisor in them.
+struct Stage {
+    net: TestNet,
+    pins: PinDir,
+    runtime: TempDir,
+}
+
+impl Stage {
+    fn new() -> Stage {
+        Stage {
+            net: TestNet::new(),
+            pins: PinDir::new(),
+            runtime: TempDir::new("sup-run"),
+        }
+    }
+
+    /// The echo service with `workers` workers and balance mode `mode`.
+    fn config(&self, addr: SocketAddr, workers: u32, mode: &str) -> ServiceConfig {
+        service_config(addr, workers, mode, &self.pins, &self.runtime)
+    }
+}
+
+fn service_config(
+    addr: SocketAddr,
+    workers: u32,
+    mode: &str,
+    pins: &PinDir,
+    runtime: &TempDir,
+) -> ServiceConfig {
+    let cfg = ServiceConfig::echo(workers, addr, pins, runtime.path());
+    match mode {
+        "random" => cfg.balance(Balance::Random),
+        "hash" => cfg.balance(Balance::Hash),
+        "flow" => cfg.balance(Balance::Flow),
+        other => {
+            // Modes the harness has no enum value for: the raw key. `extra_toml` is
+            // appended right after the `[[listen]]` table, so this key belongs to it.
+            let mut cfg = cfg;
+            cfg.extra_toml = format!("balance = \"{other}\"");
+            cfg
+        }
+    }
+}
+
+/// Whether the supervisor accepts a config, asked without a daemon: `supervisor status`
+/// parses and validates the whole file before it tries to reach the daemon, so an
+/// accepted file fails with "cannot reach the supervisor" and a refused one with the
+/// reason naming the file.
+fn config_accepted(cfg: &ServiceConfig) -> Result<(), String> {
+    let dir = TempDir::new("sup-probe");
+    let path = dir.path().join("probe.toml");
+    std::fs::write(&path, cfg.to_toml()).map_err(|e| e.to_string())?;
+    let out = output_with_timeout(
+        Command::new(bin_path("supervisor"))
+            .args(["status", "--config"])
+            .arg(&path),
+        Duration::from_secs(10),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("cannot reach the supervisor") {
+        Ok(())
+    } else {
+        Err(err
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or(err.trim())
+            .replace(&path.display().to_string(), "config")
+            .to_string())
+    }
+}
+
+/// The balance modes this supervisor build accepts, in a fixed order.
+fn supported_modes(addr: SocketAddr) -> (Vec<&'static str>, Vec<(&'static str, String)>) {
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let mut yes = Vec::new();
+    let mut no = Vec::new();
+    for mode in ["random", "hash", "flow", "cookie"] {
+        match config_accepted(&service_config(addr, 4, mode, &pins, &runtime)) {
+            Ok(()) => yes.push(mode),
+            Err(e) => no.push((mode, e)),
+        }
+    }
+    (yes, no)
+}
+
+/// Replies of generation `generation` per worker index `0..workers`.
+fn replies_per_worker(r: &Report, generation: u32, workers: u32) -> Vec<u64> {
+    (0..workers as u16)
+        .map(|w| r.per_worker.get(&(generation, w)).copied().unwrap_or(0))
+        .collect()
+}
+
+/// (max share, min share, max/min) of per-worker counts.
+fn shares(counts: &[u64]) -> (f64, f64, f64) {
+    let total = counts.iter().sum::<u64>().max(1) as f64;
+    let max = counts.iter().copied().max().unwrap_or(0) as f64;
+    let min = counts.iter().copied().min().unwrap_or(0) as f64;
+    let ratio = if min == 0.0 { f64::INFINITY } else { max / min };
+    (max / total, min / total, ratio)
+}
+
+fn fmt_ratio(r: f64, counts: &[u64]) -> String {
+    if r.is_finite() {
+        format!("{r:.3}")
+    } else {
+        let idle = counts.iter().filter(|&&c| c == 0).count();
+        format!("∞ ({idle} of {} got nothing)", counts.len())
+    }
+}
+
+fn pct(f: f64) -> String {
+    format!("{:.2}%", f * 100.0)
+}
+
+fn selected_per_socket(status: &Value, generation: u32) -> Vec<u64> {
+    status["generations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| g["generation"] == generation)
+        .flat_map(|g| g["listeners"].as_array().into_iter().flatten())
+        .flat_map(|l| l["sockets"].as_array().into_iter().flatten())
+        .map(|s| s["selected"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------
+// Spread and selector cost
+
+struct SpreadRun {
+    counts: Vec<u64>,
+    report: Report,
+    cost: Option<(u64, Option<f64>)>,
+    cost_error: Option<String>,
+    selected: Vec<u64>,
+}
+
+fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
+    let (modes, refused) = supported_modes(addr);
+    let n = plan.spread_count;
+    let rate = plan.spread_rate;
+    let mut spread = Section::new(format!(
+        "Spread: one sender (one 4-tuple), {} workers, {} datagrams at {}/s",
+        plan.workers,
+        thousands(n),
+        thousands(rate)
+    ));
+    spread.intro.push(
+        "Share of the replies each worker sent (max and min over the workers; 25% each is even). \
+         The selector's per-socket `selected` counters agree with the replies unless noted."
+            .into(),
+    );
+    let mut cost = Section::new("Selector cost per datagram (kernel BPF statistics)");
+    cost.intro.push(format!(
+        "`run_time_ns / run_cnt` of this run's `{}` program (found by its pin), as deltas over the spread runs above; \
+         BPF statistics add two clock reads per run, which are included.",
+        bpf::SELECTOR_NAME
+    ));
+    let mut st = Table::new(&[
+        "distribution",
+        ">max share",
+        ">min share",
+        ">max/min",
+        ">sent",
+        ">lost",
+    ]);
+    let mut ct = Table::new(&[
+        "program",
+        "balance",
+        ">runs counted",
+        ">datagrams sent",
+        ">ns per datagram",
+    ]);
+    let mut sj = Vec::new();
+    let mut cj = Vec::new();
+
+    for &mode in &modes {
+        let r = measure(&format!("spread + selector cost, balance={mode}"), || {
+            let stage = Stage::new();
+            let mut sup = Supervisor::start(&stage.net, stage.config(addr, plan.workers, mode));
+            let generation = sup.serving_generation();
+            let pid = sup.pid().expect("running");
+            let id = bpf::find_selector(stage.pins.path(), SERVICE, SERVICE, pid);
+            let stats_fd = bpf::enable_stats();
+            let before = id.as_ref().ok().and_then(|&i| bpf::prog_stats(i).ok());
+            let report = stage
+                .net
+                .run_in(|| loadgen::run(&LoadConfig::new(addr).count(n).rate(rate)))
+                .expect("load generator");
+            let after = id.as_ref().ok().and_then(|&i| bpf::prog_stats(i).ok());
+            drop(stats_fd);
+            let status = sup.status_json();
+            sup.stop();
+            let (cost, cost_error) = match (&id, before, after) {
+                (Ok(_), Some(b), Some(a)) => (Some(a.since(&b)), None),
+                (Err(e), ..) => (None, Some(e.clone())),
+                _ => (None, Some("program statistics unreadable".into())),
+            };
+            SpreadRun {
+                counts: replies_per_worker(&report, generation, plan.workers),
+                selected: selected_per_socket(&status, generation),
+                report,
+                cost,
+                cost_error,
+            }
+        });
+        match r {
+            Ok(run) => {
+                let (max, min, ratio) = shares(&run.counts);
+                let mut label = format!("supervisor, balance = {mode}");
+                if mode == "cookie" {
+                    label += " (payload carries no cookie)";
+                }
+                let sel_total: u64 = run.selected.iter().sum();
+                if sel_total > 0 {
+                    let (smax, smin, _) = shares(&run.selected);
+                    if (smax - max).abs() > 0.01 || (smin - min).abs() > 0.01 {
+                        spread.notes.push(format!(
+                            "balance = {mode}: the selector's counters say max {} / min {} (replies differ when datagrams are lost)",
+                            pct(smax),
+                            pct(smin)
+                        ));
+                    }
+                }
+                st.row([
+                    label,
+                    pct(max),
+                    pct(min),
+                    fmt_ratio(ratio, &run.counts),
+                    thousands(run.report.sent),
+                    thousands(run.report.lost),
+                ]);
+                sj.push(json!({"distribution": format!("supervisor/{mode}"), "per_worker": run.counts,
+                    "selected_per_socket": run.selected, "report": run.report.to_json()}));
+                let (runs, ns) = run.cost.unwrap_or((0, None));
+                ct.row([
+                    format!("`{}`", bpf::SELECTOR_NAME),
+                    mode.to_string(),
+                    thousands(runs),
+                    thousands(run.report.sent),
+                    match (ns, &run.cost_error) {
+                        (Some(ns), _) => format!("{ns:.1}"),
+                        (None, Some(e)) => format!("not measured: {e}"),
+                        (None, None) => "no runs counted".into(),
+                    },
+                ]);
+                cj.push(json!({"balance": mode, "runs": runs, "ns_per_run": ns,
+                    "sent": run.report.sent, "error": run.cost_error}));
+            }
+            Err(e) => {
+                st.row([
+                    format!("supervisor, balance = {mode}"),
+                    format!("failed: {e}"),
+                ]);
+                ct.row([
+                    format!("`{}`", bpf::SELECTOR_NAME),
+                    mode.to_string(),
+                    format!("failed: {e}"),
+                ]);
+                sj.push(json!({"distribution": format!("supervisor/{mode}"), "error": e}));
+            }
+        }
+    }
+
+    let r = measure("spread, plain SO_REUSEPORT (no program)", || {
+        let net = TestNet::new();
+        run_plain_baseline(&net, addr, plan.workers as usize, n, rate)
+    });
+    match r {
+        Ok((counts, report)) => {
+            let (max, min, ratio) = shares(&counts);
+            st.row([
+                format!("plain SO_REUSEPORT, {} sockets, no program", plan.workers),
+                pct(max),
+                pct(min),
+                fmt_ratio(ratio, &counts),
+                thousands(report.sent),
+                thousands(report.lost),
+            ]);
+            sj.push(json!({"distribution": "plain", "per_socket": counts, "report": report.to_json()}));
+        }
+        Err(e) => {
+            st.row([
+                "plain SO_REUSEPORT, no program".to_string(),
+                format!("failed: {e}"),
+            ]);
+        }
+    }
+    ct.row([
+        "no program (plain SO_REUSEPORT)".to_string(),
+        "kernel 4-tuple hash".into(),
+        "-".into(),
+        "-".into(),
+        "0 (nothing runs)".into(),
+    ]);
+    for (mode, why) in &refused {
+        spread.notes.push(format!(
+            "balance = {mode}: not measured, this supervisor refuses it ({why})"
+        ));
+    }
+    cost.notes.push(
+        "No empty-program floor: aya 0.14 cannot load a program without an ELF object, and the benchmark builds no \
+         kernel-side code of its own. The throughput figure below compares with no program at all."
+            .into(),
+    );
+    if modes.contains(&"cookie") {
+        cost.notes.push(
+            "cookie: the load generator's payload starts with a sequence number, not a cookie, so nearly every datagram \
+             takes the miss path (read 2 payload bytes, look up the slot, then random)."
+                .into(),
+        );
+    }
+    if modes.contains(&"flow") {
+        cost.notes.push(
+            "flow: one sender is one flow, so after the first datagram every run is an LRU hit (the cheap path)."
+                .into(),
+        );
+    }
+    spread.tables.push(st);
+    cost.tables.push(ct);
+    spread.json = json!(sj);
+    cost.json = json!(cj);
+    (spread, cost)
+}
+
+// ---------------------------------------------------------------------------------
+// Throughput
+
+fn throughput(plan: &Plan, addr: SocketAddr) -> Section {
+    let secs = plan.throughput;
+    let mut s = Section::new(format!(
+        "Throughput: flat out for {:.0} s, {} workers (echo-worker processes under the supervisor)",
+        secs.as_secs_f64(),
+        plan.workers
+    ));
+    s.intro.push(
+        "Received/s = distinct datagrams answered per second of sending. \"No program\" is the same supervisor, \
+         sockets and workers with the selector detached from the reuseport group before the traffic \
+         (the kernel then picks by 4-tuple hash): the difference is the selector alone."
+            .into(),
+    );
+    let mut t = Table::new(&[
+        "sockets",
+        ">flows",
+        ">sent/s",
+        ">received/s",
+        ">lost",
+        ">loss",
+        "workers answering",
+    ]);
+    let mut j = Vec::new();
+    for flows in [1usize, 4] {
+        for with_selector in [true, false] {
+            let label = if with_selector {
+                "selector, balance = random"
+            } else {
+                "same sockets, no program"
+            };
+            let r = measure(&format!("throughput, {label}, {flows} flow(s)"), || {
+                let stage = Stage::new();
+                let mut sup =
+                    Supervisor::start(&stage.net, stage.config(addr, plan.workers, "random"));
+                let generation = sup.serving_generation();
+                if !with_selector {
+                    stage
+                        .net
+                        .run_in(|| bpf::detach_group_program(addr))
+                        .expect("detach the selector from the reuseport group");
+                }
+                let report = stage
+                    .net
+                    .run_in(|| {
+                        loadgen::run(
+                            &LoadConfig::new(addr)
+                                .senders(flows)
+                                .duration(secs)
+                                .flat_out(),
+                        )
+                    })
+                    .expect("load generator");
+                let selected: u64 = selected_per_socket(&sup.status_json(), generation)
+                    .iter()
+                    .sum();
+                sup.stop();
+                (report, selected, generation)
+            });
+            match r {
+                Ok((report, selected, generation)) => {
+                    let d = report.duration.as_secs_f64().max(1e-9);
+                    let answering = replies_per_worker(&report, generation, plan.workers)
+                        .iter()
+                        .filter(|&&c| c > 0)
+                        .count();
+                    t.row([
+                        label.to_string(),
+                        flows.to_string(),
+                        thousands((report.sent as f64 / d) as u64),
+                        thousands((report.received as f64 / d) as u64),
+                        thousands(report.lost),
+                        percent(report.lost, report.sent),
+                        format!("{answering} of {}", plan.workers),
+                    ]);
+                    if !with_selector && selected > 0 {
+                        s.notes.push(format!(
+                            "{flows} flow(s), no program: the selector still counted {selected} selections, so the detach did not take"
+                        ));
+                    }
+                    j.push(json!({"sockets": label, "flows": flows, "selector": with_selector,
+                        "sent_per_s": report.sent as f64 / d, "received_per_s": report.received as f64 / d,
+                        "selector_selected": selected, "report": report.to_json()}));
+                }
+                Err(e) => {
+                    t.row([label.to_string(), flows.to_string(), format!("failed: {e}")]);
+                }
+            }
+        }
+    }
+    s.notes.push(format!(
+        "The load generator, the {} workers and the kernel share this machine's CPUs, so these are end-to-end figures of \
+         the whole box, not of the selector alone (its own cost is in the table above).",
+        plan.workers
+    ));
+    s.tables.push(t);
+    s.json = json!(j);
+    s
+}
+
+// ---------------------------------------------------------------------------------
+// Loss across upgrades, and upgrade timing
+
+struct LossRun {
+    report: Report,
+    /// Upgrades (or restarts) that completed.
+    done: u32,
+    failures: Vec<String>,
+    timings: Vec<UpgradeTiming>,
+    /// Wall time of each `supervisor upgrade` call / hand restart.
+    walls: Vec<Duration>,
+    cpu: Option<(Duration, Duration)>,
+    rss_kib: Option<(u64, u64)>,
+}
+
+fn load_cfg(plan: &Plan, addr: SocketAddr) -> LoadConfig {
+    LoadConfig::new(addr)
+        .senders(plan.upgrade_flows)
+        .rate(plan.upgrade_rate)
+}
+
+fn upgrades_supervisor(plan: &Plan, addr: SocketAddr) -> LossRun {
+    let stage = Stage::new();
+    let mut sup = Supervisor::start(&stage.net, stage.config(addr, plan.workers, "random"));
+    let pid = sup.pid().expect("running");
+    let rss_before = procfs::rss_kib(pid);
+    let meter = CpuMeter::start(pid);
+    let load = BackgroundLoad::start(&stage.net, load_cfg(plan, addr));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut run = LossRun {
+        report: Report::default(),
+        done: 0,
+        failures: Vec::new(),
+        timings: Vec::new(),
+        walls: Vec::new(),
+        cpu: None,
+        rss_kib: None,
+    };
+    for i in 0..plan.upgrades {
+        let t = Instant::now();
+        let out = sup.upgrade();
+        run.walls.push(t.elapsed());
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() {
+            run.done += 1;
+            run.timings.push(phases::timing(&phases::parse(&stdout)));
+        } else {
+            run.failures.push(format!(
+                "upgrade {}: {}",
+                i + 1,
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .find(|l| l.starts_with("error:"))
+                    .unwrap_or("failed")
+            ));
+        }
+        std::thread::sleep(plan.upgrade_gap);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    run.report = load.finish();
+    run.cpu = meter.and_then(|m| m.finish());
+    run.rss_kib = rss_before.zip(procfs::rss_kib(pid));
+    sup.stop();
+    run
+}
+
+/// The two hand-run baselines: `stop_first` = stop-then-start, else
+/// start-new-then-stop-old.
+fn upgrades_by_hand(plan: &Plan, addr: SocketAddr, stop_first: bool) -> LossRun {
+    let net = TestNet::new();
+    let notify = NotifyListener::new(&net);
+    let ready = Duration::from_secs(10);
+    let start = |net: &TestNet| {
+        let w = HandWorker::spawn(net, addr, &notify);
+        notify
+            .wait_ready(w.pid(), ready)
+            .unwrap_or_else(|e| panic!("echo-worker --bind {addr}: {e}"));
+        w
+    };
+    let mut worker = start(&net);
+    let load = BackgroundLoad::start(&net, load_cfg(plan, addr));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut walls = Vec::new();
+    let kill_after = Duration::from_secs(5);
+    for _ in 0..plan.upgrades {
+        let t = Instant::now();
+        if stop_first {
+            worker.terminate(kill_after);
+            worker = start(&net);
+        } else {
+            let new = start(&net);
+            worker.terminate(kill_after);
+            worker = new;
+        }
+        walls.push(t.elapsed());
+        std::thread::sleep(plan.upgrade_gap);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let report = load.finish();
+    drop(worker);
+    LossRun {
+        report,
+        done: plan.upgrades,
+        failures: Vec::new(),
+        timings: Vec::new(),
+        walls,
+        cpu: None,
+        rss_kib: None,
+    }
+}
+
+fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
+    let mut loss = Section::new(format!(
+        "Loss across {} upgrades at {}/s ({} flows)",
+        plan.upgrades,
+        thousands(plan.upgrade_rate),
+        plan.upgrade_flows
+    ));
+    loss.intro.push(format!(
+        "Steady traffic while the service is replaced {} times ({} ms apart). Baselines: `echo-worker --bind {ADDR}` run by hand \
+         on a plain SO_REUSEPORT socket, no eBPF, exiting at once on SIGTERM like most services.",
+        plan.upgrades,
+        plan.upgrade_gap.as_millis()
+    ));
+    let mut t = Table::new(&[
+        "method",
+        ">sent",
+        ">lost",
+        ">loss",
+        ">duplicated",
+        ">ICMP refused",
+        ">time per replacement (median)",
+    ]);
+    let mut j = Vec::new();
+    let mut sup_run = None;
+    let methods: [(&str, u8); 3] = [
+        ("supervisor upgrade (4 workers, balance = random)", 0),
+        ("stop-then-start: SIGTERM old, start new", 1),
+        (
+            "start-new-then-stop-old: start new, wait READY=1, SIGTERM old",
+            2,
+        ),
+    ];
+    for (label, which) in methods {
+        let r = measure(&format!("loss across upgrades: {label}"), || match which {
+            0 => upgrades_supervisor(plan, addr),
+            1 => upgrades_by_hand(plan, addr, true),
+            _ => upgrades_by_hand(plan, addr, false),
+        });
+        match r {
+            Ok(run) => {
+                let median = median_max(&run.walls).map(|(m, _)| ms(m)).unwrap_or_default();
+                let mut label = label.to_string();
+                if run.done < plan.upgrades {
+                    label += &format!(" ({} of {} succeeded)", run.done, plan.upgrades);
+                }
+                t.row([
+                    label.clone(),
+                    thousands(run.report.sent),
+                    thousands(run.report.lost),
+                    percent(run.report.lost, run.report.sent),
+                    thousands(run.report.duplicated),
+                    thousands(run.report.refused),
+                    median,
+                ]);
+                for f in &run.failures {
+                    loss.notes.push(f.clone());
+                }
+                j.push(json!({"method": label, "replacements": run.done, "report": run.report.to_json(),
+                    "wall_ms": run.walls.iter().map(|w| w.as_secs_f64() * 1000.0).collect::<Vec<_>>()}));
+                if which == 0 {
+                    sup_run = Some(run);
+                }
+            }
+            Err(e) => {
+                t.row([label.to_string(), format!("failed: {e}")]);
+            }
+        }
+    }
+    loss.notes.push(
+        "ICMP refused: sends that got \"connection refused\" back, i.e. moments when nothing was bound to the port."
+            .into(),
+    );
+    loss.tables.push(t);
+    loss.json = json!(j);
+
+    let mut timing = Section::new(format!(
+        "Upgrade timing ({} upgrades under {}/s)",
+        plan.upgrades,
+        thousands(plan.upgrade_rate)
+    ));
+    timing.intro.push(
+        "From the phase lines of `supervisor upgrade` (times counted by the daemon from the request). \
+         The old generation is gone once its queues are empty, its workers (drain signal, then 200 ms idle read \
+         deadline of echo-worker) have exited and its sockets are closed."
+            .into(),
+    );
+    let mut tt = Table::new(&["interval", ">median", ">max", ">upgrades"]);
+    let mut tj = json!({});
+    if let Some(run) = &sup_run {
+        let flips: Vec<Duration> = run.timings.iter().filter_map(|t| t.flip).collect();
+        let gones: Vec<Duration> = run.timings.iter().filter_map(|t| t.gone).collect();
+        let drains: Vec<Duration> = run
+            .timings
+            .iter()
+            .filter_map(|t| Some(t.gone?.saturating_sub(t.flip?)))
+            .collect();
+        for (label, v) in [
+            ("request → flip (new generation receives)", &flips),
+            ("flip → old generation gone", &drains),
+            ("request → old generation gone", &gones),
+            ("`supervisor upgrade` command, wall time", &run.walls),
+        ] {
+            match median_max(v) {
+                Some((m, x)) => tt.row([label.to_string(), ms(m), ms(x), v.len().to_string()]),
+                None => tt.row([label.to_string(), "-".into(), "-".into(), "0".into()]),
+            };
+        }
+        let list = |v: &Vec<Duration>| v.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>();
+        tj = json!({"flip_ms": list(&flips), "gone_ms": list(&gones), "drain_ms": list(&drains), "wall_ms": list(&run.walls),
+            "supervisor_cpu_ms": run.cpu.map(|(c, _)| c.as_secs_f64() * 1000.0),
+            "supervisor_rss_kib_before_after": run.rss_kib});
+        if let (Some((cpu, wall)), Some((before, after))) = (run.cpu, run.rss_kib) {
+            timing.notes.push(format!(
+                "the supervisor used {:.0} ms of CPU over these {:.1} s ({} upgrades); its RSS went from {} KiB to {} KiB",
+                cpu.as_secs_f64() * 1000.0,
+                wall.as_secs_f64(),
+                run.done,
+                thousands(before),
+                thousands(after)
+            ));
+        }
+    } else {
+        tt.row(["not measured (the supervisor run failed)"]);
+    }
+    timing.tables.push(tt);
+    timing.json = tj;
+    (loss, timing)
+}
+
+// ---------------------------------------------------------------------------------
+// Footprint
+
+fn footprint(plan: &Plan, addr: SocketAddr) -> Section {
+    let mut s = Section::new(format!(
+        "Footprint of the supervisor process ({} workers not included)",
+        plan.workers
+    ));
+    s.intro.push(format!(
+        "VmRSS from /proc/PID/status; CPU = utime + stime from /proc/PID/stat over the interval (resolution {} ms). \
+         Datagrams never pass through the supervisor: the kernel hands them to the workers' sockets.",
+        1000 / procfs::clock_ticks()
+    ));
+    let mut t = Table::new(&["state", ">RSS", ">CPU time", ">CPU (% of one core)"]);
+    let r = measure("footprint", || {
+        let stage = Stage::new();
+        let mut sup = Supervisor::start(&stage.net, stage.config(addr, plan.workers, "random"));
+        let pid = sup.pid().expect("running");
+        std::thread::sleep(Duration::from_millis(500));
+        let idle_meter = CpuMeter::start(pid).expect("read /proc");
+        std::thread::sleep(plan.footprint);
+        let idle = idle_meter.finish().expect("read /proc");
+        let idle_rss = procfs::rss_kib(pid).unwrap_or(0);
+        let load_meter = CpuMeter::start(pid).expect("read /proc");
+        let load = BackgroundLoad::start(
+            &stage.net,
+            LoadConfig::new(addr)
+                .senders(4)
+                .rate(plan.footprint_rate)
+                .duration(plan.footprint),
+        );
+        let mut peak = 0;
+        while !load.is_finished() {
+            peak = peak.max(procfs::rss_kib(pid).unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let busy = load_meter.finish().expect("read /proc");
+        let report = load.finish();
+        sup.stop();
+        (idle, idle_rss, busy, peak, report)
+    });
+    match r {
+        Ok((idle, idle_rss, busy, peak, report)) => {
+            let row = |label: String, rss: u64, (cpu, wall): (Duration, Duration)| {
+                [
+                    label,
+                    format!("{} KiB", thousands(rss)),
+                    format!("{:.0} ms in {:.1} s", cpu.as_secs_f64() * 1000.0, wall.as_secs_f64()),
+                    format!("{:.2}%", cpu.as_secs_f64() * 100.0 / wall.as_secs_f64().max(1e-9)),
+                ]
+            };
+            t.row(row("idle".into(), idle_rss, idle));
+            t.row(row(
+                format!(
+                    "under load ({}/s, {} answered, peak RSS)",
+                    thousands(plan.footprint_rate),
+                    thousands(report.received)
+                ),
+                peak,
+                busy,
+            ));
+            s.json = json!({"idle": {"rss_kib": idle_rss, "cpu_ms": idle.0.as_secs_f64() * 1000.0, "secs": idle.1.as_secs_f64()},
+                "load": {"rss_kib": peak, "cpu_ms": busy.0.as_secs_f64() * 1000.0, "secs": busy.1.as_secs_f64(),
+                "rate": plan.footprint_rate, "report": report.to_json()}});
+        }
+        Err(e) => {
+            t.row(["footprint".to_string(), format!("failed: {e}")]);
+        }
+    }
+    s.notes.push(
+        "CPU during upgrades: see the note under the upgrade timing.".into(),
+    );
+    s.tables.push(t);
+    s
+}
+
+// ---------------------------------------------------------------------------------
+// XDP (hook)
+
+/// XDP figures: the filter's drop rate and per-packet cost versus discarding in user
+/// space. Not measured yet.
+///
+/// HOOK for when the XDP filter lands: it is "not available" while the supervisor
+/// refuses an `[xdp]` table in its config. Once the table is accepted, measure here
+/// (fresh `TestNet::pair()`, since XDP needs a real interface: veth supports native
+/// XDP): flood from the peer namespace with a denied source prefix and count
+/// (a) datagrams dropped by XDP (the status' XDP counters) and the XDP program's
+/// `run_time_ns / run_cnt` (`bpf::prog_stats`, program found by its pin under
+/// `<bpffs>/<service>/xdp/<ifname>/`), against (b) the same flood reaching the workers,
+/// which discard it in user space (their CPU time from `procfs::cpu_time`).
+fn xdp_figures(addr: SocketAddr) -> Result<Table, String> {
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let mut cfg = service_config(addr, 1, "random", &pins, &runtime);
+    // Appended after `[[listen]]`, so it starts a table of its own.
+    cfg.extra_toml = "[xdp]\ninterface = \"lo\"".into();
+    config_accepted(&cfg).map_err(|why| format!("the supervisor does not accept `[xdp]` yet ({why})"))?;
+    Err("the supervisor accepts `[xdp]`, but the benchmark does not measure it yet (see `xdp_figures` in tests/src/bin/bench.rs)".into())
+}
+
+fn xdp(_plan: &Plan, addr: SocketAddr) -> Section {
+    let mut s = Section::new("XDP filter");
+    match xdp_figures(addr) {
+        Ok(t) => s.tables.push(t),
+        Err(why) => {
+            s.intro.push(format!("Not available: {why}."));
+            s.json = json!({"available": false, "why": why});
+        }
+    }
+    s
+}

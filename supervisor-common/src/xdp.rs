@@ -19,7 +19,6 @@
 //! The program reads the word once per packet and uses that slot for every lookup,
 //! so a packet sees one ruleset whole. The rate table and the counters live outside
 //! the slots: a rules change keeps both.
-#![allow(clippy::module_name_repetitions)]
 
 /// Ruleset slots. Two are enough: user space only rewrites the slot the program does
 /// not use, and only after an RCU grace period has passed since the switch away from
@@ -38,9 +37,9 @@ pub const MAX_LISTENER_KEYS: u32 = 512;
 /// oldest buckets, which only hands those sources a fresh burst.
 pub const RATE_ENTRIES: u32 = 64 * 1024;
 
-/// Bumped by hand when a map's *meaning* changes without its sizes changing. It is
-/// part of [`layout_fingerprint`]-style checks in user space: pinned maps from a build
-/// with another layout are never reused.
+/// Bumped by hand when a map's *meaning* changes without its sizes changing. User
+/// space hashes it with every map definition into the layout fingerprint it stores in
+/// the control word: pinned maps from a build with another layout are never reused.
 pub const LAYOUT_VERSION: u8 = 1;
 
 /// Map names, as the eBPF object declares them.

@@ -51,9 +51,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use supervisor_common::xdp::{
-    FAMILY_V4, FAMILY_V6, ListenerKey, ListenerRule, MAX_LISTENER_KEYS, MAX_PREFIXES,
-    RATE_ENTRIES, RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS, RulesetControl, SourceKey,
-    VERDICT_DENY, VERDICT_NOT_ALLOWED, XdpCounter, counter,
+    FAMILY_V4, FAMILY_V6, ListenerKey, ListenerRule, MAX_LISTENER_KEYS, MAX_PREFIXES, RATE_ENTRIES,
+    RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS, RulesetControl, SourceKey, VERDICT_DENY,
+    VERDICT_NOT_ALLOWED, XdpCounter, counter,
 };
 
 #[btf_map]
@@ -165,7 +165,11 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
 
     // The UDP header at IHL (options skipped). `ihl` is at most 60 here, which
     // keeps the variable packet offset within what the verifier can track.
-    let udp = if ihl >= 20 { ptr_at::<[u8; UDP_HLEN]>(ctx, ETH_HLEN + ihl) } else { None };
+    let udp = if ihl >= 20 {
+        ptr_at::<[u8; UDP_HLEN]>(ctx, ETH_HLEN + ihl)
+    } else {
+        None
+    };
     let (rule, malformed) = match udp {
         Some(udp) => {
             // SAFETY: bounds checked by ptr_at.
@@ -187,7 +191,10 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
     if malformed && rule.flags & RULE_DROP_MALFORMED != 0 {
         return (XDP_DROP, counter::MALFORMED);
     }
-    match PREFIXES_V4.get(slot).and_then(|trie| trie.get(&Key::new(32, src))) {
+    match PREFIXES_V4
+        .get(slot)
+        .and_then(|trie| trie.get(&Key::new(32, src)))
+    {
         Some(&verdict) if verdict == VERDICT_DENY => return (XDP_DROP, counter::DENIED),
         Some(&verdict) if verdict == VERDICT_NOT_ALLOWED => {
             return (XDP_DROP, counter::NOT_ALLOWED);
@@ -243,7 +250,11 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
                 let frag = unsafe { &*frag };
                 let offset_and_flags = u16::from_be_bytes([frag[2], frag[3]]);
                 if offset_and_flags & 0xfff8 != 0 {
-                    return if frag[0] == IPPROTO_UDP { FRAGMENT } else { NOT_OURS };
+                    return if frag[0] == IPPROTO_UDP {
+                        FRAGMENT
+                    } else {
+                        NOT_OURS
+                    };
                 }
                 more_fragments = offset_and_flags & 1 != 0;
                 next = frag[0];
@@ -293,7 +304,10 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
     if malformed && rule.flags & RULE_DROP_MALFORMED != 0 {
         return (XDP_DROP, counter::MALFORMED);
     }
-    match PREFIXES_V6.get(slot).and_then(|trie| trie.get(&Key::new(128, src))) {
+    match PREFIXES_V6
+        .get(slot)
+        .and_then(|trie| trie.get(&Key::new(128, src)))
+    {
         Some(&verdict) if verdict == VERDICT_DENY => return (XDP_DROP, counter::DENIED),
         Some(&verdict) if verdict == VERDICT_NOT_ALLOWED => {
             return (XDP_DROP, counter::NOT_ALLOWED);
@@ -308,7 +322,12 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
 /// fragment's payload instead of matching it.
 #[inline(always)]
 fn udp_len_malformed(udp_len: usize, ip_payload: usize, more_fragments: bool) -> bool {
-    udp_len < UDP_HLEN || if more_fragments { udp_len <= ip_payload } else { udp_len != ip_payload }
+    udp_len < UDP_HLEN
+        || if more_fragments {
+            udp_len <= ip_payload
+        } else {
+            udp_len != ip_payload
+        }
 }
 
 /// The rule for a listener: exact destination first, then the family's wildcard.

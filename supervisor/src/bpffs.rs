@@ -12,7 +12,7 @@ use crate::error::InputError;
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 fn is_bpffs(path: &Path) -> bool {
-    statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Mounts bpffs where needed and creates `dir` on it.

@@ -24,6 +24,9 @@ pub struct Config {
     pub service: ServiceConfig,
     #[serde(rename = "listen", default)]
     pub listeners: Vec<ListenerConfig>,
+    /// The XDP filter at the interface (`crate::xdp`), if any.
+    #[serde(default)]
+    pub xdp: Option<crate::xdp::XdpConfig>,
     /// The file it was read from, for messages.
     #[serde(skip)]
     pub path: PathBuf,
@@ -248,7 +251,13 @@ impl Config {
         let mut config: Config = toml::from_str(text).map_err(|e| {
             // toml's message carries "line N, column M" and the offending key;
             // flatten it to one line so it reads well in a journal.
-            let message = e.message().to_string();
+            let message = e
+                .message()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join("; ");
             let location = e
                 .span()
                 .map(|span| {
@@ -265,6 +274,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), InputError> {
+        if let Some(xdp) = &self.xdp {
+            xdp.validate(&self.path)?;
+        }
         let bad = |key: &str, why: String| {
             Err(InputError::new(format!(
                 "{}: {key}: {why}",
@@ -357,7 +369,11 @@ impl Config {
             if listener.flow_idle < Duration::from_millis(100)
                 || listener.flow_idle.as_millis() > u128::from(u32::MAX)
             {
-                return bad(&key("flow_idle"), "must be between 100ms and 49 days (idle time is measured in 10ms ticks)".into());
+                return bad(
+                    &key("flow_idle"),
+                    "must be between 100ms and 49 days (idle time is measured in 10ms ticks)"
+                        .into(),
+                );
             }
             if !(16..=(1 << 24)).contains(&listener.flow_table_size) {
                 return bad(
@@ -389,6 +405,11 @@ impl Config {
     /// The service's pin directory: `<bpffs>/<service>`.
     pub fn pin_dir(&self) -> PathBuf {
         self.service.bpffs.join(&self.service.name)
+    }
+
+    /// The listener addresses (what the XDP filter guards).
+    pub fn listener_addresses(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.address).collect()
     }
 
     /// The control socket: `<runtime_dir>/<service>.sock`.

@@ -69,6 +69,27 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
 
+    // The XDP filter: adopted from a previous run when its link is pinned, attached
+    // otherwise; a stale one of ours is removed when the config has no [xdp].
+    let xdp = match &config.xdp {
+        Some(xdp) => {
+            match crate::xdp::XdpFilter::start(xdp, &pin_dir, &config.listener_addresses()) {
+                Ok(filter) => Some(filter),
+                Err(e) => {
+                    for dataplane in &dataplanes {
+                        dataplane.unpin_all();
+                    }
+                    let _ = std::fs::remove_dir(&pin_dir);
+                    return Err(e);
+                }
+            }
+        }
+        None => {
+            crate::xdp::remove_stale(&pin_dir)?;
+            None
+        }
+    };
+
     let notify = NotifySocket::bind(&service)?;
     let spec = Arc::new(WorkerSpec {
         notify_socket: notify.env_value.clone(),
@@ -87,6 +108,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         upgrading_to: None,
         spec: spec.clone(),
         registry,
+        xdp,
     }));
 
     let progress = Progress::new(None);

@@ -250,7 +250,8 @@ impl ListenerDataplane {
 
     /// Advances the selector's clock word (see `control_index::CLOCK_MS`).
     pub fn tick_clock(&self) {
-        self.control.store(control_index::CLOCK_MS, monotonic_coarse_ms());
+        self.control
+            .store(control_index::CLOCK_MS, monotonic_coarse_ms());
     }
 
     /// Flow-table entries per generation that are not idle yet.

@@ -16,6 +16,8 @@ pub struct Status {
     /// One per listener: the selector's own state, across generations.
     #[serde(default)]
     pub selectors: Vec<SelectorStatus>,
+    #[serde(default)]
+    pub xdp: Option<crate::xdp::XdpStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -166,7 +168,11 @@ pub fn collect(state: &State) -> Status {
             let affinity_hits: u64 = state
                 .generations
                 .iter()
-                .filter_map(|g| g.listeners.get(listener_index).map(|l| (g.slot, l.sockets.len() as u32)))
+                .filter_map(|g| {
+                    g.listeners
+                        .get(listener_index)
+                        .map(|l| (g.slot, l.sockets.len() as u32))
+                })
                 .flat_map(|(slot, sockets)| (0..sockets).map(move |socket| (slot, socket)))
                 .map(|(slot, socket)| dataplane.counters(slot, socket).affinity_hits)
                 .sum();
@@ -191,6 +197,7 @@ pub fn collect(state: &State) -> Status {
         .collect();
     Status {
         selectors,
+        xdp: state.xdp.as_ref().map(|f| f.status()),
         service: state.config.service.name.clone(),
         pid: std::process::id(),
         upgrade_in_progress: state.upgrading_to.is_some(),
@@ -252,6 +259,12 @@ pub fn render(status: &Status) -> String {
                     s.index, s.worker, s.selected, s.errors, s.fallback, s.queue_bytes, s.drops
                 );
             }
+        }
+    }
+    if let Some(xdp) = &status.xdp {
+        out.push_str(&xdp.render());
+        if !out.ends_with('\n') {
+            out.push('\n');
         }
     }
     for s in &status.selectors {

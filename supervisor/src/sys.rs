@@ -188,19 +188,18 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
                     fail(report);
                 }
             }
-            for i in 0..prepared.fds.len().min(high.len()) {
+            for (i, &fd) in high.iter().enumerate().take(prepared.fds.len()) {
                 // dup2 gives the new fd no FD_CLOEXEC: it survives exec.
-                if libc::dup2(high[i], 3 + i as RawFd) < 0 {
+                if libc::dup2(fd, 3 + i as RawFd) < 0 {
                     fail(report);
                 }
             }
-            if let Some((uid, gid)) = prepared.credentials {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if let Some((uid, gid)) = prepared.credentials
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    fail(report);
-                }
+                    || libc::setuid(uid) != 0)
+            {
+                fail(report);
             }
             if let Some(buf) = listen_pid_buf {
                 write_pid(buf.add(LISTEN_PID_PREFIX.len()), libc::getpid());
@@ -470,58 +469,23 @@ pub fn dup_cloexec(fd: impl AsFd) -> io::Result<OwnedFd> {
     fd.as_fd().try_clone_to_owned()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pid_is_written_as_decimal() {
-        let mut buf = [0xffu8; PID_DIGITS + 1];
-        unsafe { write_pid(buf.as_mut_ptr(), 4_194_304) };
-        assert_eq!(&buf[..8], b"4194304\0");
-        unsafe { write_pid(buf.as_mut_ptr(), 7) };
-        assert_eq!(&buf[..2], b"7\0");
+/// Waits for an RCU grace period: returns only after every CPU has left the RCU
+/// read-side section it was in at the call, which includes every eBPF program run
+/// (XDP and socket programs run inside one, with bottom halves disabled).
+///
+/// The XDP filter's ruleset switch uses it: after it returns, no packet can still be
+/// using a ruleset slot the control word stopped pointing at before the call, so the
+/// slot may be refilled. `membarrier(MEMBARRIER_CMD_GLOBAL)` is exactly
+/// `synchronize_rcu()` in the kernel. It is refused on `nohz_full` kernels; the
+/// caller then falls back to waiting (see `crate::xdp`).
+pub fn synchronize_rcu() -> io::Result<()> {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: plain syscall with integer arguments and no memory effects on us.
+    let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
     }
-
-    #[test]
-    fn spawn_reports_exec_errors_and_sets_listen_pid() {
-        let mut missing = PreparedExec::new(
-            "/nonexistent/worker",
-            &["w".into()],
-            &[],
-            true,
-            vec![],
-            None,
-        )
-        .unwrap();
-        let err = spawn_worker(&mut missing)
-            .err()
-            .expect("exec of a missing file fails");
-        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
-
-        // The child checks that LISTEN_PID is its own pid and exits 0 if so.
-        let mut check = PreparedExec::new(
-            "/bin/sh",
-            &[
-                "sh".into(),
-                "-c".into(),
-                "test \"$LISTEN_PID\" = \"$$\"".into(),
-            ],
-            &[],
-            true,
-            vec![],
-            None,
-        )
-        .unwrap();
-        let spawned = spawn_worker(&mut check).unwrap();
-        let status = loop {
-            if let Some(status) = pidfd_try_wait(spawned.pidfd.as_fd()).unwrap() {
-                break status;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
-        assert_eq!(status, ExitStatus::Exited(0));
-    }
+    Ok(())
 }
 
 /// Registers an fd-owning value with tokio's reactor.
@@ -579,21 +543,56 @@ pub fn bpf_map_delete_u32(map: BorrowedFd<'_>, key: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits for an RCU grace period: returns only after every CPU has left the RCU
-/// read-side section it was in at the call, which includes every eBPF program run
-/// (XDP and socket programs run inside one, with bottom halves disabled).
-///
-/// The XDP filter's ruleset switch uses it: after it returns, no packet can still be
-/// using a ruleset slot the control word stopped pointing at before the call, so the
-/// slot may be refilled. `membarrier(MEMBARRIER_CMD_GLOBAL)` is exactly
-/// `synchronize_rcu()` in the kernel. It is refused on `nohz_full` kernels; the
-/// caller then falls back to waiting (see `crate::xdp`).
-pub fn synchronize_rcu() -> io::Result<()> {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
-    // SAFETY: plain syscall with integer arguments and no memory effects on us.
-    let ret = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_is_written_as_decimal() {
+        let mut buf = [0xffu8; PID_DIGITS + 1];
+        unsafe { write_pid(buf.as_mut_ptr(), 4_194_304) };
+        assert_eq!(&buf[..8], b"4194304\0");
+        unsafe { write_pid(buf.as_mut_ptr(), 7) };
+        assert_eq!(&buf[..2], b"7\0");
     }
-    Ok(())
+
+    #[test]
+    fn spawn_reports_exec_errors_and_sets_listen_pid() {
+        let mut missing = PreparedExec::new(
+            "/nonexistent/worker",
+            &["w".into()],
+            &[],
+            true,
+            vec![],
+            None,
+        )
+        .unwrap();
+        let err = spawn_worker(&mut missing)
+            .err()
+            .expect("exec of a missing file fails");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+
+        // The child checks that LISTEN_PID is its own pid and exits 0 if so.
+        let mut check = PreparedExec::new(
+            "/bin/sh",
+            &[
+                "sh".into(),
+                "-c".into(),
+                "test \"$LISTEN_PID\" = \"$$\"".into(),
+            ],
+            &[],
+            true,
+            vec![],
+            None,
+        )
+        .unwrap();
+        let spawned = spawn_worker(&mut check).unwrap();
+        let status = loop {
+            if let Some(status) = pidfd_try_wait(spawned.pidfd.as_fd()).unwrap() {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(status, ExitStatus::Exited(0));
+    }
 }

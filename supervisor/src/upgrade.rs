@@ -91,6 +91,8 @@ pub struct State {
     pub upgrading_to: Option<u32>,
     pub spec: Arc<WorkerSpec>,
     pub registry: Registry,
+    /// The XDP filter, when the config has `[xdp]`.
+    pub xdp: Option<crate::xdp::XdpFilter>,
 }
 
 pub type Shared = Arc<Mutex<State>>;
@@ -206,6 +208,15 @@ pub async fn run(
     let ready_timeout = config.service.ready_timeout;
     let drain_timeout = config.service.drain_timeout;
 
+    // The new XDP ruleset is built (and checked) before anything else, and
+    // switched in at the flip: a bad rule refuses the upgrade with nothing changed.
+    let xdp_change = match prepare_xdp(shared, &config) {
+        Ok(change) => change,
+        Err(e) => {
+            retire(shared, number, progress);
+            return Err(e);
+        }
+    };
     if let Err(e) = build(shared, number, &config, spec.clone(), progress) {
         teardown(shared, number, progress).await;
         return Err(e);
@@ -216,6 +227,11 @@ pub async fn run(
         return Err(e);
     }
 
+    if let Err(e) = apply_xdp(shared, &config, xdp_change, progress) {
+        progress.emit(format!("generation {number}: failed: {e:#}"));
+        teardown(shared, number, progress).await;
+        return Err(e);
+    }
     let previous = flip(shared, number, &config, spec);
     progress.emit(format!("generation {number}: flipped, now serving"));
 
@@ -223,6 +239,69 @@ pub async fn run(
         drain(shared, old, drain_timeout, progress).await;
     }
     progress.emit(format!("generation {number}: upgrade complete"));
+    Ok(())
+}
+
+/// What an upgrade does to the XDP filter.
+enum XdpChange {
+    None,
+    /// New rules for the running filter, built in fresh maps.
+    Rules(Box<crate::xdp::PreparedRuleset>),
+    /// `[xdp]` appeared: attach at the flip.
+    Start,
+    /// `[xdp]` disappeared: detach after the flip.
+    Remove,
+}
+
+fn prepare_xdp(shared: &Shared, config: &Config) -> Result<XdpChange> {
+    let state = shared.lock().unwrap();
+    Ok(match (&state.xdp, &config.xdp) {
+        (Some(filter), Some(new)) => {
+            XdpChange::Rules(Box::new(filter.prepare(new, &config.listener_addresses())?))
+        }
+        (None, Some(_)) => XdpChange::Start,
+        (Some(_), None) => XdpChange::Remove,
+        (None, None) => XdpChange::None,
+    })
+}
+
+fn apply_xdp(
+    shared: &Shared,
+    config: &Config,
+    change: XdpChange,
+    progress: &Progress,
+) -> Result<()> {
+    let mut state = shared.lock().unwrap();
+    match change {
+        XdpChange::None => {}
+        XdpChange::Rules(prepared) => {
+            if let Some(filter) = state.xdp.as_mut() {
+                filter.commit(*prepared)?;
+                progress.emit(format!(
+                    "xdp: new ruleset switched in on {}",
+                    filter.interface()
+                ));
+            }
+        }
+        XdpChange::Start => {
+            let xdp = config.xdp.as_ref().expect("Start only with [xdp]");
+            let filter =
+                crate::xdp::XdpFilter::start(xdp, &config.pin_dir(), &config.listener_addresses())?;
+            progress.emit(format!(
+                "xdp: filter attached to {} (link {})",
+                filter.interface(),
+                filter.link_id()
+            ));
+            state.xdp = Some(filter);
+        }
+        XdpChange::Remove => {
+            if let Some(filter) = state.xdp.take() {
+                let interface = filter.interface().to_string();
+                filter.remove()?;
+                progress.emit(format!("xdp: filter removed from {interface}"));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -359,11 +438,12 @@ async fn wait_ready(
             if let Some(why) = s.failure {
                 bail!("{why}");
             }
-            if s.pid.is_some() && announced_pid[i] != s.pid {
+            if let Some(pid) = s.pid
+                && announced_pid[i] != s.pid
+            {
                 announced_pid[i] = s.pid;
                 progress.emit(format!(
-                    "generation {number}: worker {index} spawned, pid {}",
-                    s.pid.unwrap()
+                    "generation {number}: worker {index} spawned, pid {pid}"
                 ));
             }
             if s.state == WorkerPhase::Ready {

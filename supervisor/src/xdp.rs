@@ -14,7 +14,9 @@
 //!   is not behind our pinned link is never touched: start refuses.
 //! - [`XdpFilter::apply`] builds a ruleset (listener table, IPv4 and IPv6 prefix
 //!   tries) in fresh maps, stores them in the ruleset slot the program does not
-//!   use, and switches with one 8-byte store of the mmapped control word.
+//!   use, and switches with one 8-byte store of the mmapped control word. It is
+//!   [`XdpFilter::prepare`] (validate and build; nothing changes) followed by
+//!   [`XdpFilter::commit`] (the switch), for callers that want them apart.
 //!   Before it refills a slot it waits for an RCU grace period
 //!   ([`crate::sys::synchronize_rcu`]), so no packet that read the control word
 //!   before the previous switch can still be looking at that slot.
@@ -137,7 +139,8 @@ impl XdpConfig {
     /// rate limit, and that the interface exists. Messages name the file, the key
     /// and the value.
     pub fn validate(&self, file: &Path) -> Result<(), InputError> {
-        rules::compile(self, &[]).map_err(|e| InputError::new(format!("{}: {e}", file.display())))?;
+        rules::compile(self, &[])
+            .map_err(|e| InputError::new(format!("{}: {e}", file.display())))?;
         interface_index(&self.interface)
             .map(|_| ())
             .map_err(|e| InputError::new(format!("{}: xdp.interface: {e}", file.display())))
@@ -149,8 +152,9 @@ fn interface_index(name: &str) -> Result<u32, String> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
         return Err(format!("{name:?} is not a valid interface name"));
     }
-    nix::net::if_::if_nametoindex(name)
-        .map_err(|_| format!("no interface {name:?} on this host (in the supervisor's network namespace)"))
+    nix::net::if_::if_nametoindex(name).map_err(|_| {
+        format!("no interface {name:?} on this host (in the supervisor's network namespace)")
+    })
 }
 
 /// Counters per verdict and reason, summed over CPUs (packets).
@@ -211,10 +215,18 @@ impl XdpStatus {
             self.deny,
             self.allow,
             match &self.rate_limit {
-                Some(r) => format!(", rate limit {}/s burst {}", r.packets_per_second, r.burst()),
+                Some(r) => format!(
+                    ", rate limit {}/s burst {}",
+                    r.packets_per_second,
+                    r.burst()
+                ),
                 None => String::new(),
             },
-            if self.drop_malformed { ", malformed dropped" } else { "" },
+            if self.drop_malformed {
+                ", malformed dropped"
+            } else {
+                ""
+            },
             c.passed,
             c.dropped(),
             c.denied,
@@ -271,6 +283,17 @@ struct InnerDefinitions {
     prefixes_v6: aya_obj::Map,
 }
 
+/// A ruleset built in fresh maps by [`XdpFilter::prepare`], not yet in use.
+/// Dropping it discards the maps.
+pub struct PreparedRuleset {
+    config: XdpConfig,
+    listeners: MapData,
+    prefixes_v4: MapData,
+    prefixes_v6: MapData,
+    /// IPv4 prefixes, IPv6 prefixes, listener entries: for the log.
+    sizes: (usize, usize, usize),
+}
+
 /// A link of ours found pinned and attached to the interface.
 struct Adopted {
     link: FdLink,
@@ -287,15 +310,23 @@ impl XdpFilter {
     /// Refuses with an [`InputError`] (nothing attached, nothing changed) for bad
     /// rules, an unknown interface, a mode the driver cannot do, or an XDP program
     /// on the interface that is not behind our pinned link.
-    pub fn start(config: &XdpConfig, service_pin_dir: &Path, listeners: &[SocketAddr]) -> Result<XdpFilter> {
-        let ruleset = rules::compile(config, listeners).map_err(|e| InputError::new(format!("[xdp] {e}")))?;
+    pub fn start(
+        config: &XdpConfig,
+        service_pin_dir: &Path,
+        listeners: &[SocketAddr],
+    ) -> Result<XdpFilter> {
+        let ruleset =
+            rules::compile(config, listeners).map_err(|e| InputError::new(format!("[xdp] {e}")))?;
         let ifindex = interface_index(&config.interface)
             .map_err(|e| InputError::new(format!("[xdp] xdp.interface: {e}")))?;
         let xdp_dir = service_pin_dir.join(pin_names::XDP_DIR);
         let dir = xdp_dir.join(&config.interface);
-        crate::bpffs::ensure(&dir)?;
-        let attached = netlink::xdp_state(ifindex)
-            .with_context(|| format!("asking the kernel which XDP programs {} runs", config.interface))?;
+        let attached = netlink::xdp_state(ifindex).with_context(|| {
+            format!(
+                "asking the kernel which XDP programs {} runs",
+                config.interface
+            )
+        })?;
 
         let adopted = adopt_link(&dir, &config.interface, &attached)?;
         match &adopted {
@@ -327,6 +358,8 @@ impl XdpFilter {
             }
         }
 
+        // Only now, with nothing left to refuse, is anything created.
+        crate::bpffs::ensure(&dir)?;
         let object = ObjectLayout::parse()?;
         let fresh = adopted.is_none();
         if fresh || !pins_reusable(&dir, &object) {
@@ -379,9 +412,14 @@ impl XdpFilter {
             .program_mut(program_names::FILTER)
             .context("the eBPF object has no XDP filter program")?
             .try_into()?;
-        program.load().context("the kernel refused the XDP filter program")?;
+        program
+            .load()
+            .context("the kernel refused the XDP filter program")?;
 
-        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"));
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the eBPF object has no map {name}"))
+        };
         let control_map = take(map_names::CONTROL)?;
         let listeners = ArrayOfMaps::try_from(take(map_names::LISTENERS)?)?;
         let prefixes_v4 = ArrayOfMaps::try_from(take(map_names::PREFIXES_V4)?)?;
@@ -389,10 +427,13 @@ impl XdpFilter {
         let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
         let rate = take(map_names::RATE)?;
         let Map::Array(control_data) = &control_map else {
-            anyhow::bail!("the XDP filter's {} map is not an array", map_names::CONTROL);
+            anyhow::bail!(
+                "the XDP filter's {} map is not an array",
+                map_names::CONTROL
+            );
         };
-        let control =
-            ControlWord::map(control_data.fd().as_fd(), 1).context("mapping the XDP filter's control word")?;
+        let control = ControlWord::map(control_data.fd().as_fd(), 1)
+            .context("mapping the XDP filter's control word")?;
 
         let mut maps = FilterMaps {
             layout: object.fingerprint,
@@ -407,13 +448,16 @@ impl XdpFilter {
         // The rules go in before the program runs on them: a fresh link filters
         // from its first packet; an adopted link's program shares these maps
         // (same layout) or is moved onto them by the update below.
-        maps.install(ruleset, &config.interface)?;
+        let prepared = maps.build(ruleset, config)?;
+        maps.switch(&prepared)?;
 
         let program: &mut Xdp = ebpf
             .program_mut(program_names::FILTER)
             .context("the eBPF object has no XDP filter program")?
             .try_into()?;
-        let ours = program.info().context("reading the XDP filter program's info")?;
+        let ours = program
+            .info()
+            .context("reading the XDP filter program's info")?;
         let (link, link_id, program_id, mode) = match adopted {
             Some(adopted) if same_program(dir, adopted.program_id, &ours) => {
                 tracing::info!(
@@ -422,12 +466,18 @@ impl XdpFilter {
                     config.interface,
                     adopted.program_id
                 );
-                (adopted.link, adopted.link_id, adopted.program_id, adopted.mode)
+                (
+                    adopted.link,
+                    adopted.link_id,
+                    adopted.program_id,
+                    adopted.mode,
+                )
             }
             Some(adopted) => {
                 // BPF_LINK_UPDATE: the kernel swaps the program under the same link
                 // in one step; packets see the old program or the new one.
-                let link = XdpLink::try_from(adopted.link).context("the pinned link is not an XDP link")?;
+                let link = XdpLink::try_from(adopted.link)
+                    .context("the pinned link is not an XDP link")?;
                 let id = program
                     .attach_to_link(link)
                     .context("replacing the XDP program through its link (BPF_LINK_UPDATE)")?;
@@ -482,6 +532,15 @@ impl XdpFilter {
     /// Builds a new ruleset in fresh maps and switches to it with one write.
     /// Validates first; on error nothing changes. The link (and its id) stays.
     pub fn apply(&mut self, config: &XdpConfig, listeners: &[SocketAddr]) -> Result<()> {
+        let prepared = self.prepare(config, listeners)?;
+        self.commit(prepared)
+    }
+
+    /// The first half of [`Self::apply`]: validates `config` against the running
+    /// filter and builds its ruleset in fresh maps, changing nothing the program
+    /// sees. An upgrade can prepare before it builds the new generation (so a bad
+    /// rule refuses the upgrade) and [`Self::commit`] at its flip.
+    pub fn prepare(&self, config: &XdpConfig, listeners: &[SocketAddr]) -> Result<PreparedRuleset> {
         if config.interface != self.config.interface {
             return Err(InputError::new(format!(
                 "[xdp] xdp.interface changed from {:?} to {:?}: moving the filter to another interface needs a supervisor restart",
@@ -497,9 +556,16 @@ impl XdpFilter {
             ))
             .into());
         }
-        let ruleset = rules::compile(config, listeners).map_err(|e| InputError::new(format!("[xdp] {e}")))?;
-        self.maps.install(&ruleset, &config.interface)?;
-        self.config = config.clone();
+        let ruleset =
+            rules::compile(config, listeners).map_err(|e| InputError::new(format!("[xdp] {e}")))?;
+        self.maps.build(&ruleset, config)
+    }
+
+    /// The second half of [`Self::apply`]: the one-write switch to a prepared
+    /// ruleset (after an RCU grace period, see the module docs).
+    pub fn commit(&mut self, prepared: PreparedRuleset) -> Result<()> {
+        self.maps.switch(&prepared)?;
+        self.config = prepared.config;
         Ok(())
     }
 
@@ -534,8 +600,12 @@ impl XdpFilter {
         self.link_id
     }
 
+    /// The program the link runs now.
     pub fn program_id(&self) -> u32 {
-        self.status().program_id
+        self.link
+            .info()
+            .map(|info| info.program_id())
+            .unwrap_or(self.program_id)
     }
 
     pub fn interface(&self) -> &str {
@@ -564,8 +634,24 @@ impl XdpFilter {
 }
 
 impl FilterMaps {
-    /// Fills the slot the program does not use with fresh maps, then switches.
-    fn install(&mut self, ruleset: &rules::Ruleset, interface: &str) -> Result<()> {
+    /// Builds a ruleset in fresh maps. Changes nothing the program sees.
+    fn build(&self, ruleset: &rules::Ruleset, config: &XdpConfig) -> Result<PreparedRuleset> {
+        // Only names the maps (for bpftool): the generation is fixed at the switch.
+        let next = RulesetControl::from_word(self.control.load(0))
+            .generation
+            .wrapping_add(1);
+        Ok(PreparedRuleset {
+            config: config.clone(),
+            listeners: build_listeners(&self.inner.listeners, next, &ruleset.listeners)?,
+            prefixes_v4: build_trie::<4>(&self.inner.prefixes_v4, "v4", next, &ruleset.v4)?,
+            prefixes_v6: build_trie::<16>(&self.inner.prefixes_v6, "v6", next, &ruleset.v6)?,
+            sizes: (ruleset.v4.len(), ruleset.v6.len(), ruleset.listeners.len()),
+        })
+    }
+
+    /// Stores a built ruleset in the slot the program does not use, then switches
+    /// to it with one store of the control word. Returns the new generation.
+    fn switch(&mut self, prepared: &PreparedRuleset) -> Result<u32> {
         let current = RulesetControl::from_word(self.control.load(0));
         let slot = if current.armed != 0 {
             (u32::from(current.slot) + 1) % RULESET_SLOTS
@@ -573,21 +659,19 @@ impl FilterMaps {
             0
         };
         let generation = current.generation.wrapping_add(1).max(1);
-
-        // Everything that can fail on the input happens before the slot is touched.
-        let listeners = build_listeners(&self.inner.listeners, generation, &ruleset.listeners)?;
-        let prefixes_v4 = build_trie::<4>(&self.inner.prefixes_v4, "v4", generation, &ruleset.v4)?;
-        let prefixes_v6 = build_trie::<16>(&self.inner.prefixes_v6, "v6", generation, &ruleset.v6)?;
-
-        wait_for_readers();
+        if current.armed != 0 {
+            // Packets that read the word before the previous switch may still be
+            // reading this slot; after a grace period none can be.
+            wait_for_readers();
+        }
         self.listeners
-            .set(slot, &listeners, 0)
+            .set(slot, &prepared.listeners, 0)
             .context("storing the listener table in its ruleset slot")?;
         self.prefixes_v4
-            .set(slot, &prefixes_v4, 0)
+            .set(slot, &prepared.prefixes_v4, 0)
             .context("storing the IPv4 prefixes in their ruleset slot")?;
         self.prefixes_v6
-            .set(slot, &prefixes_v6, 0)
+            .set(slot, &prepared.prefixes_v6, 0)
             .context("storing the IPv6 prefixes in their ruleset slot")?;
         // The switch: from the next packet on, the program reads the new slot.
         self.control.store(
@@ -600,23 +684,23 @@ impl FilterMaps {
             }
             .to_word(),
         );
+        let (v4, v6, listeners) = prepared.sizes;
         tracing::info!(
-            "xdp: ruleset {generation} active on {} ({} IPv4 and {} IPv6 prefixes, {} listener entries)",
-            interface,
-            ruleset.v4.len(),
-            ruleset.v6.len(),
-            ruleset.listeners.len()
+            "xdp: ruleset {generation} active on {} ({v4} IPv4 and {v6} IPv6 prefixes, {listeners} listener entries)",
+            prepared.config.interface,
         );
-        Ok(())
+        Ok(generation)
     }
 
     fn counters(&self) -> XdpCounters {
         let read = |index: u32| -> XdpCounter {
             match self.counters.get(&index, 0) {
-                Ok(values) => values.iter().fold(XdpCounter::default(), |sum, c| XdpCounter {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                }),
+                Ok(values) => values
+                    .iter()
+                    .fold(XdpCounter::default(), |sum, c| XdpCounter {
+                        packets: sum.packets + c.packets,
+                        bytes: sum.bytes + c.bytes,
+                    }),
                 Err(e) => {
                     tracing::warn!("xdp: reading counter {index}: {e}");
                     XdpCounter::default()
@@ -624,7 +708,12 @@ impl FilterMaps {
             }
         };
         let all: Vec<XdpCounter> = (0..counter::COUNT).map(read).collect();
-        let dropped = [counter::DENIED, counter::NOT_ALLOWED, counter::RATE_LIMITED, counter::MALFORMED];
+        let dropped = [
+            counter::DENIED,
+            counter::NOT_ALLOWED,
+            counter::RATE_LIMITED,
+            counter::MALFORMED,
+        ];
         XdpCounters {
             passed: all[counter::PASSED as usize].packets,
             denied: all[counter::DENIED as usize].packets,
@@ -644,7 +733,10 @@ pub fn remove_stale(service_pin_dir: &Path) -> Result<()> {
     let dir = service_pin_dir.join(pin_names::XDP_DIR);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {
-            tracing::info!("xdp: removed the filter pinned at {} (no [xdp] in the config)", dir.display());
+            tracing::info!(
+                "xdp: removed the filter pinned at {} (no [xdp] in the config)",
+                dir.display()
+            );
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -653,14 +745,19 @@ pub fn remove_stale(service_pin_dir: &Path) -> Result<()> {
 }
 
 /// The pinned link, if it is ours and attached to this interface.
-fn adopt_link(dir: &Path, interface: &str, attached: &netlink::XdpState) -> Result<Option<Adopted>> {
+fn adopt_link(
+    dir: &Path,
+    interface: &str,
+    attached: &netlink::XdpState,
+) -> Result<Option<Adopted>> {
     let path = dir.join(pin_names::LINK);
     if !path.exists() {
         return Ok(None);
     }
     let stale = |why: String| -> Result<Option<Adopted>> {
         tracing::warn!("xdp: {}: {why}; attaching afresh", path.display());
-        std::fs::remove_file(&path).with_context(|| format!("removing stale pin {}", path.display()))?;
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing stale pin {}", path.display()))?;
         Ok(None)
     };
     let link = match PinnedLink::from_pin(&path) {
@@ -679,7 +776,10 @@ fn adopt_link(dir: &Path, interface: &str, attached: &netlink::XdpState) -> Resu
             link,
         })),
         // The interface was deleted (which detaches its links) or recreated.
-        None => stale(format!("link {} is no longer attached to {interface}", info.id())),
+        None => stale(format!(
+            "link {} is no longer attached to {interface}",
+            info.id()
+        )),
     }
 }
 
@@ -727,10 +827,14 @@ fn attach(program: &mut Xdp, ifindex: u32, config: &XdpConfig) -> Result<(FdLink
         XdpMode::Auto => match attempt(program, AttachMode::Native) {
             Ok(link) => Ok((link, AttachMode::Native)),
             Err(native) => {
-                tracing::info!("xdp: native mode on {interface} failed ({native:#}); trying generic");
+                tracing::info!(
+                    "xdp: native mode on {interface} failed ({native:#}); trying generic"
+                );
                 match attempt(program, AttachMode::Generic) {
                     Ok(link) => Ok((link, AttachMode::Generic)),
-                    Err(generic) => Err(generic.context(format!("native mode failed too: {native:#}"))),
+                    Err(generic) => {
+                        Err(generic.context(format!("native mode failed too: {native:#}")))
+                    }
                 }
             }
         },
@@ -758,7 +862,9 @@ fn program_info(dir: &Path, program_id: u32) -> Option<ProgramInfo> {
     match ProgramInfo::from_pin(dir.join(pin_names::PROGRAM)) {
         Ok(info) if info.id() == program_id => Some(info),
         // Pinned program missing or another one: look it up among all programs.
-        _ => loaded_programs().filter_map(|p| p.ok()).find(|p| p.id() == program_id),
+        _ => loaded_programs()
+            .filter_map(|p| p.ok())
+            .find(|p| p.id() == program_id),
     }
 }
 
@@ -772,7 +878,8 @@ struct ObjectLayout {
 
 impl ObjectLayout {
     fn parse() -> Result<ObjectLayout> {
-        let object = aya_obj::Object::parse(XDP_OBJECT).context("parsing the embedded XDP object")?;
+        let object =
+            aya_obj::Object::parse(XDP_OBJECT).context("parsing the embedded XDP object")?;
         // The same parameters without the object's BTF type ids: rulesets are
         // created without the object's BTF, and the kernel compares outer and inner
         // maps by type, sizes and flags only.
@@ -809,7 +916,13 @@ impl ObjectLayout {
             let map = &object.maps[name];
             feed(name.as_bytes());
             for m in std::iter::once(map.clone()).chain(map.inner()) {
-                for v in [m.map_type(), m.key_size(), m.value_size(), m.max_entries(), m.map_flags()] {
+                for v in [
+                    m.map_type(),
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    m.map_flags(),
+                ] {
                     feed(&v.to_le_bytes());
                 }
             }
@@ -833,13 +946,17 @@ fn pins_reusable(dir: &Path, object: &ObjectLayout) -> bool {
         let Ok(info) = MapInfo::from_pin(dir.join(pin)) else {
             return false;
         };
-        let same = info.map_type().is_ok_and(|t| t as u32 == expected.map_type())
+        let same = info
+            .map_type()
+            .is_ok_and(|t| t as u32 == expected.map_type())
             && info.key_size() == expected.key_size()
             && info.value_size() == expected.value_size()
             && info.max_entries() == expected.max_entries()
             && info.map_flags() == expected.map_flags();
         if !same {
-            tracing::info!("xdp: pinned map {pin} has another layout than this build's; using fresh maps");
+            tracing::info!(
+                "xdp: pinned map {pin} has another layout than this build's; using fresh maps"
+            );
             return false;
         }
     }
@@ -849,7 +966,9 @@ fn pins_reusable(dir: &Path, object: &ObjectLayout) -> bool {
     match word {
         Ok(word) if RulesetControl::from_word(word).layout == object.fingerprint => true,
         _ => {
-            tracing::info!("xdp: pinned maps were written by a build with another layout; using fresh maps");
+            tracing::info!(
+                "xdp: pinned maps were written by a build with another layout; using fresh maps"
+            );
             false
         }
     }
@@ -857,7 +976,11 @@ fn pins_reusable(dir: &Path, object: &ObjectLayout) -> bool {
 
 /// Removes the map and program pins in `dir`, keeping the link pin.
 fn remove_map_pins(dir: &Path) -> Result<()> {
-    for pin in map_names::ALL.iter().map(|(_, pin)| *pin).chain([pin_names::PROGRAM]) {
+    for pin in map_names::ALL
+        .iter()
+        .map(|(_, pin)| *pin)
+        .chain([pin_names::PROGRAM])
+    {
         let path = dir.join(pin);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -898,7 +1021,9 @@ fn build_listeners(
     {
         let mut table = aya::maps::HashMap::<_, ListenerKey, ListenerRule>::try_from(&mut map)?;
         for (key, rule) in entries {
-            table.insert(key, rule, 0).context("filling the XDP listener table")?;
+            table
+                .insert(key, rule, 0)
+                .context("filling the XDP listener table")?;
         }
     }
     let Map::HashMap(data) = map else {

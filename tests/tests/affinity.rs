@@ -53,6 +53,15 @@ impl ClientLog {
 
     /// Its state never reset: counts run 1, 2, 3, ... on one worker.
     fn assert_state_kept(&self, who: &str) {
+        if let Some(first) = self.replies.first() {
+            assert!(
+                self.replies
+                    .iter()
+                    .all(|r| (r.generation, r.worker) == (first.generation, first.worker)),
+                "{who}: moved between workers: {:?}",
+                self.replies
+            );
+        }
         for (i, r) in self.replies.iter().enumerate() {
             assert_eq!(
                 r.count,

@@ -91,7 +91,10 @@ impl World {
             socket.display()
         );
         let procs = self.net.cmdlines();
-        assert!(procs.is_empty(), "processes left in the namespace: {procs:?}");
+        assert!(
+            procs.is_empty(),
+            "processes left in the namespace: {procs:?}"
+        );
     }
 }
 
@@ -141,7 +144,9 @@ fn unknown_key_is_named() {
 fn address_bound_without_reuseport() {
     let w = World::new();
     // A plain socket (no SO_REUSEPORT) already holds the port in the namespace.
-    let squatter = w.net.run_in(|| UdpSocket::bind(ADDR).expect("bind the squatter"));
+    let squatter = w
+        .net
+        .run_in(|| UdpSocket::bind(ADDR).expect("bind the squatter"));
     let path = w.write("taken.toml", &w.config().to_toml());
     let line = w.refused_run(&[], &path, "echo");
     assert_mentions(&line, &[ADDR, "in use"]);
@@ -175,9 +180,8 @@ fn without_caps(caps: &str) -> Vec<String> {
 }
 
 fn which(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 #[test]
@@ -197,8 +201,17 @@ fn bpffs_that_cannot_be_mounted() {
     // Nothing mounted there and nothing pinned.
     if bpffs.exists() {
         let fs_type = statfs(&bpffs).expect("statfs").filesystem_type();
-        assert_ne!(fs_type, BPF_FS_MAGIC, "bpffs was mounted at {}", bpffs.display());
-        let left: Vec<_> = fs::read_dir(&bpffs).unwrap().flatten().map(|e| e.path()).collect();
+        assert_ne!(
+            fs_type,
+            BPF_FS_MAGIC,
+            "bpffs was mounted at {}",
+            bpffs.display()
+        );
+        let left: Vec<_> = fs::read_dir(&bpffs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         assert!(left.is_empty(), "left in {}: {left:?}", bpffs.display());
     }
 }
@@ -218,7 +231,12 @@ fn missing_privileges_for_bpf() {
 fn cli_without_a_running_daemon() {
     let w = World::new();
     let path = w.write("idle.toml", &w.config().to_toml());
-    for args in [&["status"][..], &["status", "--json"], &["upgrade"], &["stop"]] {
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["upgrade"],
+        &["stop"],
+    ] {
         let out = w.supervisor(&[], args, &path);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(

@@ -14,12 +14,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 use supervisor_tests::supervisor::{
-    generation_numbers, selected_total, single_error_line, sockets_of, try_single_error_line,
-    worker_pids,
+    generation_numbers, selected_total, single_error_line, sockets_of, supervisor_command,
+    try_single_error_line, worker_pids,
 };
 use supervisor_tests::{
     BackgroundLoad, LoadConfig, PinDir, ServiceConfig, Supervisor, TempDir, TestNet, bin_path,
-    loadgen, require_root, wait_timeout,
+    loadgen, output_with_timeout, require_root, wait_timeout,
 };
 
 const ADDR: &str = "127.0.0.1:5300";
@@ -93,6 +93,31 @@ fn assert_untouched(
             "the failed generation's pin gen-{failed} must be removed: {:?}",
             pins.entries()
         );
+    }
+}
+
+/// Waits until every thread of `pid` is in state `T` (stopped by a signal).
+fn wait_all_threads_stopped(pid: i32) {
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let states: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("read the worker's threads")
+            .flatten()
+            .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
+            // "tid (comm) S ...": the state follows the last ')'.
+            .filter_map(|stat| {
+                let rest = &stat[stat.rfind(')')? + 1..];
+                rest.split_whitespace().next().map(str::to_string)
+            })
+            .collect();
+        if !states.is_empty() && states.iter().all(|s| s == "T") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker {pid} did not stop: thread states {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -207,6 +232,9 @@ fn killed_worker_is_restarted_and_its_queue_served() {
         .expect("load generator");
     warmup.assert_all_answered_once();
     kill(Pid::from_raw(victim), Signal::SIGSTOP).expect("SIGSTOP the worker");
+    // kill() returns before the group stop is complete: a thread woken from recv() but
+    // not yet stopped could still take a datagram into user space (and die with it).
+    wait_all_threads_stopped(victim);
 
     // Under load, the stopped worker's socket fills up...
     let load = BackgroundLoad::start(&net, steady_load());
@@ -360,7 +388,11 @@ fn invalid_config_on_upgrade_changes_nothing() {
             .unwrap_or_else(|| panic!("{needle:?} not in\n{text}"))
             + 1
     };
-    let path = sup.config_path().display().to_string();
+    // The bad files are separate from the daemon's own config file, so `status` (which
+    // reads the file it is given) keeps working against the good one.
+    let bad_dir = TempDir::new("sup-bad");
+    let bad_path = bad_dir.path().join("echo.toml");
+    let path = bad_path.display().to_string();
     // (what, file contents, what the message must contain besides the file)
     let syntax = toml.replacen("[[listen]]", "[[listen]", 1);
     let unknown = toml.replacen("[[listen]]\n", "[[listen]]\nrecieve_buffer = \"4MiB\"\n", 1);
@@ -398,8 +430,11 @@ fn invalid_config_on_upgrade_changes_nothing() {
     // Message defects are collected so every case's "nothing changed" is still checked.
     let mut bad_messages = Vec::new();
     for (what, contents, expected) in cases {
-        fs::write(sup.config_path(), &contents).unwrap();
-        let out = sup.upgrade();
+        fs::write(&bad_path, &contents).unwrap();
+        let out = output_with_timeout(
+            &mut supervisor_command(&net, &[], &["upgrade"], &bad_path),
+            Duration::from_secs(60),
+        );
         let stderr = text(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -422,7 +457,6 @@ fn invalid_config_on_upgrade_changes_nothing() {
     }
 
     // Nothing was reserved by the refusals: the next good upgrade is generation 2.
-    fs::write(sup.config_path(), &toml).unwrap();
     sup.upgrade_ok();
     sup.wait_settled(2, SETTLE);
     wait_selected(&mut sup, 2, 200);

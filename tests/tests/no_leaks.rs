@@ -121,7 +121,11 @@ fn no_leaks_after_twenty_upgrades() {
         "the layout is <bpffs>/<service>/<listener>/gen-<N>: {:?}",
         before.pins
     );
-    assert_eq!(before.slots, vec![first_map], "one slot, generation 1's array");
+    assert_eq!(
+        before.slots,
+        vec![first_map],
+        "one slot, generation 1's array"
+    );
     assert!(
         before.census.map_ids.contains(&first_map),
         "the supervisor holds generation 1's array: {before:?}"
@@ -130,7 +134,11 @@ fn no_leaks_after_twenty_upgrades() {
     let mut retired = vec![first_map];
     for target in 2..=1 + UPGRADES {
         svc.sup.upgrade_ok();
-        assert!(!svc.gen_pin(target - 1).exists(), "gen-{} still pinned", target - 1);
+        assert!(
+            !svc.gen_pin(target - 1).exists(),
+            "gen-{} still pinned",
+            target - 1
+        );
         retired.push(svc.gen_map_id(target));
     }
     let last = 1 + UPGRADES;
@@ -153,7 +161,8 @@ fn no_leaks_after_twenty_upgrades() {
     println!("after {UPGRADES} upgrades: {after:#?}");
 
     assert_eq!(
-        after.census.kinds, before.census.kinds,
+        after.census.kinds,
+        before.census.kinds,
         "the supervisor's open fds by kind changed over {UPGRADES} upgrades ({} -> {} fds)",
         before.census.total(),
         after.census.total()
@@ -188,7 +197,8 @@ fn no_leaks_after_twenty_upgrades() {
         "GENERATIONS must hold only the serving generation's array"
     );
     assert_eq!(
-        after.processes, before.processes,
+        after.processes,
+        before.processes,
         "processes in the namespace (supervisor + workers): {:?}",
         net.cmdlines()
     );

@@ -76,7 +76,9 @@ impl XdpState {
 
     /// The mode `program_id` runs in on this interface, if it does.
     pub fn mode_of(&self, program_id: u32) -> Option<AttachMode> {
-        self.programs().find(|(id, _)| *id == program_id).map(|(_, mode)| mode)
+        self.programs()
+            .find(|(id, _)| *id == program_id)
+            .map(|(_, mode)| mode)
     }
 }
 
@@ -102,7 +104,12 @@ pub fn xdp_state(ifindex: u32) -> io::Result<XdpState> {
     request.extend_from_slice(&(ifindex as i32).to_ne_bytes());
     request.extend_from_slice(&0u32.to_ne_bytes());
     request.extend_from_slice(&0u32.to_ne_bytes());
-    sendto(fd.as_raw_fd(), &request, &NetlinkAddr::new(0, 0), MsgFlags::empty())?;
+    sendto(
+        fd.as_raw_fd(),
+        &request,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
 
     // One RTM_NEWLINK answers a non-dump request; with all its statistics it stays
     // well below 64 KiB.
@@ -137,13 +144,19 @@ fn parse_reply(mut data: &[u8]) -> io::Result<Option<XdpState>> {
             }
             NLMSG_DONE => return Err(bad("no link in the reply")),
             RTM_NEWLINK => {
-                let attrs = body.get(IFINFOMSG_LEN..).ok_or_else(|| bad("truncated ifinfomsg"))?;
+                let attrs = body
+                    .get(IFINFOMSG_LEN..)
+                    .ok_or_else(|| bad("truncated ifinfomsg"))?;
                 let mut state = XdpState::default();
                 if let Some(xdp) = attributes(attrs).find(|(kind, _)| *kind == IFLA_XDP) {
                     let mut attached = 0u8;
                     let mut single = 0u32;
                     for (kind, value) in attributes(xdp.1) {
-                        let id = || value.get(0..4).map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
+                        let id = || {
+                            value
+                                .get(0..4)
+                                .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+                        };
                         match kind {
                             IFLA_XDP_ATTACHED => attached = value.first().copied().unwrap_or(0),
                             IFLA_XDP_PROG_ID => single = id().unwrap_or(0),
@@ -221,7 +234,14 @@ mod tests {
         let mut attrs = attr(3, b"veth0\0"); // IFLA_IFNAME, skipped
         attrs.extend(attr(IFLA_XDP | 0x8000, &xdp));
         let state = parse_reply(&newlink(&attrs)).unwrap().unwrap();
-        assert_eq!(state, XdpState { native: 0, generic: 42, offload: 0 });
+        assert_eq!(
+            state,
+            XdpState {
+                native: 0,
+                generic: 42,
+                offload: 0
+            }
+        );
         assert_eq!(state.mode_of(42), Some(AttachMode::Generic));
         assert_eq!(state.mode_of(7), None);
     }
@@ -229,7 +249,10 @@ mod tests {
     #[test]
     fn no_program_and_errors() {
         let attrs = attr(IFLA_XDP, &attr(IFLA_XDP_ATTACHED, &[0]));
-        assert_eq!(parse_reply(&newlink(&attrs)).unwrap().unwrap(), XdpState::default());
+        assert_eq!(
+            parse_reply(&newlink(&attrs)).unwrap().unwrap(),
+            XdpState::default()
+        );
         let mut error = Vec::new();
         error.extend_from_slice(&((NLMSG_HDRLEN + 4) as u32).to_ne_bytes());
         error.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());

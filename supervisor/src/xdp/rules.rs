@@ -29,11 +29,19 @@ impl Prefix {
     fn masked(addr: IpAddr, len: u8) -> IpAddr {
         match addr {
             IpAddr::V4(a) => {
-                let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(len))
+                };
                 IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
             }
             IpAddr::V6(a) => {
-                let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(len))
+                };
                 IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
             }
         }
@@ -58,14 +66,13 @@ pub fn parse_prefix(text: &str) -> Result<Prefix, String> {
         format!("{text:?} is not an IPv4 or IPv6 prefix; write e.g. \"192.0.2.0/24\", \"2001:db8::/32\" or a single address")
     })?;
     let max = Prefix::max_len(addr);
-    let len = match len_text {
-        None => max,
-        Some(l) => l
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("{text:?}: prefix length must be a number from 0 to {max}"))?,
-    };
+    let len =
+        match len_text {
+            None => max,
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
+                format!("{text:?}: prefix length must be a number from 0 to {max}")
+            })?,
+        };
     let masked = Prefix::masked(addr, len);
     if masked != addr {
         return Err(format!(
@@ -137,7 +144,10 @@ pub fn compile(config: &XdpConfig, listeners: &[SocketAddr]) -> Result<Ruleset, 
         }
         let burst = rate.burst();
         if burst == 0 || burst > MAX {
-            return Err(error("xdp.rate_limit.burst", format!("{burst} is out of range (1 to {MAX})")));
+            return Err(error(
+                "xdp.rate_limit.burst",
+                format!("{burst} is out of range (1 to {MAX})"),
+            ));
         }
         flags |= RULE_RATE_LIMIT;
         interval = interval_ns(rate.packets_per_second);
@@ -159,7 +169,10 @@ pub fn compile(config: &XdpConfig, listeners: &[SocketAddr]) -> Result<Ruleset, 
     };
     let mut entries: HashMap<Prefix, u32> = HashMap::new();
     if !allow.is_empty() {
-        for any in [IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)] {
+        for any in [
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ] {
             entries.insert(Prefix { addr: any, len: 0 }, VERDICT_NOT_ALLOWED);
         }
     }
@@ -172,15 +185,21 @@ pub fn compile(config: &XdpConfig, listeners: &[SocketAddr]) -> Result<Ruleset, 
     let mut ruleset = Ruleset::default();
     for (prefix, verdict) in entries {
         match prefix.addr {
-            IpAddr::V4(a) => ruleset.v4.push((u32::from(prefix.len), a.octets(), verdict)),
-            IpAddr::V6(a) => ruleset.v6.push((u32::from(prefix.len), a.octets(), verdict)),
+            IpAddr::V4(a) => ruleset
+                .v4
+                .push((u32::from(prefix.len), a.octets(), verdict)),
+            IpAddr::V6(a) => ruleset
+                .v6
+                .push((u32::from(prefix.len), a.octets(), verdict)),
         }
     }
     for (family, count) in [("IPv4", ruleset.v4.len()), ("IPv6", ruleset.v6.len())] {
         if count > MAX_PREFIXES as usize {
             return Err(error(
                 "xdp.deny/xdp.allow",
-                format!("{count} {family} prefixes, more than the {MAX_PREFIXES} one ruleset holds"),
+                format!(
+                    "{count} {family} prefixes, more than the {MAX_PREFIXES} one ruleset holds"
+                ),
             ));
         }
     }
@@ -204,11 +223,17 @@ pub fn compile(config: &XdpConfig, listeners: &[SocketAddr]) -> Result<Ruleset, 
     if keys.len() > MAX_LISTENER_KEYS as usize {
         return Err(error(
             "listen",
-            format!("{} listeners, more than the {} the XDP filter holds", listeners.len(), MAX_LISTENER_KEYS / 2),
+            format!(
+                "{} listeners, more than the {} the XDP filter holds",
+                listeners.len(),
+                MAX_LISTENER_KEYS / 2
+            ),
         ));
     }
     ruleset.listeners = keys.into_iter().map(|key| (key, rule)).collect();
-    ruleset.listeners.sort_by_key(|(key, _)| (key.family, key.addr, key.port));
+    ruleset
+        .listeners
+        .sort_by_key(|(key, _)| (key.family, key.addr, key.port));
     Ok(ruleset)
 }
 
@@ -251,7 +276,10 @@ mod tests {
 
     #[test]
     fn prefixes_parse_and_bad_ones_are_explained() {
-        assert_eq!(parse_prefix("192.0.2.0/24").unwrap().to_string(), "192.0.2.0/24");
+        assert_eq!(
+            parse_prefix("192.0.2.0/24").unwrap().to_string(),
+            "192.0.2.0/24"
+        );
         assert_eq!(parse_prefix("192.0.2.7").unwrap().len, 32);
         assert_eq!(parse_prefix("2001:db8::/32").unwrap().len, 32);
         assert_eq!(parse_prefix("::1").unwrap().len, 128);
@@ -259,7 +287,11 @@ mod tests {
         let err = parse_prefix("10.1.2.3/8").unwrap_err();
         assert!(err.contains("did you mean \"10.0.0.0/8\""), "{err}");
         assert!(parse_prefix("10.0.0.0/33").unwrap_err().contains("0 to 32"));
-        assert!(parse_prefix("example.com").unwrap_err().contains("not an IPv4 or IPv6 prefix"));
+        assert!(
+            parse_prefix("example.com")
+                .unwrap_err()
+                .contains("not an IPv4 or IPv6 prefix")
+        );
         assert!(parse_prefix("2001:db8::/129").is_err());
     }
 
@@ -274,13 +306,19 @@ mod tests {
             packets_per_second: 0,
             burst: None,
         });
-        assert_eq!(compile(&c, &[]).unwrap_err().key, "xdp.rate_limit.packets_per_second");
+        assert_eq!(
+            compile(&c, &[]).unwrap_err().key,
+            "xdp.rate_limit.packets_per_second"
+        );
     }
 
     #[test]
     fn deny_wins_over_allow_in_one_lookup() {
         let ruleset = compile(
-            &config(&["10.0.0.0/8", "10.9.9.0/24"], &["10.1.0.0/16", "10.9.0.0/16", "192.0.2.0/24"]),
+            &config(
+                &["10.0.0.0/8", "10.9.9.0/24"],
+                &["10.1.0.0/16", "10.9.0.0/16", "192.0.2.0/24"],
+            ),
             &[],
         )
         .unwrap();
@@ -313,9 +351,20 @@ mod tests {
             packets_per_second: 1000,
             burst: Some(10),
         });
-        let ruleset = compile(&c, &["10.0.0.1:53".parse().unwrap(), "[::]:53".parse().unwrap()]).unwrap();
-        let keys: Vec<_> = ruleset.listeners.iter().map(|(k, _)| (k.family, k.port)).collect();
-        assert_eq!(keys, vec![(4, [0, 0]), (4, [0, 53]), (6, [0, 0]), (6, [0, 53])]);
+        let ruleset = compile(
+            &c,
+            &["10.0.0.1:53".parse().unwrap(), "[::]:53".parse().unwrap()],
+        )
+        .unwrap();
+        let keys: Vec<_> = ruleset
+            .listeners
+            .iter()
+            .map(|(k, _)| (k.family, k.port))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![(4, [0, 0]), (4, [0, 53]), (6, [0, 0]), (6, [0, 53])]
+        );
         let rule = ruleset.listeners[0].1;
         assert_eq!(rule.flags, RULE_DROP_MALFORMED | RULE_RATE_LIMIT);
         assert_eq!(rule.interval_ns, 1_000_000);

@@ -11,33 +11,35 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::pins::BPFFS_ROOT;
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and starts a thread that waits
-/// for them; on one, it removes this process's leftovers and exits with 128 + signal.
+/// Catches SIGINT, SIGTERM and SIGHUP on a thread of their own; on one, removes this
+/// process's leftovers and exits with 128 + signal.
 ///
-/// Call it first thing in `main`, before any other thread exists: threads inherit the
-/// blocked mask, so the signal can only be taken by the waiting thread. Children are not
-/// affected (std resets the signal mask between fork and exec).
+/// Handlers (signal-hook's self-pipe), not a blocked signal mask with `sigwait`: the mask
+/// would be inherited by every program started from here (std keeps it across exec),
+/// and a supervisor with SIGTERM blocked never stops. Handlers are reset by exec.
 pub fn install_signal_cleanup(program: &'static str) {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block().expect("block SIGINT/SIGTERM/SIGHUP");
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .expect("install signal handlers");
     std::thread::Builder::new()
         .name("signal-cleanup".into())
         .spawn(move || {
-            let Ok(signal) = set.wait() else { return };
-            eprintln!("\n{program}: {signal}, cleaning up (namespaces, pins, temporary files)...");
+            let Some(signal) = signals.forever().next() else {
+                return;
+            };
+            let name =
+                Signal::try_from(signal).map_or_else(|_| signal.to_string(), |s| s.to_string());
+            eprintln!("\n{program}: {name}, cleaning up (namespaces, pins, temporary files)...");
             for line in remove_own_leftovers() {
                 eprintln!("{program}:   {line}");
             }
             eprintln!("{program}: cleaned up");
-            std::process::exit(128 + signal as i32);
+            std::process::exit(128 + signal);
         })
         .expect("spawn the signal thread");
 }

@@ -41,14 +41,18 @@ impl NotifyListener {
         format!("@{}", self.name)
     }
 
-    /// Waits until `pid` sends `READY=1`; `Err` at the timeout.
-    pub fn wait_ready(&self, pid: u32, timeout: Duration) -> Result<(), String> {
+    /// Waits until every one of `pids` has sent `READY=1`; `Err` at the timeout,
+    /// naming those that did not.
+    pub fn wait_ready(&self, pids: &[u32], timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
+        let mut waiting: Vec<u32> = pids.to_vec();
         let mut buf = [0u8; 4096];
-        loop {
+        while !waiting.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!("pid {pid} sent no READY=1 within {timeout:?}"));
+                return Err(format!(
+                    "pids {waiting:?} sent no READY=1 within {timeout:?}"
+                ));
             }
             self.sock
                 .set_read_timeout(Some(left.max(Duration::from_millis(1))))
@@ -72,11 +76,14 @@ impl NotifyListener {
                 })
             });
             let len = msg.bytes;
-            let text = String::from_utf8_lossy(&buf[..len]);
-            if sender == Some(pid as i32) && text.lines().any(|l| l == "READY=1") {
-                return Ok(());
+            if String::from_utf8_lossy(&buf[..len])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
+                waiting.retain(|&p| Some(p as i32) != sender);
             }
         }
+        Ok(())
     }
 }
 
@@ -112,18 +119,39 @@ impl HandWorker {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
-    /// SIGTERM, then waits for the exit (SIGKILL after `timeout`). Returns how long the
-    /// process took to go.
-    pub fn terminate(mut self, timeout: Duration) -> Duration {
-        let start = Instant::now();
-        let mut child = self.child.take().expect("running");
-        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-        if wait_timeout(&mut child, timeout).is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
+    /// Sends SIGTERM and returns at once.
+    pub fn term(&self) {
+        if let Some(c) = &self.child {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
         }
-        start.elapsed()
     }
+
+    /// Waits for the exit, SIGKILLing it after `timeout`; true when it went by itself.
+    pub fn reap(mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        if wait_timeout(&mut child, timeout).is_some() {
+            return true;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+}
+
+/// SIGTERM to all first, then waits for each, as `kill PIDS; wait` would: stopping
+/// them one after the other would lengthen a stop-then-start gap for no reason.
+/// Returns how many had to be SIGKILLed after `timeout`.
+pub fn terminate_all(workers: Vec<HandWorker>, timeout: Duration) -> usize {
+    for w in &workers {
+        w.term();
+    }
+    workers
+        .into_iter()
+        .map(|w| w.reap(timeout))
+        .filter(|&went| !went)
+        .count()
 }
 
 impl Drop for HandWorker {

@@ -94,6 +94,9 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!(median_max(&[]), None);
         assert_eq!(median_max(&[ms(3), ms(1), ms(2)]), Some((ms(2), ms(3))));
-        assert_eq!(median_max(&[ms(4), ms(1), ms(2), ms(3)]), Some((ms(2) + ms(1) / 2, ms(4))));
+        assert_eq!(
+            median_max(&[ms(4), ms(1), ms(2), ms(3)]),
+            Some((ms(2) + ms(1) / 2, ms(4)))
+        );
     }
 }

@@ -25,10 +25,42 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     ))
 }
 
+/// Time all threads of `pid` spent on a CPU, in nanoseconds: the first field of
+/// /proc/PID/task/TID/schedstat, summed. The same quantity as [`cpu_time`] without its
+/// clock-tick rounding (10 ms), which would show an almost idle process as 0 or 1 tick.
+pub fn run_time(pid: u32) -> Option<Duration> {
+    let mut total = 0u64;
+    for e in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let Ok(text) = fs::read_to_string(e.path().join("schedstat")) else {
+            continue; // a thread that just exited
+        };
+        total += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// What a [`CpuMeter`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuUse {
+    /// utime + stime (/proc/PID/stat), clock-tick resolution.
+    pub cpu: Duration,
+    /// Run time from schedstat, nanosecond resolution.
+    pub run: Duration,
+    pub wall: Duration,
+}
+
+impl CpuUse {
+    /// Run time as a percentage of one core.
+    pub fn percent(&self) -> f64 {
+        self.run.as_secs_f64() * 100.0 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
 /// CPU use of `pid` over a stretch of time: start it, do something, call `finish`.
 pub struct CpuMeter {
     pid: u32,
     cpu: Duration,
+    run: Duration,
     wall: Instant,
 }
 
@@ -37,14 +69,18 @@ impl CpuMeter {
         Some(CpuMeter {
             pid,
             cpu: cpu_time(pid)?,
+            run: run_time(pid)?,
             wall: Instant::now(),
         })
     }
 
-    /// (CPU time used, wall time elapsed) since `start`.
-    pub fn finish(&self) -> Option<(Duration, Duration)> {
-        let cpu = cpu_time(self.pid)?.saturating_sub(self.cpu);
-        Some((cpu, self.wall.elapsed()))
+    /// What was used since `start`.
+    pub fn finish(&self) -> Option<CpuUse> {
+        Some(CpuUse {
+            cpu: cpu_time(self.pid)?.saturating_sub(self.cpu),
+            run: run_time(self.pid)?.saturating_sub(self.run),
+            wall: self.wall.elapsed(),
+        })
     }
 }
 
@@ -112,8 +148,10 @@ mod tests {
         while t.elapsed() < Duration::from_millis(50) {
             x = x.wrapping_add(std::hint::black_box(1));
         }
-        let (cpu, wall) = meter.finish().unwrap();
-        assert!(wall >= Duration::from_millis(50) && cpu <= wall + Duration::from_millis(20));
+        let used = meter.finish().unwrap();
+        assert!(used.wall >= Duration::from_millis(50));
+        assert!(used.cpu <= used.wall + Duration::from_millis(20));
+        assert!(used.run > Duration::ZERO && used.percent() > 0.0);
         assert!(machine().contains("CPUs"));
         assert!(clock_ticks() > 0);
         std::hint::black_box(x);

@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{Value, json};
 use supervisor_tests::bench::bpf;
-use supervisor_tests::bench::handrun::{HandWorker, NotifyListener};
-use supervisor_tests::bench::phases::{self, UpgradeTiming, median_max};
-use supervisor_tests::bench::procfs::{self, CpuMeter};
-use supervisor_tests::bench::table::{Table, ms, percent, thousands};
 use supervisor_tests::bench::cleanup;
+use supervisor_tests::bench::handrun::{HandWorker, NotifyListener, terminate_all};
+use supervisor_tests::bench::phases::{self, UpgradeTiming, median_max};
+use supervisor_tests::bench::procfs::{self, CpuMeter, CpuUse};
+use supervisor_tests::bench::table::{Table, ms, percent, thousands};
 use supervisor_tests::plain::run_plain_baseline;
 use supervisor_tests::{
     BackgroundLoad, Balance, LoadConfig, PinDir, Report, ServiceConfig, Supervisor, TempDir,
@@ -157,7 +157,10 @@ fn main() -> ExitCode {
     };
     print!("{markdown}");
     if let Some(path) = &args.json {
-        match std::fs::write(path, serde_json::to_string_pretty(&json).unwrap_or_default()) {
+        match std::fs::write(
+            path,
+            serde_json::to_string_pretty(&json).unwrap_or_default(),
+        ) {
             Ok(()) => eprintln!("bench: wrote {}", path.display()),
             Err(e) => {
                 eprintln!("bench: error: write {}: {e}", path.display());
@@ -279,7 +282,12 @@ fn panic_text(p: &(dyn Any + Send)) -> String {
         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "panic".into());
     // The harness' messages carry the daemon's whole log; a table cell wants one line.
-    text.lines().next().unwrap_or("").chars().take(200).collect()
+    text.lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect()
 }
 
 /// Runs one measurement, reporting progress on stderr; a panic (a harness setup
@@ -529,8 +537,10 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
                     thousands(run.report.sent),
                     thousands(run.report.lost),
                 ]);
-                sj.push(json!({"distribution": format!("supervisor/{mode}"), "per_worker": run.counts,
-                    "selected_per_socket": run.selected, "report": run.report.to_json()}));
+                sj.push(
+                    json!({"distribution": format!("supervisor/{mode}"), "per_worker": run.counts,
+                    "selected_per_socket": run.selected, "report": run.report.to_json()}),
+                );
                 let (runs, ns) = run.cost.unwrap_or((0, None));
                 ct.row([
                     format!("`{}`", bpf::SELECTOR_NAME),
@@ -576,7 +586,9 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
                 thousands(report.sent),
                 thousands(report.lost),
             ]);
-            sj.push(json!({"distribution": "plain", "per_socket": counts, "report": report.to_json()}));
+            sj.push(
+                json!({"distribution": "plain", "per_socket": counts, "report": report.to_json()}),
+            );
         }
         Err(e) => {
             st.row([
@@ -729,14 +741,31 @@ fn throughput(plan: &Plan, addr: SocketAddr) -> Section {
 
 struct LossRun {
     report: Report,
-    /// Upgrades (or restarts) that completed.
+    /// Upgrades (or replacements by hand) that completed.
     done: u32,
     failures: Vec<String>,
     timings: Vec<UpgradeTiming>,
-    /// Wall time of each `supervisor upgrade` call / hand restart.
+    /// Wall time of each `supervisor upgrade` call / replacement by hand.
     walls: Vec<Duration>,
-    cpu: Option<(Duration, Duration)>,
+    /// Old workers that had to be SIGKILLed (by hand only).
+    killed: usize,
+    cpu: Option<CpuUse>,
     rss_kib: Option<(u64, u64)>,
+}
+
+impl LossRun {
+    fn new(report: Report) -> LossRun {
+        LossRun {
+            report,
+            done: 0,
+            failures: Vec::new(),
+            timings: Vec::new(),
+            walls: Vec::new(),
+            killed: 0,
+            cpu: None,
+            rss_kib: None,
+        }
+    }
 }
 
 fn load_cfg(plan: &Plan, addr: SocketAddr) -> LoadConfig {
@@ -745,6 +774,12 @@ fn load_cfg(plan: &Plan, addr: SocketAddr) -> LoadConfig {
         .rate(plan.upgrade_rate)
 }
 
+/// Traffic runs from half a second before the first replacement to a fifth of a second
+/// after the last one (time for the last stragglers), so every replacement happens
+/// under load and the steady state around them is small.
+const LEAD_IN: Duration = Duration::from_millis(500);
+const LEAD_OUT: Duration = Duration::from_millis(200);
+
 fn upgrades_supervisor(plan: &Plan, addr: SocketAddr) -> LossRun {
     let stage = Stage::new();
     let mut sup = Supervisor::start(&stage.net, stage.config(addr, plan.workers, "random"));
@@ -752,16 +787,8 @@ fn upgrades_supervisor(plan: &Plan, addr: SocketAddr) -> LossRun {
     let rss_before = procfs::rss_kib(pid);
     let meter = CpuMeter::start(pid);
     let load = BackgroundLoad::start(&stage.net, load_cfg(plan, addr));
-    std::thread::sleep(Duration::from_millis(500));
-    let mut run = LossRun {
-        report: Report::default(),
-        done: 0,
-        failures: Vec::new(),
-        timings: Vec::new(),
-        walls: Vec::new(),
-        cpu: None,
-        rss_kib: None,
-    };
+    std::thread::sleep(LEAD_IN);
+    let mut run = LossRun::new(Report::default());
     for i in 0..plan.upgrades {
         let t = Instant::now();
         let out = sup.upgrade();
@@ -782,7 +809,7 @@ fn upgrades_supervisor(plan: &Plan, addr: SocketAddr) -> LossRun {
         }
         std::thread::sleep(plan.upgrade_gap);
     }
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(LEAD_OUT);
     run.report = load.finish();
     run.cpu = meter.and_then(|m| m.finish());
     run.rss_kib = rss_before.zip(procfs::rss_kib(pid));
@@ -790,49 +817,63 @@ fn upgrades_supervisor(plan: &Plan, addr: SocketAddr) -> LossRun {
     run
 }
 
-/// The two hand-run baselines: `stop_first` = stop-then-start, else
-/// start-new-then-stop-old.
-fn upgrades_by_hand(plan: &Plan, addr: SocketAddr, stop_first: bool) -> LossRun {
+/// How a service is replaced by hand.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ByHand {
+    /// Nothing is replaced: the same traffic for as long, as a control (at a rate the
+    /// workers cannot keep up with, this is where loss without any restart shows).
+    Control,
+    /// SIGTERM every old worker, wait until they are gone, start the new ones.
+    StopThenStart,
+    /// Start the new workers, wait until every one said READY=1, SIGTERM the old ones.
+    StartThenStop,
+}
+
+/// The baselines: `plan.workers` processes of `echo-worker --bind ADDR` in one plain
+/// SO_REUSEPORT group (as many as the supervisor runs), replaced as a whole.
+fn upgrades_by_hand(plan: &Plan, addr: SocketAddr, how: ByHand) -> LossRun {
     let net = TestNet::new();
     let notify = NotifyListener::new(&net);
     let ready = Duration::from_secs(10);
-    let start = |net: &TestNet| {
-        let w = HandWorker::spawn(net, addr, &notify);
-        notify
-            .wait_ready(w.pid(), ready)
-            .unwrap_or_else(|e| panic!("echo-worker --bind {addr}: {e}"));
-        w
-    };
-    let mut worker = start(&net);
-    let load = BackgroundLoad::start(&net, load_cfg(plan, addr));
-    std::thread::sleep(Duration::from_millis(500));
-    let mut walls = Vec::new();
     let kill_after = Duration::from_secs(5);
+    let start = |net: &TestNet| {
+        let ws: Vec<HandWorker> = (0..plan.workers)
+            .map(|_| HandWorker::spawn(net, addr, &notify))
+            .collect();
+        let pids: Vec<u32> = ws.iter().map(HandWorker::pid).collect();
+        notify
+            .wait_ready(&pids, ready)
+            .unwrap_or_else(|e| panic!("echo-worker --bind {addr}: {e}"));
+        ws
+    };
+    let mut workers = start(&net);
+    let load = BackgroundLoad::start(&net, load_cfg(plan, addr));
+    std::thread::sleep(LEAD_IN);
+    let mut run = LossRun::new(Report::default());
     for _ in 0..plan.upgrades {
         let t = Instant::now();
-        if stop_first {
-            worker.terminate(kill_after);
-            worker = start(&net);
-        } else {
-            let new = start(&net);
-            worker.terminate(kill_after);
-            worker = new;
+        match how {
+            ByHand::Control => {
+                // As long as a replacement by hand takes, give or take.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ByHand::StopThenStart => {
+                run.killed += terminate_all(std::mem::take(&mut workers), kill_after);
+                workers = start(&net);
+            }
+            ByHand::StartThenStop => {
+                let new = start(&net);
+                run.killed += terminate_all(std::mem::replace(&mut workers, new), kill_after);
+            }
         }
-        walls.push(t.elapsed());
+        run.walls.push(t.elapsed());
+        run.done += 1;
         std::thread::sleep(plan.upgrade_gap);
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let report = load.finish();
-    drop(worker);
-    LossRun {
-        report,
-        done: plan.upgrades,
-        failures: Vec::new(),
-        timings: Vec::new(),
-        walls,
-        cpu: None,
-        rss_kib: None,
-    }
+    std::thread::sleep(LEAD_OUT);
+    run.report = load.finish();
+    drop(workers);
+    run
 }
 
 fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
@@ -859,26 +900,56 @@ fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
     ]);
     let mut j = Vec::new();
     let mut sup_run = None;
-    let methods: [(&str, u8); 3] = [
-        ("supervisor upgrade (4 workers, balance = random)", 0),
-        ("stop-then-start: SIGTERM old, start new", 1),
+    let methods = [
         (
-            "start-new-then-stop-old: start new, wait READY=1, SIGTERM old",
-            2,
+            format!(
+                "supervisor upgrade ({} workers, balance = random)",
+                plan.workers
+            ),
+            None,
+        ),
+        (
+            format!(
+                "by hand, control: nothing replaced ({} workers)",
+                plan.workers
+            ),
+            Some(ByHand::Control),
+        ),
+        (
+            format!(
+                "by hand, stop-then-start: SIGTERM {0} old, start {0} new",
+                plan.workers
+            ),
+            Some(ByHand::StopThenStart),
+        ),
+        (
+            format!(
+                "by hand, start-new-then-stop-old: start {0} new, all READY=1, SIGTERM {0} old",
+                plan.workers
+            ),
+            Some(ByHand::StartThenStop),
         ),
     ];
-    for (label, which) in methods {
-        let r = measure(&format!("loss across upgrades: {label}"), || match which {
-            0 => upgrades_supervisor(plan, addr),
-            1 => upgrades_by_hand(plan, addr, true),
-            _ => upgrades_by_hand(plan, addr, false),
+    for (label, how) in methods {
+        let r = measure(&format!("loss across upgrades: {label}"), || match how {
+            None => upgrades_supervisor(plan, addr),
+            Some(how) => upgrades_by_hand(plan, addr, how),
         });
         match r {
             Ok(run) => {
-                let median = median_max(&run.walls).map(|(m, _)| ms(m)).unwrap_or_default();
-                let mut label = label.to_string();
+                let median = if how == Some(ByHand::Control) {
+                    "-".into()
+                } else {
+                    median_max(&run.walls)
+                        .map(|(m, _)| ms(m))
+                        .unwrap_or_default()
+                };
+                let mut label = label.clone();
                 if run.done < plan.upgrades {
                     label += &format!(" ({} of {} succeeded)", run.done, plan.upgrades);
+                }
+                if run.killed > 0 {
+                    label += &format!(" ({} needed SIGKILL)", run.killed);
                 }
                 t.row([
                     label.clone(),
@@ -894,12 +965,12 @@ fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
                 }
                 j.push(json!({"method": label, "replacements": run.done, "report": run.report.to_json(),
                     "wall_ms": run.walls.iter().map(|w| w.as_secs_f64() * 1000.0).collect::<Vec<_>>()}));
-                if which == 0 {
+                if how.is_none() {
                     sup_run = Some(run);
                 }
             }
             Err(e) => {
-                t.row([label.to_string(), format!("failed: {e}")]);
+                t.row([label.clone(), format!("failed: {e}")]);
             }
         }
     }
@@ -942,15 +1013,19 @@ fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
                 None => tt.row([label.to_string(), "-".into(), "-".into(), "0".into()]),
             };
         }
-        let list = |v: &Vec<Duration>| v.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>();
+        let list = |v: &Vec<Duration>| {
+            v.iter()
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .collect::<Vec<_>>()
+        };
         tj = json!({"flip_ms": list(&flips), "gone_ms": list(&gones), "drain_ms": list(&drains), "wall_ms": list(&run.walls),
-            "supervisor_cpu_ms": run.cpu.map(|(c, _)| c.as_secs_f64() * 1000.0),
+            "supervisor_cpu_ms": run.cpu.map(|c| c.run.as_secs_f64() * 1000.0),
             "supervisor_rss_kib_before_after": run.rss_kib});
-        if let (Some((cpu, wall)), Some((before, after))) = (run.cpu, run.rss_kib) {
+        if let (Some(cpu), Some((before, after))) = (run.cpu, run.rss_kib) {
             timing.notes.push(format!(
-                "the supervisor used {:.0} ms of CPU over these {:.1} s ({} upgrades); its RSS went from {} KiB to {} KiB",
-                cpu.as_secs_f64() * 1000.0,
-                wall.as_secs_f64(),
+                "the supervisor ran {:.1} ms on a CPU over these {:.1} s ({} upgrades); its RSS went from {} KiB to {} KiB",
+                cpu.run.as_secs_f64() * 1000.0,
+                cpu.wall.as_secs_f64(),
                 run.done,
                 thousands(before),
                 thousands(after)
@@ -973,11 +1048,19 @@ fn footprint(plan: &Plan, addr: SocketAddr) -> Section {
         plan.workers
     ));
     s.intro.push(format!(
-        "VmRSS from /proc/PID/status; CPU = utime + stime from /proc/PID/stat over the interval (resolution {} ms). \
+        "VmRSS from /proc/PID/status. CPU over the interval: utime + stime from /proc/PID/stat (in {} ms ticks), and \
+         the run time of all its threads from /proc/PID/task/*/schedstat (ns), which the percentage uses. \
          Datagrams never pass through the supervisor: the kernel hands them to the workers' sockets.",
         1000 / procfs::clock_ticks()
     ));
-    let mut t = Table::new(&["state", ">RSS", ">CPU time", ">CPU (% of one core)"]);
+    let mut t = Table::new(&[
+        "state",
+        ">interval",
+        ">RSS",
+        ">utime + stime",
+        ">run time",
+        ">CPU (% of one core)",
+    ]);
     let r = measure("footprint", || {
         let stage = Stage::new();
         let mut sup = Supervisor::start(&stage.net, stage.config(addr, plan.workers, "random"));
@@ -1007,35 +1090,40 @@ fn footprint(plan: &Plan, addr: SocketAddr) -> Section {
     });
     match r {
         Ok((idle, idle_rss, busy, peak, report)) => {
-            let row = |label: String, rss: u64, (cpu, wall): (Duration, Duration)| {
+            let row = |label: String, rss: u64, used: CpuUse| {
                 [
                     label,
+                    format!("{:.1} s", used.wall.as_secs_f64()),
                     format!("{} KiB", thousands(rss)),
-                    format!("{:.0} ms in {:.1} s", cpu.as_secs_f64() * 1000.0, wall.as_secs_f64()),
-                    format!("{:.2}%", cpu.as_secs_f64() * 100.0 / wall.as_secs_f64().max(1e-9)),
+                    format!("{:.0} ms", used.cpu.as_secs_f64() * 1000.0),
+                    format!("{:.1} ms", used.run.as_secs_f64() * 1000.0),
+                    format!("{:.2}%", used.percent()),
                 ]
             };
             t.row(row("idle".into(), idle_rss, idle));
             t.row(row(
                 format!(
-                    "under load ({}/s, {} answered, peak RSS)",
+                    "under load: {}/s from 4 flows ({} sent, {} lost); peak RSS",
                     thousands(plan.footprint_rate),
-                    thousands(report.received)
+                    thousands(report.sent),
+                    thousands(report.lost)
                 ),
                 peak,
                 busy,
             ));
-            s.json = json!({"idle": {"rss_kib": idle_rss, "cpu_ms": idle.0.as_secs_f64() * 1000.0, "secs": idle.1.as_secs_f64()},
-                "load": {"rss_kib": peak, "cpu_ms": busy.0.as_secs_f64() * 1000.0, "secs": busy.1.as_secs_f64(),
-                "rate": plan.footprint_rate, "report": report.to_json()}});
+            let j = |rss: u64, u: CpuUse| {
+                json!({"rss_kib": rss, "utime_stime_ms": u.cpu.as_secs_f64() * 1000.0,
+                    "run_ms": u.run.as_secs_f64() * 1000.0, "secs": u.wall.as_secs_f64()})
+            };
+            s.json = json!({"idle": j(idle_rss, idle), "load": j(peak, busy),
+                "load_rate": plan.footprint_rate, "load_report": report.to_json()});
         }
         Err(e) => {
             t.row(["footprint".to_string(), format!("failed: {e}")]);
         }
     }
-    s.notes.push(
-        "CPU during upgrades: see the note under the upgrade timing.".into(),
-    );
+    s.notes
+        .push("CPU during upgrades: see the note under the upgrade timing.".into());
     s.tables.push(t);
     s
 }
@@ -1060,7 +1148,8 @@ fn xdp_figures(addr: SocketAddr) -> Result<Table, String> {
     let mut cfg = service_config(addr, 1, "random", &pins, &runtime);
     // Appended after `[[listen]]`, so it starts a table of its own.
     cfg.extra_toml = "[xdp]\ninterface = \"lo\"".into();
-    config_accepted(&cfg).map_err(|why| format!("the supervisor does not accept `[xdp]` yet ({why})"))?;
+    config_accepted(&cfg)
+        .map_err(|why| format!("the supervisor does not accept `[xdp]` yet ({why})"))?;
     Err("the supervisor accepts `[xdp]`, but the benchmark does not measure it yet (see `xdp_figures` in tests/src/bin/bench.rs)".into())
 }
 

@@ -120,7 +120,10 @@ fn run(args: &Args, balance: Balance) -> bool {
     let pins = PinDir::new();
     let runtime = TempDir::new("sup-run");
     let config = ServiceConfig::echo(args.workers, addr, &pins, runtime.path()).balance(balance);
-    section(1, "the configuration (built in; paths are this run's private directories)");
+    section(
+        1,
+        "the configuration (built in; paths are this run's private directories)",
+    );
     for line in config.to_toml().lines() {
         println!("    {line}");
     }
@@ -246,7 +249,11 @@ fn run(args: &Args, balance: Balance) -> bool {
     } else {
         println!(
             "Result: NOT clean: {}{}. ({:.1} s in all)",
-            if upgrade_ok { "" } else { "the upgrade failed; " },
+            if upgrade_ok {
+                ""
+            } else {
+                "the upgrade failed; "
+            },
             if no_loss {
                 "no datagram lost"
             } else {
@@ -290,8 +297,14 @@ fn upgrade_live(sup: &Supervisor<'_>) -> (bool, Vec<Phase>) {
         .expect("spawn `supervisor upgrade`");
     let (tx, rx) = mpsc::channel::<(bool, String)>();
     let readers = [
-        child.stdout.take().map(|s| (false, Box::new(s) as Box<dyn std::io::Read + Send>)),
-        child.stderr.take().map(|s| (true, Box::new(s) as Box<dyn std::io::Read + Send>)),
+        child
+            .stdout
+            .take()
+            .map(|s| (false, Box::new(s) as Box<dyn std::io::Read + Send>)),
+        child
+            .stderr
+            .take()
+            .map(|s| (true, Box::new(s) as Box<dyn std::io::Read + Send>)),
     ];
     for (is_err, stream) in readers.into_iter().flatten() {
         let tx = tx.clone();

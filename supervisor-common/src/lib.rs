@@ -36,6 +36,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const FLOWS: &str = "FLOWS";
     pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
+    pub const PROBES: &str = "PROBES";
 }
 
 /// Program names, as the eBPF object declares them.
@@ -97,7 +98,10 @@ pub mod control_index {
     /// array read is several times cheaper per datagram than a time helper. 0 (no
     /// supervisor ticking) makes the selector read the kernel's clock instead.
     pub const CLOCK_MS: u32 = SLOT_GENERATION + super::GENERATION_SLOTS;
-    pub const ENTRIES: u32 = CLOCK_MS + 1;
+    /// Non-zero while readiness probes are under way (`ready = "probe"`): only
+    /// then does the selector look datagrams up in `PROBES`.
+    pub const PROBE_ACTIVE: u32 = CLOCK_MS + 1;
+    pub const ENTRIES: u32 = PROBE_ACTIVE + 1;
 }
 
 /// Parameters of the flow and cookie modes, one `u64` word in `CONTROL`.
@@ -166,6 +170,24 @@ pub struct FlowEntry {
 /// How often the supervisor advances `CONTROL[CLOCK_MS]`; flow idle times are
 /// measured at this resolution.
 pub const CLOCK_TICK_MS: u64 = 10;
+
+/// Where a readiness probe goes. `PROBES` maps the UDP source port of one of the
+/// supervisor's probe sockets (network byte order, as in the packet) to this; the
+/// source address must match too, so a remote client that happens to use the
+/// same port is not steered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// The probe socket's address (IPv4 in `addr[0]`), network byte order.
+    pub addr: [u32; 4],
+    /// 4 or 6.
+    pub family: u8,
+    pub slot: u8,
+    pub socket: u16,
+}
+
+/// Probes that can be under way at once (one per worker of a generation).
+pub const MAX_PROBES: u32 = MAX_SOCKETS;
 
 /// Default `flow_table_size`.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65536;
@@ -272,6 +294,7 @@ pub mod pin_names {
     pub const COUNTERS: &str = "counters";
     pub const FLOWS: &str = "flows";
     pub const FLOW_COUNTERS: &str = "flow_counters";
+    pub const PROBES: &str = "probes";
     /// Prefix of a generation's socket array: `gen-<N>`.
     pub const GENERATION_PREFIX: &str = "gen-";
 }
@@ -320,6 +343,8 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowEntry {}
     unsafe impl aya::Pod for super::FlowCounters {}
+    // SAFETY: 16 + 1 + 1 + 2 bytes, no padding.
+    unsafe impl aya::Pod for super::ProbeTarget {}
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_F_MMAPABLE, bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
-    btf_maps::{Array, ArrayOfMaps, LruHashMap, PerCpuArray, ReusePortSockArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray},
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_skb_load_bytes,
         bpf_skb_load_bytes_relative,
@@ -30,8 +30,8 @@ use aya_ebpf::{
 };
 use supervisor_common::{
     BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FlowCounters, FlowEntry,
-    FlowKey, GENERATION_SLOTS, MAX_SOCKETS, Settings, SocketCounters, control_index, counter_index,
-    parse_cookie,
+    FlowKey, GENERATION_SLOTS, MAX_PROBES, MAX_SOCKETS, ProbeTarget, Settings, SocketCounters,
+    control_index, counter_index, parse_cookie,
 };
 
 #[btf_map]
@@ -54,6 +54,10 @@ static FLOWS: LruHashMap<FlowKey, FlowEntry, { DEFAULT_FLOW_TABLE_SIZE as usize 
 
 #[btf_map]
 static FLOW_COUNTERS: PerCpuArray<FlowCounters, 1> = PerCpuArray::new();
+
+/// Readiness probes under way: probe socket's source port -> target socket.
+#[btf_map]
+static PROBES: HashMap<u16, ProbeTarget, { MAX_PROBES as usize }> = HashMap::new();
 
 /// `ETH_P_IP` / `ETH_P_IPV6` as `sk_reuseport_md.eth_protocol` holds them
 /// (network byte order in a host-order u32).
@@ -81,6 +85,11 @@ fn word(index: u32) -> u64 {
 
 #[inline(always)]
 fn select(ctx: &SkReuseportContext) {
+    // Before anything else, and even before the first generation serves: a probe
+    // must reach the (not yet working) socket it tests.
+    if word(control_index::PROBE_ACTIVE) != 0 && steer_probe(ctx) {
+        return;
+    }
     let control = Control::from_word(word(control_index::WORD));
     let sockets = control.socket_count as u32;
     if sockets == 0 {
@@ -202,6 +211,30 @@ fn select_cookie(ctx: &SkReuseportContext, working_slot: u32, sockets: u32) {
     }
     flow_count(|c| c.cookie_invalid += 1);
     select_in(ctx, working_slot, random_below(sockets), false);
+}
+
+/// Steers a datagram from one of the supervisor's probe sockets to the socket it
+/// probes. Only runs while `PROBE_ACTIVE` is set (during an upgrade's readiness
+/// phase), so its hash lookup is not on the normal path.
+#[inline(always)]
+fn steer_probe(ctx: &SkReuseportContext) -> bool {
+    let data = ctx.data();
+    if data + 2 > ctx.data_end() {
+        return false;
+    }
+    // SAFETY: bounds-checked against data_end just above.
+    let port = unsafe { core::ptr::read_unaligned(data as *const u16) };
+    let Some(target) = (unsafe { PROBES.get(port) }) else {
+        return false;
+    };
+    let target = *target;
+    let Some(key) = flow_key(ctx) else {
+        return false;
+    };
+    if key.family != target.family as u16 || key.addr != target.addr {
+        return false;
+    }
+    select_in(ctx, target.slot as u32, target.socket as u32, false)
 }
 
 /// The remote address and port of the datagram.

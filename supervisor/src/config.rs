@@ -53,6 +53,14 @@ pub struct ServiceConfig {
     pub runtime_dir: PathBuf,
     #[serde(default = "defaults::bpffs")]
     pub bpffs: PathBuf,
+    /// `ready = "probe"`: the datagram sent to each new worker's first socket of the
+    /// first listener; any answer means ready. Text as is, or `hex:` and hex digits
+    /// for a binary request (a DNS query, say).
+    #[serde(
+        default = "defaults::probe_payload",
+        deserialize_with = "probe_payload"
+    )]
+    pub probe_payload: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -63,6 +71,9 @@ pub enum ReadyMode {
     Notify,
     /// The worker is ready as soon as it has been exec'd.
     Exec,
+    /// The worker is ready when it answers `probe_payload` sent to its first
+    /// socket (the selector steers the probe there before the flip).
+    Probe,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +147,9 @@ mod defaults {
     pub fn receive_buffer() -> u64 {
         4 << 20
     }
+    pub fn probe_payload() -> Vec<u8> {
+        b"supervisor readiness probe".to_vec()
+    }
     pub fn flow_idle() -> Duration {
         Duration::from_secs(30)
     }
@@ -172,6 +186,34 @@ fn signal<'de, D: Deserializer<'de>>(d: D) -> Result<nix::sys::signal::Signal, D
             "unknown signal {text:?}; write e.g. \"SIGTERM\" or \"SIGUSR2\""
         ))
     })
+}
+
+fn probe_payload<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    let text = String::deserialize(d)?;
+    let bytes = match text.strip_prefix("hex:") {
+        None => text.into_bytes(),
+        Some(hex) => {
+            let digits: Vec<char> = hex.chars().filter(|c| !c.is_whitespace()).collect();
+            if digits.len() % 2 != 0 {
+                return Err(de::Error::custom(
+                    "hex probe_payload needs an even number of digits",
+                ));
+            }
+            digits
+                .chunks(2)
+                .map(|pair| {
+                    let pair: String = pair.iter().collect();
+                    u8::from_str_radix(&pair, 16).map_err(|_| {
+                        de::Error::custom(format!("{pair:?} is not a hex byte in probe_payload"))
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    if bytes.is_empty() {
+        return Err(de::Error::custom("probe_payload must not be empty"));
+    }
+    Ok(bytes)
 }
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -492,6 +534,20 @@ address = "127.0.0.1:5300"
             .replace("[[listen]]", "[[listen]]\nsockets_per_worker = 2");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("listen[0].sockets_per_worker"), "{err}");
+    }
+
+    #[test]
+    fn probe_payload_takes_text_or_hex() {
+        let text = MINIMAL.replace(
+            "command =",
+            "ready = \"probe\"\nprobe_payload = \"hex:00 ff 10\"\ncommand =",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.service.ready, ReadyMode::Probe);
+        assert_eq!(config.service.probe_payload, vec![0, 0xff, 0x10]);
+        let err = parse(&MINIMAL.replace("command =", "probe_payload = \"hex:0g\"\ncommand ="))
+            .unwrap_err();
+        assert!(err.to_string().contains("probe_payload"), "{err}");
     }
 
     #[test]

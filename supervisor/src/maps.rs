@@ -19,7 +19,8 @@ use aya::{
 };
 use supervisor_common::{
     COUNTER_ENTRIES, Control, FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_SOCKETS,
-    Settings, SocketCounters, control_index, counter_index, map_names, pin_names, program_names,
+    ProbeTarget, Settings, SocketCounters, control_index, counter_index, map_names, pin_names,
+    program_names,
 };
 
 use crate::{ebpf::SELECTOR_OBJECT, error::InputError, sys::ControlWord};
@@ -39,6 +40,7 @@ pub struct ListenerDataplane {
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     flow_counters: PerCpuArray<MapData, FlowCounters>,
     flow_capacity: u32,
+    probes: HashMap<MapData, u16, ProbeTarget>,
     control: ControlWord,
 }
 
@@ -133,6 +135,7 @@ impl ListenerDataplane {
             map_names::FLOW_COUNTERS,
             pin_names::FLOW_COUNTERS,
         )?;
+        let probes = take(&mut ebpf, map_names::PROBES, pin_names::PROBES)?;
 
         let generations_fd = map_data(&generations)
             .fd()
@@ -156,6 +159,7 @@ impl ListenerDataplane {
             flows: HashMap::try_from(flows)?,
             flow_counters: PerCpuArray::try_from(flow_counters)?,
             flow_capacity: flow_table_size,
+            probes: HashMap::try_from(probes)?,
             control,
         })
     }
@@ -246,6 +250,50 @@ impl ListenerDataplane {
 
     pub fn settings(&self) -> Settings {
         Settings::from_word(self.control.load(control_index::SETTINGS))
+    }
+
+    /// Steers datagrams from the probe socket bound to `source` to socket `socket`
+    /// of `slot` (see `ProbeTarget`).
+    pub fn add_probe(
+        &mut self,
+        source: std::net::SocketAddr,
+        slot: u32,
+        socket: u32,
+    ) -> Result<()> {
+        let mut addr = [0u32; 4];
+        let family = match source.ip() {
+            std::net::IpAddr::V4(ip) => {
+                addr[0] = u32::from_ne_bytes(ip.octets());
+                4
+            }
+            std::net::IpAddr::V6(ip) => {
+                for (word, chunk) in addr.iter_mut().zip(ip.octets().chunks_exact(4)) {
+                    *word = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
+                }
+                6
+            }
+        };
+        let target = ProbeTarget {
+            addr,
+            family,
+            slot: slot as u8,
+            socket: socket as u16,
+        };
+        // The key is the port as it stands in the packet (network byte order).
+        self.probes
+            .insert(source.port().to_be(), target, 0)
+            .context("registering a readiness probe")?;
+        Ok(())
+    }
+
+    pub fn remove_probe(&mut self, source: std::net::SocketAddr) {
+        let _ = self.probes.remove(&source.port().to_be());
+    }
+
+    /// Turns the selector's probe lookup on or off.
+    pub fn set_probing(&self, active: bool) {
+        self.control
+            .store(control_index::PROBE_ACTIVE, u64::from(active));
     }
 
     /// Advances the selector's clock word (see `control_index::CLOCK_MS`).
@@ -345,6 +393,7 @@ fn map_data(map: &Map) -> &MapData {
     match map {
         Map::Array(m)
         | Map::LruHashMap(m)
+        | Map::HashMap(m)
         | Map::ArrayOfMaps(m)
         | Map::PerCpuArray(m)
         | Map::ReusePortSockArray(m) => m,

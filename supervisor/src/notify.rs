@@ -60,7 +60,7 @@ impl Registry {
         self.routes.lock().unwrap().remove(&pid);
     }
 
-    fn deliver(&self, pid: i32, message: NotifyMessage) {
+    pub(crate) fn deliver(&self, pid: i32, message: NotifyMessage) {
         match self.routes.lock().unwrap().get(&pid) {
             Some(route) => {
                 let _ = route.send(message);

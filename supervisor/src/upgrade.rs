@@ -221,7 +221,13 @@ pub async fn run(
         teardown(shared, number, progress).await;
         return Err(e);
     }
-    if let Err(e) = wait_ready(shared, number, ready_timeout, progress).await {
+    let probes = (config.service.ready == crate::config::ReadyMode::Probe)
+        .then(|| start_probes(shared, number, &config, progress));
+    let ready = wait_ready(shared, number, ready_timeout, progress).await;
+    if let Some(probes) = probes {
+        stop_probes(shared, probes);
+    }
+    if let Err(e) = ready {
         progress.emit(format!("generation {number}: failed: {e:#}"));
         teardown(shared, number, progress).await;
         return Err(e);
@@ -479,6 +485,121 @@ async fn wait_ready(
             );
         }
     }
+}
+
+/// `ready = "probe"`: one task per worker that sends `probe_payload` from a
+/// socket of the supervisor's to the first listener's address until an answer
+/// comes back, then reports the worker ready. The selector steers each probe
+/// socket's datagrams to its worker's first socket (`PROBES`), which is not
+/// receiving traffic yet.
+struct Probes {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sources: Arc<Mutex<Vec<std::net::SocketAddr>>>,
+}
+
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+fn start_probes(shared: &Shared, number: u32, config: &Config, progress: &Progress) -> Probes {
+    let sources = Arc::new(Mutex::new(Vec::new()));
+    let listener = &config.listeners[0];
+    // Probe from the listener's own address (loopback for a wildcard listener), so
+    // the datagram is local delivery to the listener.
+    let target = {
+        let mut target = listener.address;
+        if target.ip().is_unspecified() {
+            target.set_ip(match target {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        target
+    };
+    let (slot, workers, registry) = {
+        let state = shared.lock().unwrap();
+        state.dataplanes[0].set_probing(true);
+        let generation = state.generations.iter().find(|g| g.number == number);
+        let workers: Vec<_> = generation
+            .map(|g| {
+                g.workers
+                    .iter()
+                    .map(|w| (w.index, w.status.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            generation.map(|g| g.slot).unwrap_or(0),
+            workers,
+            state.registry.clone(),
+        )
+    };
+    progress.emit(format!(
+        "generation {number}: probing {} workers at {target}",
+        workers.len()
+    ));
+    let tasks = workers
+        .into_iter()
+        .map(|(index, mut status)| {
+            let shared = shared.clone();
+            let sources = sources.clone();
+            let registry = registry.clone();
+            let payload = config.service.probe_payload.clone();
+            let socket_index = index * listener.sockets_per_worker;
+            tokio::spawn(async move {
+                let Ok(pid) = status
+                    .wait_for(|s| s.pid.is_some())
+                    .await
+                    .map(|s| s.pid.unwrap_or(0))
+                else {
+                    return;
+                };
+                let socket = match tokio::net::UdpSocket::bind((target.ip(), 0)).await {
+                    Ok(socket) => socket,
+                    Err(e) => return tracing::error!("probe socket: {e}"),
+                };
+                if let Err(e) = socket.connect(target).await {
+                    return tracing::error!("probe connect {target}: {e}");
+                }
+                let Ok(source) = socket.local_addr() else {
+                    return;
+                };
+                sources.lock().unwrap().push(source);
+                if let Err(e) =
+                    shared.lock().unwrap().dataplanes[0].add_probe(source, slot, socket_index)
+                {
+                    return tracing::error!("{e:#}");
+                }
+                let mut reply = vec![0u8; 65536];
+                loop {
+                    let _ = socket.send(&payload).await;
+                    if let Ok(Ok(_)) =
+                        tokio::time::timeout(PROBE_INTERVAL, socket.recv(&mut reply)).await
+                    {
+                        // The same path a READY=1 from the worker takes.
+                        registry.deliver(
+                            pid,
+                            crate::notify::NotifyMessage {
+                                ready: true,
+                                ..Default::default()
+                            },
+                        );
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    Probes { tasks, sources }
+}
+
+fn stop_probes(shared: &Shared, probes: Probes) {
+    for task in &probes.tasks {
+        task.abort();
+    }
+    let mut state = shared.lock().unwrap();
+    for source in probes.sources.lock().unwrap().iter() {
+        state.dataplanes[0].remove_probe(*source);
+    }
+    state.dataplanes[0].set_probing(false);
 }
 
 /// Resolves when any of the watched statuses changes.

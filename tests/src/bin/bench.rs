@@ -4,8 +4,8 @@
 //! Every measurement gets a fresh network namespace, pin directory and runtime
 //! directory (the test harness), so one cannot disturb the next. Prints markdown on
 //! stdout (progress goes to stderr); `--json FILE` also writes the raw figures.
-//! Run it as root through `scripts/bench.sh` (release build); `--quick` takes about a
-//! minute, the default three to five.
+//! Run it as root through `scripts/bench.sh` (release build); on a 2-core machine the
+//! default run takes about two minutes, `--quick` under one.
 //!
 //! Figures: spread of one sender over 4 workers; the selector's cost per datagram
 //! (kernel BPF statistics); throughput with and without the selector on the same
@@ -41,7 +41,7 @@ use supervisor_tests::{
     about = "Benchmark of the UDP upgrade supervisor against plain SO_REUSEPORT (run as root; markdown on stdout)."
 )]
 struct Args {
-    /// About one minute instead of three to five: fewer datagrams, shorter runs, fewer upgrades.
+    /// Under a minute instead of about two: fewer datagrams, shorter runs, fewer upgrades.
     #[arg(long)]
     quick: bool,
     /// Also write every figure as JSON to this file.
@@ -100,11 +100,13 @@ impl Plan {
                 .spread_count
                 .unwrap_or(if q { 200_000 } else { 1_000_000 }),
             spread_rate: a.spread_rate.unwrap_or(100_000),
-            throughput: Duration::from_secs_f64(a.throughput_secs.unwrap_or(if q {
+            // Negative or NaN seconds become zero, which `check` refuses.
+            throughput: Duration::try_from_secs_f64(a.throughput_secs.unwrap_or(if q {
                 2.0
             } else {
                 5.0
-            })),
+            }))
+            .unwrap_or_default(),
             upgrades: a.upgrades.unwrap_or(if q { 3 } else { 10 }),
             upgrade_rate: a.upgrade_rate.unwrap_or(20_000),
             upgrade_flows: a.upgrade_flows.unwrap_or(4),
@@ -113,6 +115,19 @@ impl Plan {
             footprint_rate: 50_000,
             only: a.only.clone(),
         }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.spread_count == 0 || self.spread_rate == 0 || self.upgrade_rate == 0 {
+            return Err("counts and rates must be positive".into());
+        }
+        if self.upgrade_flows == 0 {
+            return Err("--upgrade-flows must be at least 1".into());
+        }
+        if self.throughput.is_zero() {
+            return Err("--throughput-secs must be positive".into());
+        }
+        Ok(())
     }
 
     fn wants(&self, figure: &str) -> bool {
@@ -141,6 +156,10 @@ fn main() -> ExitCode {
         }
     }
     let plan = Plan::from(&args);
+    if let Err(e) = plan.check() {
+        eprintln!("bench: error: {e}");
+        return ExitCode::from(2);
+    }
     // Measurement failures are caught per figure (and reported in the table); a panic
     // that still gets here has unwound through the harness' drops. Whatever might be
     // left is swept up by name.
@@ -148,14 +167,13 @@ fn main() -> ExitCode {
     for l in cleanup::remove_own_leftovers() {
         eprintln!("bench: cleanup: {l}");
     }
-    let (markdown, json) = match result {
-        Ok(r) => r,
+    let json = match result {
+        Ok(j) => j,
         Err(p) => {
             eprintln!("bench: failed: {}", panic_text(&*p));
             return ExitCode::from(1);
         }
     };
-    print!("{markdown}");
     if let Some(path) = &args.json {
         match std::fs::write(
             path,
@@ -173,6 +191,8 @@ fn main() -> ExitCode {
 
 /// One figure's output.
 struct Section {
+    /// Stable key of the figure in the JSON output.
+    id: &'static str,
     title: String,
     intro: Vec<String>,
     tables: Vec<Table>,
@@ -181,8 +201,9 @@ struct Section {
 }
 
 impl Section {
-    fn new(title: impl Into<String>) -> Section {
+    fn new(id: &'static str, title: impl Into<String>) -> Section {
         Section {
+            id,
             title: title.into(),
             intro: Vec::new(),
             tables: Vec::new(),
@@ -212,64 +233,69 @@ impl Section {
     }
 }
 
-fn run(plan: &Plan) -> (String, Value) {
+/// Runs the figures, printing the markdown report as it goes (a figure's section as
+/// soon as it is measured, so an interrupted run still shows what it got). Returns the
+/// JSON document.
+fn run(plan: &Plan) -> Value {
     let started = Instant::now();
     let addr: SocketAddr = ADDR.parse().expect("valid address");
     let machine = procfs::machine();
     let rev = procfs::git_revision().unwrap_or_else(|| "unknown".into());
     let sysctl_before = bpf::stats_sysctl();
     eprintln!("bench: {machine}");
+    println!("# udp-supervisor benchmark\n");
+    println!("- machine: {machine}");
+    println!("- build: release, git {rev}");
+    println!(
+        "- run: {}; every figure and its baseline measured in this run, each in a fresh network namespace",
+        if plan.quick { "--quick" } else { "full" },
+    );
+    println!(
+        "- kernel.bpf_stats_enabled before: {} (statistics are turned on only during the cost runs, through a BPF_ENABLE_STATS fd)\n",
+        sysctl_before.as_deref().unwrap_or("?"),
+    );
 
     let mut sections = Vec::new();
+    let mut emit = |s: Section| {
+        let mut md = String::new();
+        s.render(&mut md);
+        print!("{md}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        sections.push(s);
+    };
     if plan.wants("spread") {
         let (spread, cost) = spread_and_cost(plan, addr);
-        sections.push(spread);
-        sections.push(cost);
+        emit(spread);
+        emit(cost);
     }
     if plan.wants("throughput") {
-        sections.push(throughput(plan, addr));
+        emit(throughput(plan, addr));
     }
     if plan.wants("upgrades") {
         let (loss, timing) = upgrades(plan, addr);
-        sections.push(loss);
-        sections.push(timing);
+        emit(loss);
+        emit(timing);
     }
     if plan.wants("footprint") {
-        sections.push(footprint(plan, addr));
+        emit(footprint(plan, addr));
     }
     if plan.wants("xdp") {
-        sections.push(xdp(plan, addr));
+        emit(xdp(plan, addr));
     }
     let sysctl_after = bpf::stats_sysctl();
-
-    let mut md = String::new();
-    let _ = writeln!(md, "# udp-supervisor benchmark\n");
-    let _ = writeln!(md, "- machine: {machine}");
-    let _ = writeln!(md, "- build: release, git {rev}");
-    let _ = writeln!(
-        md,
-        "- run: {}, {:.0} s in all; every figure and its baseline measured in this run, each in a fresh network namespace",
-        if plan.quick { "--quick" } else { "full" },
-        started.elapsed().as_secs_f64()
+    println!(
+        "---\n\nFinished in {:.0} s; kernel.bpf_stats_enabled after: {}.",
+        started.elapsed().as_secs_f64(),
+        sysctl_after.as_deref().unwrap_or("?")
     );
-    let _ = writeln!(
-        md,
-        "- kernel.bpf_stats_enabled: {} before, {} after (statistics were on only during the cost runs, through a BPF_ENABLE_STATS fd)\n",
-        sysctl_before.as_deref().unwrap_or("?"),
-        sysctl_after.as_deref().unwrap_or("?"),
-    );
-    for s in &sections {
-        s.render(&mut md);
-    }
-    let json = json!({
+    json!({
         "machine": machine,
         "git": rev,
         "quick": plan.quick,
         "seconds": started.elapsed().as_secs_f64(),
         "bpf_stats_enabled": {"before": sysctl_before, "after": sysctl_after},
-        "figures": sections.iter().map(|s| json!({"title": s.title, "data": s.json})).collect::<Vec<_>>(),
-    });
-    (md, json)
+        "figures": sections.iter().map(|s| json!({"id": s.id, "title": s.title, "data": s.json})).collect::<Vec<_>>(),
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -304,7 +330,8 @@ fn measure<T>(label: &str, f: impl FnOnce() -> T) -> Result<T, String> {
     r
 }
 
-/// A fresh namespace, pin directory and runtime directory, and a supervisor in them.
+/// A fresh namespace, pin directory and runtime directory for one measurement (the
+/// supervisor borrows the namespace, so it is started next to this, not in it).
 struct Stage {
     net: TestNet,
     pins: PinDir,
@@ -446,18 +473,24 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
     let (modes, refused) = supported_modes(addr);
     let n = plan.spread_count;
     let rate = plan.spread_rate;
-    let mut spread = Section::new(format!(
-        "Spread: one sender (one 4-tuple), {} workers, {} datagrams at {}/s",
-        plan.workers,
-        thousands(n),
-        thousands(rate)
-    ));
+    let mut spread = Section::new(
+        "spread",
+        format!(
+            "Spread: one sender (one 4-tuple), {} workers, {} datagrams at {}/s",
+            plan.workers,
+            thousands(n),
+            thousands(rate)
+        ),
+    );
     spread.intro.push(
         "Share of the replies each worker sent (max and min over the workers; 25% each is even). \
          The selector's per-socket `selected` counters agree with the replies unless noted."
             .into(),
     );
-    let mut cost = Section::new("Selector cost per datagram (kernel BPF statistics)");
+    let mut cost = Section::new(
+        "selector_cost",
+        "Selector cost per datagram (kernel BPF statistics)",
+    );
     cost.intro.push(format!(
         "`run_time_ns / run_cnt` of this run's `{}` program (found by its pin), as deltas over the spread runs above; \
          BPF statistics add two clock reads per run, which are included.",
@@ -495,12 +528,15 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
                 .run_in(|| loadgen::run(&LoadConfig::new(addr).count(n).rate(rate)))
                 .expect("load generator");
             let after = id.as_ref().ok().and_then(|&i| bpf::prog_stats(i).ok());
-            drop(stats_fd);
+            // Statistics off again (unless someone else holds them on) before the
+            // next figure, which they would slow down.
+            let stats_fd = stats_fd.map(drop);
             let status = sup.status_json();
             sup.stop();
-            let (cost, cost_error) = match (&id, before, after) {
-                (Ok(_), Some(b), Some(a)) => (Some(a.since(&b)), None),
+            let (cost, cost_error) = match (&id, &stats_fd, before, after) {
                 (Err(e), ..) => (None, Some(e.clone())),
+                (_, Err(e), ..) => (None, Some(format!("BPF_ENABLE_STATS: {e}"))),
+                (Ok(_), Ok(_), Some(b), Some(a)) => (Some(a.since(&b)), None),
                 _ => (None, Some("program statistics unreadable".into())),
             };
             SpreadRun {
@@ -604,6 +640,13 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
         "-".into(),
         "0 (nothing runs)".into(),
     ]);
+    if modes.contains(&"hash") || modes.contains(&"flow") {
+        spread.notes.push(
+            "hash and flow keep one sender on one worker by design (hash: the 4-tuple hash, like the kernel; \
+             flow: sticky per remote address and port); random and cookie spread it."
+                .into(),
+        );
+    }
     for (mode, why) in &refused {
         spread.notes.push(format!(
             "balance = {mode}: not measured, this supervisor refuses it ({why})"
@@ -623,7 +666,8 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
     }
     if modes.contains(&"flow") {
         cost.notes.push(
-            "flow: one sender is one flow, so after the first datagram every run is an LRU hit (the cheap path)."
+            "flow: one sender is one flow, so after the first datagram every run is a flow-table hit (lookup, \
+             generation check, selection), never an insertion."
                 .into(),
         );
     }
@@ -639,15 +683,19 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
 
 fn throughput(plan: &Plan, addr: SocketAddr) -> Section {
     let secs = plan.throughput;
-    let mut s = Section::new(format!(
-        "Throughput: flat out for {:.0} s, {} workers (echo-worker processes under the supervisor)",
-        secs.as_secs_f64(),
-        plan.workers
-    ));
+    let mut s = Section::new(
+        "throughput",
+        format!(
+            "Throughput: flat out for {:.0} s, {} workers (echo-worker processes under the supervisor)",
+            secs.as_secs_f64(),
+            plan.workers
+        ),
+    );
     s.intro.push(
         "Received/s = distinct datagrams answered per second of sending. \"No program\" is the same supervisor, \
          sockets and workers with the selector detached from the reuseport group before the traffic \
-         (the kernel then picks by 4-tuple hash): the difference is the selector alone."
+         (the kernel then picks by 4-tuple hash): the difference is the selector's doing, its cost per datagram \
+         and its spreading one flow over all workers."
             .into(),
     );
     let mut t = Table::new(&[
@@ -877,12 +925,15 @@ fn upgrades_by_hand(plan: &Plan, addr: SocketAddr, how: ByHand) -> LossRun {
 }
 
 fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
-    let mut loss = Section::new(format!(
-        "Loss across {} upgrades at {}/s ({} flows)",
-        plan.upgrades,
-        thousands(plan.upgrade_rate),
-        plan.upgrade_flows
-    ));
+    let mut loss = Section::new(
+        "upgrade_loss",
+        format!(
+            "Loss across {} upgrades at {}/s ({} flows)",
+            plan.upgrades,
+            thousands(plan.upgrade_rate),
+            plan.upgrade_flows
+        ),
+    );
     loss.intro.push(format!(
         "Steady traffic while the service is replaced {} times ({} ms apart). Baselines: `echo-worker --bind {ADDR}` run by hand \
          on a plain SO_REUSEPORT socket, no eBPF, exiting at once on SIGTERM like most services.",
@@ -981,11 +1032,14 @@ fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
     loss.tables.push(t);
     loss.json = json!(j);
 
-    let mut timing = Section::new(format!(
-        "Upgrade timing ({} upgrades under {}/s)",
-        plan.upgrades,
-        thousands(plan.upgrade_rate)
-    ));
+    let mut timing = Section::new(
+        "upgrade_timing",
+        format!(
+            "Upgrade timing ({} upgrades under {}/s)",
+            plan.upgrades,
+            thousands(plan.upgrade_rate)
+        ),
+    );
     timing.intro.push(
         "From the phase lines of `supervisor upgrade` (times counted by the daemon from the request). \
          The old generation is gone once its queues are empty, its workers (drain signal, then 200 ms idle read \
@@ -1043,10 +1097,13 @@ fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
 // Footprint
 
 fn footprint(plan: &Plan, addr: SocketAddr) -> Section {
-    let mut s = Section::new(format!(
-        "Footprint of the supervisor process ({} workers not included)",
-        plan.workers
-    ));
+    let mut s = Section::new(
+        "footprint",
+        format!(
+            "Footprint of the supervisor process ({} workers not included)",
+            plan.workers
+        ),
+    );
     s.intro.push(format!(
         "VmRSS from /proc/PID/status. CPU over the interval: utime + stime from /proc/PID/stat (in {} ms ticks), and \
          the run time of all its threads from /proc/PID/task/*/schedstat (ns), which the percentage uses. \
@@ -1154,7 +1211,7 @@ fn xdp_figures(addr: SocketAddr) -> Result<Table, String> {
 }
 
 fn xdp(_plan: &Plan, addr: SocketAddr) -> Section {
-    let mut s = Section::new("XDP filter");
+    let mut s = Section::new("xdp", "XDP filter");
     match xdp_figures(addr) {
         Ok(t) => s.tables.push(t),
         Err(why) => {

@@ -194,7 +194,7 @@ fn probe_payload<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         None => text.into_bytes(),
         Some(hex) => {
             let digits: Vec<char> = hex.chars().filter(|c| !c.is_whitespace()).collect();
-            if digits.len() % 2 != 0 {
+            if !digits.len().is_multiple_of(2) {
                 return Err(de::Error::custom(
                     "hex probe_payload needs an even number of digits",
                 ));

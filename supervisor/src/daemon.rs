@@ -247,8 +247,12 @@ async fn event_loop(
     let mut sighup = signal(SignalKind::hangup())?;
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
-    let mut clock = tokio::time::interval(Duration::from_millis(supervisor_common::CLOCK_TICK_MS));
-    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The selector's flow clock (see `control_index::CLOCK_MS`) ticks only while a
+    // listener uses `flow`; otherwise the word is 0 and the selector reads the
+    // kernel's clock, and the daemon only wakes up to look again now and then.
+    let clock = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(clock);
+    let mut clock_ticking = true;
     let config_path = Arc::new(Mutex::new(config_path));
     let mut upgrades: Vec<JoinHandle<()>> = Vec::new();
     loop {
@@ -285,10 +289,17 @@ async fn event_loop(
                     }
                 });
             }
-            _ = clock.tick() => {
-                for dataplane in &shared.lock().unwrap().dataplanes {
-                    dataplane.tick_clock();
+            _ = &mut clock => {
+                let state = shared.lock().unwrap();
+                let flow = state.config.listeners.iter().any(|l| l.balance.0 == supervisor_common::BalanceMode::Flow);
+                if flow || clock_ticking {
+                    for dataplane in &state.dataplanes {
+                        dataplane.tick_clock(flow);
+                    }
                 }
+                clock_ticking = flow;
+                let period = if flow { Duration::from_millis(supervisor_common::CLOCK_TICK_MS) } else { CLOCK_IDLE_CHECK };
+                clock.as_mut().reset(tokio::time::Instant::now() + period);
             }
             _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
                 systemd::watchdog();
@@ -413,6 +424,9 @@ async fn serve_connection(
     }
     Ok(())
 }
+
+/// Without a `flow` listener, how often the event loop checks whether one appeared.
+const CLOCK_IDLE_CHECK: Duration = Duration::from_millis(500);
 
 /// How long the CLI waits for the daemon's answer to a status request.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(10);

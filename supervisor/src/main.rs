@@ -57,6 +57,18 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let cli = Cli::parse();
+    // A launcher may hand us a blocked signal mask (systemd resets it, others do
+    // not); the daemon must see SIGTERM, SIGINT, SIGHUP and SIGCHLD whatever it was.
+    let mut wanted = nix::sys::signal::SigSet::empty();
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGCHLD,
+    ] {
+        wanted.add(signal);
+    }
+    let _ = wanted.thread_unblock();
     // One thread: see daemon.rs for why.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -296,16 +296,27 @@ impl ListenerDataplane {
             .store(control_index::PROBE_ACTIVE, u64::from(active));
     }
 
-    /// Advances the selector's clock word (see `control_index::CLOCK_MS`).
-    pub fn tick_clock(&self) {
-        self.control
-            .store(control_index::CLOCK_MS, monotonic_coarse_ms());
+    /// Advances the selector's clock word (see `control_index::CLOCK_MS`), or with
+    /// `running == false` stops it (0: the selector reads the kernel's clock,
+    /// the same CLOCK_MONOTONIC_COARSE, so entries stamped either way compare).
+    pub fn tick_clock(&self, running: bool) {
+        let now = if running { monotonic_coarse_ms() } else { 0 };
+        self.control.store(control_index::CLOCK_MS, now);
+    }
+
+    /// The selector's idea of now for flow ages: the clock word, or the same
+    /// clock read here when the word is not ticking.
+    fn flow_clock_ms(&self) -> u64 {
+        match self.control.load(control_index::CLOCK_MS) {
+            0 => monotonic_coarse_ms(),
+            now => now,
+        }
     }
 
     /// Flow-table entries per generation that are not idle yet.
     pub fn live_flows(&self) -> std::collections::BTreeMap<u32, u64> {
         let idle_ms = u64::from(self.settings().flow_idle_ms);
-        let now = self.control.load(control_index::CLOCK_MS);
+        let now = self.flow_clock_ms();
         let mut flows = std::collections::BTreeMap::new();
         for entry in self.flows.iter().flatten() {
             let (_, value) = entry;

@@ -36,9 +36,18 @@ pub fn watchdog() {
 }
 
 /// How often to ping the watchdog: half the interval systemd expects, or None.
+///
+/// Written out rather than `sd_notify::watchdog_enabled`, which also demands
+/// `WATCHDOG_PID`: sd_watchdog_enabled(3) applies the watchdog to this process
+/// when `WATCHDOG_PID` is unset, and only refuses when it names another process.
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 /// Removes the supervisor's own systemd variables so its workers do not inherit them.

@@ -669,12 +669,18 @@ fn flip(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>) ->
 /// socket on another CPU for a few microseconds.
 const QUEUE_QUIET_POLLS: u32 = 3;
 const QUEUE_POLL: Duration = Duration::from_millis(10);
+/// Of `drain_timeout`, what waiting for idle flows leaves (at most) for the drain
+/// signal and the workers' exit.
+const DRAIN_RESERVE: Duration = Duration::from_secs(5);
 
 /// Drains and retires generation `number`, which no longer receives new datagrams.
 pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progress: &Progress) {
     let deadline = tokio::time::Instant::now() + drain_timeout;
     tokio::time::sleep(QUEUE_POLL).await;
-    wait_for_affinity_idle(shared, number, deadline, progress).await;
+    // Flows may hold the old generation for most of drain_timeout, but not all of
+    // it: its workers still need time to empty their queues and exit.
+    let reserve = (drain_timeout / 4).min(DRAIN_RESERVE);
+    wait_for_affinity_idle(shared, number, deadline - reserve, progress).await;
 
     // 1. Let the old workers (still under Serve, restarted if they crash) empty
     //    their queues. Only then signal them: a worker that exits at once on

@@ -149,8 +149,9 @@ mod tests {
             x = x.wrapping_add(std::hint::black_box(1));
         }
         let used = meter.finish().unwrap();
+        // Only "it moved": the other test threads of this process run meanwhile, so
+        // the process's CPU time may well exceed the wall time.
         assert!(used.wall >= Duration::from_millis(50));
-        assert!(used.cpu <= used.wall + Duration::from_millis(20));
         assert!(used.run > Duration::ZERO && used.percent() > 0.0);
         assert!(machine().contains("CPUs"));
         assert!(clock_ticks() > 0);

@@ -21,6 +21,10 @@ pub enum Request {
     },
     Status,
     Stop,
+    /// Replace the supervisor process image with `binary`, keeping everything.
+    Reexec {
+        binary: PathBuf,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

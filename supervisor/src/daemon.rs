@@ -37,6 +37,10 @@ use crate::{
 };
 
 pub async fn run(config_path: &Path) -> Result<()> {
+    crate::reexec::image_started();
+    if let Some(handoff) = std::env::var_os(crate::reexec::HANDOFF_ENV) {
+        return run_adopted(config_path, Path::new(&handoff)).await;
+    }
     let config = Config::load(config_path)?;
     let service = config.service.name.clone();
 
@@ -46,7 +50,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             config.service.runtime_dir.display()
         ))
     })?;
-    let _lock = lock(&config)?;
+    let lock = lock(&config)?;
     let spec = Arc::new(worker_spec(&config, String::new())?);
     bpffs::ensure(&config.service.bpffs)?;
 
@@ -91,6 +95,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     };
 
     let notify = NotifySocket::bind(&service)?;
+    let notify_fd = notify.raw_fd();
     let spec = Arc::new(WorkerSpec {
         notify_socket: notify.env_value.clone(),
         ..(*spec).clone()
@@ -121,8 +126,88 @@ pub async fn run(config_path: &Path) -> Result<()> {
         )));
     }
     systemd::ready(&format!("generation {first} serving"));
+    serve(shared, config_path, listener, lock, notify_fd).await
+}
 
-    let result = event_loop(&shared, config_path.to_path_buf(), listener).await;
+/// The start of a re-exec'd image: everything taken over, nothing started.
+async fn run_adopted(config_path: &Path, handoff_path: &Path) -> Result<()> {
+    let adopted = crate::reexec::read(handoff_path)?;
+    let config = Config::load(config_path)?;
+    let lock = Flock::lock(File::from(adopted.lock), FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| anyhow::anyhow!("re-taking the service lock: {e}"))?;
+    let pin_dir = config.pin_dir();
+    let dataplanes = config
+        .listeners
+        .iter()
+        .map(|l| ListenerDataplane::adopt(&l.name, &pin_dir.join(&l.name)))
+        .collect::<Result<Vec<_>>>()?;
+    let xdp = match &config.xdp {
+        Some(xdp) => Some(crate::xdp::XdpFilter::start(
+            xdp,
+            &pin_dir,
+            &config.listener_addresses(),
+        )?),
+        None => None,
+    };
+    let notify = NotifySocket::from_fd(adopted.notify, adopted.handoff.notify_name.clone())?;
+    let notify_fd = notify.raw_fd();
+    let registry = Registry::default();
+    tokio::spawn(notify.serve(registry.clone()));
+    let listener = std::os::unix::net::UnixListener::from(adopted.control);
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+    let inherited_env = std::env::vars()
+        .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
+        .collect();
+    let spec = Arc::new(crate::reexec::spec(&adopted.handoff, inherited_env)?);
+    let generation = crate::reexec::adopt_generation(
+        &adopted.handoff,
+        adopted.sockets,
+        &pin_dir,
+        &spec,
+        &registry,
+    )?;
+    let number = generation.number;
+    let workers = generation.workers.len();
+    let shared: Shared = Arc::new(Mutex::new(State {
+        config,
+        dataplanes,
+        generations: vec![generation],
+        next_generation: adopted.handoff.next_generation,
+        upgrading_to: None,
+        spec,
+        registry,
+        xdp,
+    }));
+    tracing::info!("re-executed: adopted generation {number} and its {workers} workers");
+    systemd::ready(&format!("generation {number} serving"));
+    serve(shared, config_path, listener, lock, notify_fd).await
+}
+
+/// The event loop, then the shutdown that follows it.
+async fn serve(
+    shared: Shared,
+    config_path: &Path,
+    listener: tokio::net::UnixListener,
+    lock: Flock<File>,
+    notify_fd: std::os::fd::RawFd,
+) -> Result<()> {
+    let (service, pin_dir, control_path) = {
+        let state = shared.lock().unwrap();
+        (
+            state.config.service.name.clone(),
+            state.config.pin_dir(),
+            state.config.control_socket(),
+        )
+    };
+    let result = event_loop(
+        &shared,
+        config_path.to_path_buf(),
+        listener,
+        &lock,
+        notify_fd,
+    )
+    .await;
 
     let drain_timeout = shared.lock().unwrap().config.service.drain_timeout;
     systemd::stopping("draining all generations");
@@ -130,6 +215,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     unpin_everything(&shared, &pin_dir);
     let _ = std::fs::remove_file(&control_path);
     tracing::info!("service {service}: stopped");
+    drop(lock);
     result
 }
 
@@ -235,12 +321,19 @@ fn resolve_program(name: &str) -> Option<PathBuf> {
 
 enum Command {
     Stop,
+    /// Exec `binary` in place (see `reexec`); the sender hears why if it fails.
+    Reexec {
+        binary: PathBuf,
+        reply: tokio::sync::oneshot::Sender<String>,
+    },
 }
 
 async fn event_loop(
     shared: &Shared,
     config_path: PathBuf,
     listener: tokio::net::UnixListener,
+    lock: &Flock<File>,
+    notify_fd: std::os::fd::RawFd,
 ) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -270,7 +363,21 @@ async fn event_loop(
                     }
                 }));
             }
-            Some(Command::Stop) = commands.recv() => { tracing::info!("stop requested"); break; }
+            Some(command) = commands.recv() => match command {
+                Command::Stop => { tracing::info!("stop requested"); break; }
+                Command::Reexec { binary, reply } => {
+                    let path = config_path.lock().unwrap().clone();
+                    let fds = crate::reexec::DaemonFds {
+                        lock: std::os::fd::AsRawFd::as_raw_fd(&**lock),
+                        notify: notify_fd,
+                        control: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                    };
+                    // Only returns if the exec did not happen.
+                    let why = reexec_now(shared, &path, &binary, &fds);
+                    tracing::error!("re-exec refused or failed: {why}");
+                    let _ = reply.send(why);
+                }
+            },
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
                     Ok(conn) => conn,
@@ -310,6 +417,42 @@ async fn event_loop(
         task.abort();
     }
     Ok(())
+}
+
+/// Checks, writes the handoff and execs `binary`; returns why not if it did not.
+fn reexec_now(
+    shared: &Shared,
+    config_path: &Path,
+    binary: &Path,
+    fds: &crate::reexec::DaemonFds,
+) -> String {
+    // The new image re-reads the config: refuse now rather than fail after exec.
+    let state = shared.lock().unwrap();
+    match Config::load(config_path) {
+        Ok(config) => {
+            if let Err(e) = upgrade::check_compatible(&state.config, &config) {
+                return e.to_string();
+            }
+        }
+        Err(e) => return e.to_string(),
+    }
+    if resolve_program(&binary.to_string_lossy()).is_none() {
+        return format!("{} is not an executable file", binary.display());
+    }
+    let (handoff, kept) = match crate::reexec::prepare(&state, config_path, fds) {
+        Ok(prepared) => prepared,
+        Err(e) => return format!("{e:#}"),
+    };
+    drop(state);
+    tracing::info!(
+        "re-executing {} (pid {} stays)",
+        binary.display(),
+        std::process::id()
+    );
+    systemd::status(&format!("re-executing {}", binary.display()));
+    let error = crate::reexec::exec(binary, config_path, &handoff);
+    crate::reexec::abort(&handoff, &kept);
+    format!("exec {}: {error}", binary.display())
 }
 
 /// Re-reads the config and upgrades. `InputError`s mean nothing changed.
@@ -378,6 +521,31 @@ async fn serve_connection(
                 },
             )
             .await?;
+        }
+        Request::Reexec { binary } => {
+            let (reply, failed) = tokio::sync::oneshot::channel();
+            control::send(
+                &mut stream,
+                &Event::Phase {
+                    at_ms: 0,
+                    text: format!("re-executing {}", binary.display()),
+                },
+            )
+            .await?;
+            let _ = commands.send(Command::Reexec { binary, reply });
+            // On success this process image is gone and the connection closes
+            // with it; an answer here means the exec did not happen.
+            if let Ok(why) = failed.await {
+                // Nothing changed (the handoff was undone): a refusal.
+                control::send(
+                    &mut stream,
+                    &Event::Error {
+                        exit_code: 2,
+                        message: why,
+                    },
+                )
+                .await?;
+            }
         }
         Request::Stop => {
             let _ = commands.send(Command::Stop);

@@ -18,6 +18,7 @@ pub mod ebpf;
 pub mod error;
 pub mod maps;
 pub mod notify;
+pub mod reexec;
 pub mod sockets;
 pub mod status;
 pub mod sys;

@@ -45,6 +45,15 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Replace the running supervisor with a (new) supervisor binary, in place:
+    /// same pid, same workers, sockets and pins; no datagram is disturbed.
+    Reexec {
+        #[arg(long)]
+        config: PathBuf,
+        /// The binary to exec; by default this one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -83,6 +92,7 @@ fn main() -> ExitCode {
             Command::Upgrade { config } => upgrade(&config).await,
             Command::Status { config, json } => status_command(&config, json).await,
             Command::Stop { config } => stop(&config).await,
+            Command::Reexec { config, binary } => reexec(&config, binary).await,
         }
     });
     ExitCode::from(code as u8)
@@ -158,6 +168,79 @@ async fn status_command(path: &std::path::Path, json: bool) -> i32 {
             EXIT_FAILED
         }
     }
+}
+
+async fn reexec(path: &std::path::Path, binary: Option<PathBuf>) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    let binary = match binary.map(Ok).unwrap_or_else(std::env::current_exe) {
+        Ok(binary) => std::fs::canonicalize(&binary).unwrap_or(binary),
+        Err(e) => return fail(&anyhow::anyhow!("cannot tell which binary to exec: {e}")),
+    };
+    let socket = config.control_socket();
+    let before = match status_json(&socket).await {
+        Ok(status) => status,
+        Err(e) => return fail(&e),
+    };
+    let mut refused = None;
+    let result = control::call(
+        &socket,
+        &Request::Reexec {
+            binary: binary.clone(),
+        },
+        |event| match event {
+            Event::Phase { text, .. } => println!("{text}"),
+            Event::Error { exit_code, message } => refused = Some((exit_code, message)),
+            _ => {}
+        },
+    )
+    .await;
+    if let Some((code, message)) = refused {
+        eprintln!("error: re-exec refused: {message}");
+        return code;
+    }
+    if let Err(e) = result {
+        return fail(&e);
+    }
+    // The connection closed with the old image. Wait for the new one to answer.
+    let deadline = std::time::Instant::now() + daemon::STATUS_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if let Ok(after) = status_json(&socket).await
+            && after.image_started_unix_ms != before.image_started_unix_ms
+        {
+            let serving: Vec<String> = after
+                .generations
+                .iter()
+                .map(|g| format!("{} {}", g.generation, g.state))
+                .collect();
+            println!(
+                "re-exec succeeded: supervisor pid {} now runs {}; generation {}",
+                after.pid,
+                binary.display(),
+                serving.join(", ")
+            );
+            return 0;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "error: the re-executed supervisor did not answer within {:?}",
+        daemon::STATUS_TIMEOUT
+    );
+    EXIT_FAILED
+}
+
+async fn status_json(socket: &std::path::Path) -> anyhow::Result<status::Status> {
+    let mut status = None;
+    control::call(socket, &Request::Status, |event| {
+        if let Event::Status { status: value } = event {
+            status = serde_json::from_value(value).ok();
+        }
+    })
+    .await?;
+    status.ok_or_else(|| anyhow::anyhow!("no status from the supervisor"))
 }
 
 async fn stop(path: &std::path::Path) -> i32 {

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuValues, ReusePortSockArray},
-    programs::SkReuseport,
+    programs::{SkReuseport, sk_reuseport::SkReuseportAttachType},
     util::nr_cpus,
 };
 use supervisor_common::{
@@ -31,8 +31,8 @@ const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
 pub struct ListenerDataplane {
     pub listener: String,
     pub dir: PathBuf,
-    /// Keeps the loaded program (and with it the maps) alive.
-    ebpf: Ebpf,
+    /// The selector, opened from its pin.
+    program: SkReuseport,
     generations: ArrayOfMaps<MapData, MapData>,
     /// A second fd on `GENERATIONS`, for deleting slots (see `sys::bpf_map_delete_u32`).
     generations_fd: std::os::fd::OwnedFd,
@@ -59,6 +59,18 @@ impl Drop for GenerationArray {
 }
 
 impl GenerationArray {
+    /// Opens generation `generation`'s pinned socket array (after a re-exec).
+    pub fn adopt(dir: &Path, generation: u32, slot: u32) -> Result<GenerationArray> {
+        let pin = dir.join(format!("{}{generation}", pin_names::GENERATION_PREFIX));
+        let map = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        Ok(GenerationArray {
+            generation,
+            slot,
+            pin,
+            _map: map,
+        })
+    }
+
     /// Removes the `gen-<N>` pin. The map itself lives on while the `GENERATIONS`
     /// slot still refers to it (until a later generation takes the slot); its
     /// sockets leave it by themselves when they close.
@@ -126,40 +138,70 @@ impl ListenerDataplane {
                 .with_context(|| format!("pinning {}", path.display()))?;
             Ok(map)
         };
-        let control = take(&mut ebpf, map_names::CONTROL, pin_names::CONTROL)?;
-        let generations = take(&mut ebpf, map_names::GENERATIONS, pin_names::GENERATIONS)?;
-        let counters = take(&mut ebpf, map_names::COUNTERS, pin_names::COUNTERS)?;
-        let flows = take(&mut ebpf, map_names::FLOWS, pin_names::FLOWS)?;
-        let flow_counters = take(
-            &mut ebpf,
-            map_names::FLOW_COUNTERS,
-            pin_names::FLOW_COUNTERS,
-        )?;
-        let probes = take(&mut ebpf, map_names::PROBES, pin_names::PROBES)?;
+        for (name, pin) in [
+            (map_names::CONTROL, pin_names::CONTROL),
+            (map_names::GENERATIONS, pin_names::GENERATIONS),
+            (map_names::COUNTERS, pin_names::COUNTERS),
+            (map_names::FLOWS, pin_names::FLOWS),
+            (map_names::FLOW_COUNTERS, pin_names::FLOW_COUNTERS),
+        ] {
+            take(&mut ebpf, name, pin)?;
+        }
+        take(&mut ebpf, map_names::PROBES, pin_names::PROBES)?;
+        // Everything is pinned: from here on this run holds the same handles a
+        // re-exec'd supervisor adopts.
+        drop(ebpf);
+        let dataplane = Self::adopt(listener, dir)?;
+        dataplane
+            .control
+            .store(control_index::WORD, Control::NONE.to_word());
+        dataplane
+            .control
+            .store(control_index::CLOCK_MS, monotonic_coarse_ms());
+        Ok(dataplane)
+    }
 
+    /// Opens a listener's selector and maps from their pins in `dir`, as they are:
+    /// traffic keeps flowing through them while a supervisor re-execs.
+    pub fn adopt(listener: &str, dir: &Path) -> Result<ListenerDataplane> {
+        let open = |pin: &str| -> Result<Map> {
+            let path = dir.join(pin);
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            Map::from_map_data(data)
+                .with_context(|| format!("{} is not a map this build knows", path.display()))
+        };
+        let program =
+            SkReuseport::from_pin(dir.join(pin_names::SELECTOR), SkReuseportAttachType::Select)
+                .with_context(|| format!("opening the selector pinned in {}", dir.display()))?;
+        let control = open(pin_names::CONTROL)?;
+        let generations = open(pin_names::GENERATIONS)?;
+        let flows = open(pin_names::FLOWS)?;
         let generations_fd = map_data(&generations)
             .fd()
             .as_fd()
             .try_clone_to_owned()
             .context("duplicating the GENERATIONS fd")?;
+        let flow_capacity = map_data(&flows)
+            .info()
+            .map(|info| info.max_entries())
+            .unwrap_or(0);
         let control = ControlWord::map(
             map_data(&control).fd().as_fd(),
             control_index::ENTRIES as usize,
         )
         .context("mapping the selector's control word")?;
-        control.store(control_index::WORD, Control::NONE.to_word());
-        control.store(control_index::CLOCK_MS, monotonic_coarse_ms());
         Ok(ListenerDataplane {
             listener: listener.to_string(),
             dir: dir.to_path_buf(),
-            ebpf,
+            program,
             generations: ArrayOfMaps::try_from(generations)?,
             generations_fd,
-            counters: PerCpuArray::try_from(counters)?,
+            counters: PerCpuArray::try_from(open(pin_names::COUNTERS)?)?,
             flows: HashMap::try_from(flows)?,
-            flow_counters: PerCpuArray::try_from(flow_counters)?,
-            flow_capacity: flow_table_size,
-            probes: HashMap::try_from(probes)?,
+            flow_counters: PerCpuArray::try_from(open(pin_names::FLOW_COUNTERS)?)?,
+            flow_capacity,
+            probes: HashMap::try_from(open(pin_names::PROBES)?)?,
             control,
         })
     }
@@ -167,12 +209,7 @@ impl ListenerDataplane {
     /// Attaches the selector to the reuseport group `socket` belongs to. Idempotent:
     /// the group keeps one program, and every socket that joins it later uses it.
     pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
-        let program: &SkReuseport = self
-            .ebpf
-            .program(program_names::SELECTOR)
-            .context("selector program missing")?
-            .try_into()?;
-        program
+        self.program
             .attach(socket)
             .context("attaching the selector to the socket group (SO_ATTACH_REUSEPORT_EBPF)")
     }

@@ -92,6 +92,21 @@ impl NotifySocket {
         })
     }
 
+    /// Takes over the notify socket a previous image of this process bound (re-exec).
+    pub fn from_fd(fd: std::os::fd::OwnedFd, env_value: String) -> Result<NotifySocket> {
+        let socket = UnixDatagram::from(fd);
+        socket.set_nonblocking(true)?;
+        Ok(NotifySocket {
+            env_value,
+            socket: crate::sys::register_async(socket)?,
+        })
+    }
+
+    /// The socket's fd number (for a re-exec handoff).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.socket.get_ref())
+    }
+
     /// Reads messages forever and routes them to workers by sender pid.
     pub async fn serve(self, registry: Registry) {
         let mut buffer = vec![0u8; 4096];

@@ -10,6 +10,9 @@ use crate::{sys, upgrade::State, worker::WorkerStatus};
 pub struct Status {
     pub service: String,
     pub pid: u32,
+    /// When this process image started: changes on `supervisor reexec`, the pid does not.
+    #[serde(default)]
+    pub image_started_unix_ms: u64,
     pub upgrade_in_progress: bool,
     pub upgrading_to: Option<u32>,
     pub generations: Vec<GenerationStatus>,
@@ -200,6 +203,10 @@ pub fn collect(state: &State) -> Status {
         xdp: state.xdp.as_ref().map(|f| f.status()),
         service: state.config.service.name.clone(),
         pid: std::process::id(),
+        image_started_unix_ms: crate::reexec::image_started()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
         upgrade_in_progress: state.upgrading_to.is_some(),
         upgrading_to: state.upgrading_to,
         generations,

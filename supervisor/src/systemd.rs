@@ -62,5 +62,6 @@ pub fn is_supervisor_only_env(key: &str) -> bool {
             | "WATCHDOG_PID"
             | "SUPERVISOR_GENERATION"
             | "SUPERVISOR_WORKER"
+            | crate::reexec::HANDOFF_ENV
     )
 }

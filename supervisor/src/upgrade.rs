@@ -151,7 +151,7 @@ pub fn begin(shared: &Shared, new_config: &Config) -> Result<u32, InputError> {
 
 /// Listeners are the identity of the reuseport groups and the pins: they cannot
 /// change under a running supervisor (restart it for that). Everything else can.
-fn check_compatible(current: &Config, new: &Config) -> Result<(), InputError> {
+pub fn check_compatible(current: &Config, new: &Config) -> Result<(), InputError> {
     if current.service.name != new.service.name {
         return Err(InputError::new(format!(
             "{}: service.name changed from {:?} to {:?}; that needs a supervisor restart",

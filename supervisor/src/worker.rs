@@ -108,9 +108,56 @@ impl WorkerSlot {
             finished: false,
         });
         let (policy_tx, policy_rx) = watch::channel(Policy::Start);
-        let task = tokio::spawn(run_slot(
-            generation, index, spec, sockets, registry, status_tx, policy_rx,
-        ));
+        let task = tokio::spawn(run_slot(SlotTask {
+            generation,
+            index,
+            spec,
+            sockets,
+            registry,
+            status: status_tx,
+            policy: policy_rx,
+            adopted: None,
+        }));
+        WorkerSlot {
+            index,
+            status: status_rx,
+            policy: policy_tx,
+            task: Some(task),
+        }
+    }
+
+    /// Takes over a worker that a previous supervisor image (before a re-exec)
+    /// started: it is still our child, serving, and ready. `pid: None` means it
+    /// was between restarts: start it again.
+    pub fn adopt(
+        generation: u32,
+        index: u32,
+        spec: Arc<WorkerSpec>,
+        sockets: SlotSockets,
+        registry: Registry,
+        pid: Option<i32>,
+        restarts: u32,
+    ) -> WorkerSlot {
+        let (status_tx, status_rx) = watch::channel(WorkerStatus {
+            pid,
+            state: WorkerPhase::Ready,
+            restarts,
+            last_exit: None,
+            status: None,
+            failure: None,
+            finished: false,
+        });
+        let (policy_tx, policy_rx) = watch::channel(Policy::Serve);
+        let task = tokio::spawn(run_slot(SlotTask {
+            generation,
+            index,
+            spec,
+            sockets,
+            registry,
+            status: status_tx,
+            policy: policy_rx,
+            adopted: pid,
+        }));
         WorkerSlot {
             index,
             status: status_rx,
@@ -147,15 +194,30 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A worker that ran this long before crashing starts the backoff over.
 const STABLE_RUN: Duration = Duration::from_secs(30);
 
-async fn run_slot(
+/// Everything one slot's task owns.
+struct SlotTask {
     generation: u32,
     index: u32,
     spec: Arc<WorkerSpec>,
     sockets: SlotSockets,
     registry: Registry,
     status: watch::Sender<WorkerStatus>,
-    mut policy: watch::Receiver<Policy>,
-) {
+    policy: watch::Receiver<Policy>,
+    /// A worker that is already running (taken over after a re-exec).
+    adopted: Option<i32>,
+}
+
+async fn run_slot(task: SlotTask) {
+    let SlotTask {
+        generation,
+        index,
+        spec,
+        sockets,
+        registry,
+        status,
+        mut policy,
+        mut adopted,
+    } = task;
     let mut env = spec.inherited_env.clone();
     env.extend([
         ("LISTEN_FDS".into(), sockets.fds.len().to_string()),
@@ -194,15 +256,21 @@ async fn run_slot(
         if matches!(*policy.borrow(), Policy::Drain | Policy::Kill) {
             return finish(None);
         }
-        let spawned = PreparedExec::new(
-            &spec.program,
-            &spec.argv,
-            &env,
-            true,
-            sockets.fds.clone(),
-            spec.credentials,
-        )
-        .and_then(|mut prepared| sys::spawn_worker(&mut prepared));
+        let was_adopted = adopted.is_some();
+        let spawned = match adopted.take() {
+            // Still our child after the re-exec, so its pidfd is as good as one
+            // from fork (and waitid still reaps it).
+            Some(pid) => sys::pidfd_open(pid).map(|pidfd| sys::Spawned { pid, pidfd }),
+            None => PreparedExec::new(
+                &spec.program,
+                &spec.argv,
+                &env,
+                true,
+                sockets.fds.clone(),
+                spec.credentials,
+            )
+            .and_then(|mut prepared| sys::spawn_worker(&mut prepared)),
+        };
         let spawned = match spawned {
             Ok(spawned) => spawned,
             Err(e) => {
@@ -229,11 +297,14 @@ async fn run_slot(
         let exec_ready = spec.ready == ReadyMode::Exec;
         status.send_modify(|s| {
             s.pid = Some(pid);
-            s.state = if exec_ready {
-                WorkerPhase::Ready
-            } else {
-                WorkerPhase::Starting
-            };
+            // An adopted worker keeps the Ready it had.
+            if !was_adopted {
+                s.state = if exec_ready {
+                    WorkerPhase::Ready
+                } else {
+                    WorkerPhase::Starting
+                };
+            }
         });
         tracing::info!("generation {generation}: worker {index} started, pid {pid}");
         let started = Instant::now();

@@ -44,6 +44,29 @@ pub struct LoadConfig {
     /// Receive buffer of each sending socket (SO_RCVBUFFORCE), so replies are not dropped
     /// at our end and counted as lost by the service.
     pub recv_buffer: usize,
+    /// 16-bit values written into each request behind the sequence number (e.g. the
+    /// cookie the selector's `cookie` mode steers by); `None`: padding only.
+    pub stamp: Option<PayloadStamp>,
+}
+
+/// A 16-bit big-endian value written at a fixed payload offset of every request.
+///
+/// Sender `i` writes `values[(k + i) % values.len()]` into its `k`-th datagram: one value
+/// is a fixed stamp, several rotate datagram by datagram (so one flow can name every
+/// socket of a generation in turn, and several flows start at different values).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadStamp {
+    /// Offset in the payload; at least 8, since bytes 0..8 are the sequence number.
+    pub offset: usize,
+    pub values: Vec<u16>,
+}
+
+impl PayloadStamp {
+    /// The value of sender `sender`'s `k`-th datagram.
+    fn value(&self, sender: usize, k: u64) -> u16 {
+        let n = self.values.len() as u64;
+        self.values[((k + sender as u64 % n) % n) as usize]
+    }
 }
 
 impl LoadConfig {
@@ -59,6 +82,7 @@ impl LoadConfig {
             max_batch: 64,
             grace: Duration::from_secs(1),
             recv_buffer: 16 << 20,
+            stamp: None,
         }
     }
     pub fn senders(mut self, n: usize) -> Self {
@@ -95,6 +119,13 @@ impl LoadConfig {
     }
     pub fn recv_buffer(mut self, bytes: usize) -> Self {
         self.recv_buffer = bytes;
+        self
+    }
+    /// Writes `values` (big-endian u16, rotating per datagram; see [`PayloadStamp`]) at
+    /// `offset` of every request. The run fails with `InvalidInput` unless
+    /// `8 <= offset` and `offset + 2 <= payload_size`, and `values` is not empty.
+    pub fn stamp(mut self, offset: usize, values: Vec<u16>) -> Self {
+        self.stamp = Some(PayloadStamp { offset, values });
         self
     }
 }
@@ -348,6 +379,16 @@ fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result
     if cfg.rate == Some(0) {
         return Err(invalid("rate must be positive (None = flat out)"));
     }
+    if let Some(stamp) = &cfg.stamp {
+        if stamp.values.is_empty() {
+            return Err(invalid("a payload stamp needs at least one value"));
+        }
+        if stamp.offset < SEQ_LEN || stamp.offset.saturating_add(2) > cfg.payload_size {
+            return Err(invalid(
+                "a payload stamp must lie behind the sequence number and inside the payload (8 <= offset <= payload_size - 2)",
+            ));
+        }
+    }
 
     let sockets = (0..cfg.senders)
         .map(|_| open_socket(cfg))
@@ -396,6 +437,7 @@ fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result
                     deadline,
                     rate: per_sender_rate,
                     payload_size: cfg.payload_size,
+                    stamp: cfg.stamp.as_ref(),
                     max_batch: cfg.max_batch,
                     start,
                     reserved,
@@ -506,6 +548,7 @@ struct SendParams<'a> {
     /// Datagrams per second for this sender.
     rate: Option<f64>,
     payload_size: usize,
+    stamp: Option<&'a PayloadStamp>,
     max_batch: usize,
     start: Instant,
     /// Sequence slots handed to the kernel so far (published before each send, so a
@@ -579,12 +622,21 @@ fn send_loop(p: SendParams<'_>) -> io::Result<SendOut> {
             }
         }
         for j in 0..n {
-            let seq = (sent + j as u64) * p.senders as u64 + p.index as u64;
+            let k = sent + j as u64;
+            let seq = k * p.senders as u64 + p.index as u64;
             // SAFETY: slot j lies inside buf (j < batch) and has room for 8 bytes (ps >= 8);
             // buf is only accessed through `base` while the iovecs point into it.
             unsafe {
                 std::ptr::copy_nonoverlapping(seq.to_le_bytes().as_ptr(), base.add(j * ps), 8)
             };
+            if let Some(stamp) = p.stamp {
+                let v = stamp.value(p.index, k).to_be_bytes();
+                // SAFETY: run_inner checked 8 <= offset and offset + 2 <= ps, so the two
+                // bytes lie inside slot j, behind the sequence number.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), base.add(j * ps + stamp.offset), 2)
+                };
+            }
         }
         p.reserved.store(sent + n as u64, Ordering::Release);
         // SAFETY: msgs[..n] point at valid iovecs into buf; the socket is connected so no
@@ -719,4 +771,47 @@ fn recv_loop(
     drop(iov);
     drop(buf);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_rotate_per_datagram_and_sender() {
+        let one = PayloadStamp {
+            offset: 8,
+            values: vec![0x0102],
+        };
+        assert_eq!(
+            (0..5).map(|k| one.value(3, k)).collect::<Vec<_>>(),
+            [0x0102; 5]
+        );
+        let four = PayloadStamp {
+            offset: 8,
+            values: vec![10, 11, 12, 13],
+        };
+        assert_eq!(
+            (0..6).map(|k| four.value(0, k)).collect::<Vec<_>>(),
+            [10, 11, 12, 13, 10, 11]
+        );
+        assert_eq!(
+            (0..4).map(|k| four.value(5, k)).collect::<Vec<_>>(),
+            [11, 12, 13, 10]
+        );
+    }
+
+    #[test]
+    fn misplaced_stamps_are_refused_before_sending() {
+        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for cfg in [
+            LoadConfig::new(target).count(1).stamp(4, vec![1]),
+            LoadConfig::new(target).count(1).stamp(63, vec![1]),
+            LoadConfig::new(target).count(1).stamp(usize::MAX, vec![1]),
+            LoadConfig::new(target).count(1).stamp(8, vec![]),
+        ] {
+            let e = run(&cfg).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{cfg:?}");
+        }
+    }
 }

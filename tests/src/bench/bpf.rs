@@ -6,15 +6,14 @@
 //! measured burst of traffic is the honest per-datagram cost of the selector (no
 //! sampling, no instrumentation inside the program).
 //!
-//! There is no "empty program" floor: aya 0.14 only loads programs from ELF objects (it
-//! cannot assemble a two-instruction program), and this crate deliberately builds no
-//! kernel-side code of its own. The floor the benchmark reports instead is throughput
-//! with no program at all.
+//! The floor every selector pays (the cost of running any `SK_REUSEPORT` program at all)
+//! comes from the supervisor's own empty program (`supervisor::ebpf::attach_floor`),
+//! attached to a plain reuseport group with [`attach_floor`] and measured the same way.
 
 use std::fs;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use aya::programs::{ProgramInfo, loaded_programs};
@@ -130,6 +129,35 @@ fn fdinfo_field(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// A throw-away member of the `SO_REUSEPORT` group bound to `addr` (in the calling
+/// thread's network namespace). Closing it leaves the group, and whatever program it
+/// attached or detached stays as it is: the program belongs to the group.
+fn group_member(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(fd)
+}
+
+/// Loads the supervisor's empty `SK_REUSEPORT` program (it selects nothing, so the kernel
+/// picks by its own hash, as with no program) and attaches it to the `SO_REUSEPORT` group
+/// bound to `addr` in the calling thread's network namespace, through a throw-away member
+/// that leaves again at once. Returns the loaded object, which must stay alive while the
+/// program is measured, and the program's id for [`prog_stats`].
+///
+/// As with [`detach_group_program`], do it before traffic starts.
+pub fn attach_floor(addr: SocketAddr) -> Result<(aya::Ebpf, u32), String> {
+    let member = group_member(addr).map_err(|e| format!("join the group at {addr}: {e}"))?;
+    let (ebpf, id) = supervisor::ebpf::attach_floor(member.as_fd())
+        .map_err(|e| format!("load and attach the floor program: {e:#}"))?;
+    drop(member);
+    Ok((ebpf, id))
+}
+
 /// Detaches the program of the `SO_REUSEPORT` group bound to `addr` (in the calling
 /// thread's network namespace): from then on the kernel picks sockets by its own 4-tuple
 /// hash, as if no program had ever been attached.
@@ -140,13 +168,7 @@ fn fdinfo_field(text: &str, key: &str) -> Option<u64> {
 /// selector. Do it before traffic starts: while it is a member, the kernel may hand the
 /// throw-away socket a datagram, which would then be lost.
 pub fn detach_group_program(addr: SocketAddr) -> io::Result<()> {
-    let family = match addr {
-        SocketAddr::V4(_) => AddressFamily::Inet,
-        SocketAddr::V6(_) => AddressFamily::Inet6,
-    };
-    let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
-    setsockopt(&fd, sockopt::ReusePort, &true)?;
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    let fd = group_member(addr)?;
     let value: libc::c_int = 0;
     // SAFETY: plain setsockopt with an int argument on a socket we own.
     let r = unsafe {

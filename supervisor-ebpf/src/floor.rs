@@ -13,11 +13,8 @@ pub fn select_nothing(_ctx: SkReuseportContext) -> u32 {
     SK_PASS
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
+// The panic handler comes from this crate's lib (`supervisor_ebpf`).
+use supervisor_ebpf as _;
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -297,11 +297,8 @@ fn flow_count(bump: impl FnOnce(&mut FlowCounters)) {
     }
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
+// The panic handler comes from this crate's lib (`supervisor_ebpf`).
+use supervisor_ebpf as _;
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

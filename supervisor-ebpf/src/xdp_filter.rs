@@ -409,11 +409,8 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
+// The panic handler comes from this crate's lib (`supervisor_ebpf`).
+use supervisor_ebpf as _;
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

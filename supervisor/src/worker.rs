@@ -98,32 +98,8 @@ impl WorkerSlot {
         sockets: SlotSockets,
         registry: Registry,
     ) -> WorkerSlot {
-        let (status_tx, status_rx) = watch::channel(WorkerStatus {
-            pid: None,
-            state: WorkerPhase::Starting,
-            restarts: 0,
-            last_exit: None,
-            status: None,
-            failure: None,
-            finished: false,
-        });
-        let (policy_tx, policy_rx) = watch::channel(Policy::Start);
-        let task = tokio::spawn(run_slot(SlotTask {
-            generation,
-            index,
-            spec,
-            sockets,
-            registry,
-            status: status_tx,
-            policy: policy_rx,
-            adopted: None,
-        }));
-        WorkerSlot {
-            index,
-            status: status_rx,
-            policy: policy_tx,
-            task: Some(task),
-        }
+        let task = SlotTaskParts::new(generation, index, spec, sockets, registry, None);
+        WorkerSlot::spawn(task, WorkerPhase::Starting, 0, Policy::Start)
     }
 
     /// Takes over a worker that a previous supervisor image (before a re-exec)
@@ -138,26 +114,23 @@ impl WorkerSlot {
         pid: Option<i32>,
         restarts: u32,
     ) -> WorkerSlot {
+        let task = SlotTaskParts::new(generation, index, spec, sockets, registry, pid);
+        WorkerSlot::spawn(task, WorkerPhase::Ready, restarts, Policy::Serve)
+    }
+
+    fn spawn(task: SlotTaskParts, state: WorkerPhase, restarts: u32, policy: Policy) -> WorkerSlot {
+        let index = task.index;
         let (status_tx, status_rx) = watch::channel(WorkerStatus {
-            pid,
-            state: WorkerPhase::Ready,
+            pid: task.adopted,
+            state,
             restarts,
             last_exit: None,
             status: None,
             failure: None,
             finished: false,
         });
-        let (policy_tx, policy_rx) = watch::channel(Policy::Serve);
-        let task = tokio::spawn(run_slot(SlotTask {
-            generation,
-            index,
-            spec,
-            sockets,
-            registry,
-            status: status_tx,
-            policy: policy_rx,
-            adopted: pid,
-        }));
+        let (policy_tx, policy_rx) = watch::channel(policy);
+        let task = tokio::spawn(run_slot(task.into_task(status_tx, policy_rx)));
         WorkerSlot {
             index,
             status: status_rx,
@@ -194,8 +167,55 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A worker that ran this long before crashing starts the backoff over.
 const STABLE_RUN: Duration = Duration::from_secs(30);
 
+/// What a slot's task is started with (its channels are made in `WorkerSlot::spawn`).
+struct SlotTaskParts {
+    generation: u32,
+    index: u32,
+    spec: Arc<WorkerSpec>,
+    sockets: SlotSockets,
+    registry: Registry,
+    adopted: Option<i32>,
+}
+
+impl SlotTaskParts {
+    fn new(
+        generation: u32,
+        index: u32,
+        spec: Arc<WorkerSpec>,
+        sockets: SlotSockets,
+        registry: Registry,
+        adopted: Option<i32>,
+    ) -> SlotTaskParts {
+        SlotTaskParts {
+            generation,
+            index,
+            spec,
+            sockets,
+            registry,
+            adopted,
+        }
+    }
+
+    fn into_task(
+        self,
+        status: watch::Sender<WorkerStatus>,
+        policy: watch::Receiver<Policy>,
+    ) -> RunningSlot {
+        RunningSlot {
+            generation: self.generation,
+            index: self.index,
+            spec: self.spec,
+            sockets: self.sockets,
+            registry: self.registry,
+            status,
+            policy,
+            adopted: self.adopted,
+        }
+    }
+}
+
 /// Everything one slot's task owns.
-struct SlotTask {
+struct RunningSlot {
     generation: u32,
     index: u32,
     spec: Arc<WorkerSpec>,
@@ -207,8 +227,8 @@ struct SlotTask {
     adopted: Option<i32>,
 }
 
-async fn run_slot(task: SlotTask) {
-    let SlotTask {
+async fn run_slot(task: RunningSlot) {
+    let RunningSlot {
         generation,
         index,
         spec,

@@ -1,6 +1,6 @@
 //! Building blocks of the benchmark (`src/bin/bench.rs`) and the demo
 //! (`src/bin/demo.rs`): BPF run-time statistics, hand-run baselines, /proc readings,
-//! upgrade phase lines, markdown tables, and cleanup on Ctrl-C.
+//! upgrade phase lines, markdown tables, the XDP figure's veth lab, and cleanup on Ctrl-C.
 
 pub mod bpf;
 pub mod cleanup;
@@ -8,3 +8,4 @@ pub mod handrun;
 pub mod phases;
 pub mod procfs;
 pub mod table;
+pub mod xdp;

@@ -84,6 +84,50 @@ impl CpuMeter {
     }
 }
 
+/// Time CPU `cpu` has been busy since boot, from its line in /proc/stat: user, nice,
+/// system, irq and softirq (idle, iowait and steal left out), in clock ticks
+/// ([`clock_ticks`]) turned into a duration.
+///
+/// Without `CONFIG_IRQ_TIME_ACCOUNTING` the kernel samples softirq time at each tick, so
+/// this is statistical at tick resolution, but it counts the kernel's packet processing
+/// on that CPU, which no per-process figure shows.
+pub fn cpu_busy(cpu: usize) -> Option<Duration> {
+    let text = fs::read_to_string("/proc/stat").ok()?;
+    cpu_busy_in(&text, cpu)
+}
+
+fn cpu_busy_in(stat: &str, cpu: usize) -> Option<Duration> {
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    Some(Duration::from_nanos(busy * 1_000_000_000 / clock_ticks()))
+}
+
+/// `Udp: RcvbufErrors` of the calling thread's network namespace (datagrams dropped
+/// because a socket's receive buffer was full), from /proc/thread-self/net/snmp: the
+/// thread's own namespace, where /proc/net would show the process's.
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let text = fs::read_to_string("/proc/thread-self/net/snmp").ok()?;
+    snmp_field(&text, "Udp", "RcvbufErrors")
+}
+
+fn snmp_field(text: &str, proto: &str, field: &str) -> Option<u64> {
+    let prefix = format!("{proto}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let i = names.split_whitespace().position(|n| n == field)?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 /// Clock ticks per second: the resolution of [`cpu_time`].
 pub fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -139,6 +183,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn parses_stat_and_snmp() {
+        let stat =
+            "cpu  10 0 5 100 0 0 0 0 0 0\ncpu0 4 1 2 50 7 1 2 9 0 0\ncpu1 6 0 3 50 0 0 0 0 0 0\n";
+        let tick = Duration::from_nanos(1_000_000_000 / clock_ticks());
+        assert_eq!(cpu_busy_in(stat, 0), Some(tick * 10));
+        assert_eq!(cpu_busy_in(stat, 1), Some(tick * 9));
+        assert_eq!(cpu_busy_in(stat, 2), None);
+        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 100 2 3 40 17 0\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    UdpLite: 0 0 0 0 0 0\n";
+        assert_eq!(snmp_field(snmp, "Udp", "RcvbufErrors"), Some(17));
+        assert_eq!(snmp_field(snmp, "UdpLite", "RcvbufErrors"), Some(0));
+        assert_eq!(snmp_field(snmp, "Udp", "Nope"), None);
+    }
+
+    #[test]
     fn own_process_is_readable() {
         let me = std::process::id();
         assert!(rss_kib(me).unwrap() > 0);
@@ -154,6 +215,8 @@ mod tests {
         assert!(used.wall >= Duration::from_millis(50));
         assert!(used.run > Duration::ZERO && used.percent() > 0.0);
         assert!(machine().contains("CPUs"));
+        assert!(cpu_busy(0).is_some());
+        assert!(udp_rcvbuf_errors().is_some());
         assert!(clock_ticks() > 0);
         std::hint::black_box(x);
     }

@@ -79,7 +79,9 @@ pub fn permanent_neighbour(net: &TestNet, ifname: &str, addr: Ipv4Addr, lladdr: 
 /// only the host's interfaces, and nothing is mounted where anyone else could see it).
 pub fn steer_receive_to(net: &TestNet, ifname: &str, cpu: usize) -> Result<(), String> {
     if cpu >= 32 {
-        return Err(format!("CPU {cpu} does not fit the one-word mask written here"));
+        return Err(format!(
+            "CPU {cpu} does not fit the one-word mask written here"
+        ));
     }
     if !ifname
         .chars()
@@ -164,7 +166,7 @@ pub struct Discarded {
 /// The user-space baseline: a plain UDP socket bound to `target` in `server` (receive
 /// buffer `rcvbuf`, set with SO_RCVBUFFORCE), and one thread, pinned to `cpu` when given,
 /// that reads datagrams one `recv` at a time and throws them away, while `during` runs
-/// (the flood); it keeps reading until the socket has been quiet for 200 ms after.
+/// (the flood); it keeps reading until the socket has been quiet for 100 ms after.
 pub fn read_and_discard<R>(
     server: &TestNet,
     target: SocketAddr,
@@ -176,7 +178,7 @@ pub fn read_and_discard<R>(
         .run_in(|| -> io::Result<UdpSocket> {
             let s = UdpSocket::bind(target)?;
             setsockopt(&s, sockopt::RcvBufForce, &rcvbuf)?;
-            s.set_read_timeout(Some(Duration::from_millis(200)))?;
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
             Ok(s)
         })
         .map_err(|e| format!("bind {target}: {e}"))?;
@@ -195,7 +197,7 @@ pub fn read_and_discard<R>(
                 match socket.recv(&mut buf) {
                     Ok(_) => n += 1,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    // The read timeout: quiet for 200 ms.
+                    // The read timeout: quiet for 100 ms.
                     Err(_) if done.load(Ordering::Acquire) => return n,
                     Err(_) => {}
                 }

@@ -5,17 +5,19 @@
 //! directory (the test harness), so one cannot disturb the next. Prints markdown on
 //! stdout (progress goes to stderr); `--json FILE` also writes the raw figures.
 //! Run it as root through `scripts/bench.sh` (release build); on a 2-core machine the
-//! default run takes about two minutes, `--quick` under one.
+//! default run takes about two and a half minutes, `--quick` about one.
 //!
 //! Figures: spread of one sender over 4 workers; the selector's cost per datagram
-//! (kernel BPF statistics); throughput with and without the selector on the same
-//! sockets; loss across upgrades against the two ways of restarting a plain
+//! (kernel BPF statistics) per balance mode and path (flow hit, cookie miss and hit)
+//! beside an empty program's (the floor); throughput with and without the selector on
+//! the same sockets; loss across upgrades against the two ways of restarting a plain
 //! `SO_REUSEPORT` service by hand; upgrade timing; the supervisor's own footprint; and
-//! a hook for the XDP figures.
+//! the XDP filter's discard rate and per-packet cost against discarding in user space,
+//! over a veth pair.
 
 use std::any::Any;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -29,10 +31,11 @@ use supervisor_tests::bench::handrun::{HandWorker, NotifyListener, terminate_all
 use supervisor_tests::bench::phases::{self, UpgradeTiming, median_max};
 use supervisor_tests::bench::procfs::{self, CpuMeter, CpuUse};
 use supervisor_tests::bench::table::{Table, ms, percent, thousands};
+use supervisor_tests::bench::xdp as bench_xdp;
 use supervisor_tests::plain::run_plain_baseline;
 use supervisor_tests::{
-    BackgroundLoad, Balance, LoadConfig, PinDir, Report, ServiceConfig, Supervisor, TempDir,
-    TestNet, bin_path, loadgen, output_with_timeout,
+    BackgroundLoad, Balance, LoadConfig, PinDir, PlainReuseportGroup, Report, ServiceConfig,
+    Supervisor, TempDir, TestNet, bin_path, loadgen, output_with_timeout,
 };
 
 #[derive(Parser, Debug)]
@@ -41,7 +44,7 @@ use supervisor_tests::{
     about = "Benchmark of the UDP upgrade supervisor against plain SO_REUSEPORT (run as root; markdown on stdout)."
 )]
 struct Args {
-    /// Under a minute instead of about two: fewer datagrams, shorter runs, fewer upgrades.
+    /// About a minute instead of two and a half: fewer datagrams, shorter runs, fewer upgrades.
     #[arg(long)]
     quick: bool,
     /// Also write every figure as JSON to this file.
@@ -65,8 +68,11 @@ struct Args {
     /// Sending sockets (flows) during the upgrades [default: 4].
     #[arg(long)]
     upgrade_flows: Option<usize>,
+    /// Seconds per XDP discard run (flat out) [default: 4; --quick: 2].
+    #[arg(long)]
+    xdp_secs: Option<f64>,
     /// Run only these figures: spread (with selector cost), throughput, upgrades (with
-    /// timing), footprint, xdp.
+    /// timing), footprint, xdp (filter versus user-space discard).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -87,6 +93,8 @@ struct Plan {
     upgrade_gap: Duration,
     footprint: Duration,
     footprint_rate: u64,
+    /// Sending time of each XDP discard run.
+    xdp: Duration,
     only: Vec<String>,
 }
 
@@ -113,6 +121,8 @@ impl Plan {
             upgrade_gap: Duration::from_millis(300),
             footprint: Duration::from_secs(if q { 2 } else { 5 }),
             footprint_rate: 50_000,
+            xdp: Duration::try_from_secs_f64(a.xdp_secs.unwrap_or(if q { 2.0 } else { 4.0 }))
+                .unwrap_or_default(),
             only: a.only.clone(),
         }
     }
@@ -126,6 +136,9 @@ impl Plan {
         }
         if self.throughput.is_zero() {
             return Err("--throughput-secs must be positive".into());
+        }
+        if self.xdp.is_zero() {
+            return Err("--xdp-secs must be positive".into());
         }
         Ok(())
     }
@@ -367,9 +380,12 @@ fn service_config(
         "flow" => cfg.balance(Balance::Flow),
         other => {
             // Modes the harness has no enum value for: the raw key. `extra_toml` is
-            // appended right after the `[[listen]]` table, so this key belongs to it.
+            // appended right after the `[[listen]]` table, so these keys belong to it.
             let mut cfg = cfg;
             cfg.extra_toml = format!("balance = \"{other}\"");
+            if other == "cookie" {
+                cfg.extra_toml += &format!("\ncookie_offset = {COOKIE_OFFSET}");
+            }
             cfg
         }
     }
@@ -446,7 +462,8 @@ fn pct(f: f64) -> String {
     format!("{:.2}%", f * 100.0)
 }
 
-fn selected_per_socket(status: &Value, generation: u32) -> Vec<u64> {
+/// One per-socket field of `status --json` for every socket of `generation`, in order.
+fn socket_field(status: &Value, generation: u32, field: &str) -> Vec<u64> {
     status["generations"]
         .as_array()
         .into_iter()
@@ -454,12 +471,88 @@ fn selected_per_socket(status: &Value, generation: u32) -> Vec<u64> {
         .filter(|g| g["generation"] == generation)
         .flat_map(|g| g["listeners"].as_array().into_iter().flatten())
         .flat_map(|l| l["sockets"].as_array().into_iter().flatten())
-        .map(|s| s["selected"].as_u64().unwrap_or(0))
+        .map(|s| s[field].as_u64().unwrap_or(0))
         .collect()
+}
+
+fn selected_per_socket(status: &Value, generation: u32) -> Vec<u64> {
+    socket_field(status, generation, "selected")
+}
+
+fn socket_field_sum(status: &Value, generation: u32, field: &str) -> u64 {
+    socket_field(status, generation, field).iter().sum()
 }
 
 // ---------------------------------------------------------------------------------
 // Spread and selector cost
+
+/// Offset of the cookie in the payload in `cookie` mode: right behind the load
+/// generator's 8-byte sequence number.
+const COOKIE_OFFSET: usize = 8;
+
+/// Which of the selector's paths a run's traffic takes, for the modes where it matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// random and hash: there is only one.
+    Only,
+    /// flow: one sender is one flow, known after its first datagram.
+    FlowHit,
+    /// cookie: no valid cookie in the payload (padding where the cookie would be).
+    CookieMiss,
+    /// cookie: every datagram carries a live socket's cookie, rotating over the sockets.
+    CookieHit,
+}
+
+/// One run of the spread / selector-cost figure.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    mode: &'static str,
+    path: Path,
+}
+
+impl Case {
+    /// The runs for the supported modes, in order: cookie twice (miss, then hit).
+    fn all(modes: &[&'static str]) -> Vec<Case> {
+        modes
+            .iter()
+            .flat_map(|&mode| {
+                let paths: &[Path] = match mode {
+                    "flow" => &[Path::FlowHit],
+                    "cookie" => &[Path::CookieMiss, Path::CookieHit],
+                    _ => &[Path::Only],
+                };
+                paths.iter().map(move |&path| Case { mode, path })
+            })
+            .collect()
+    }
+
+    fn path_name(&self) -> Option<&'static str> {
+        match self.path {
+            Path::Only => None,
+            Path::FlowHit | Path::CookieHit => Some("hit"),
+            Path::CookieMiss => Some("miss"),
+        }
+    }
+
+    /// `random`, `flow (hit)`, `cookie (miss)`, ...
+    fn balance(&self) -> String {
+        match self.path_name() {
+            Some(p) => format!("{} ({p})", self.mode),
+            None => self.mode.to_string(),
+        }
+    }
+
+    fn spread_label(&self, sockets: u32) -> String {
+        let base = format!("supervisor, balance = {}", self.mode);
+        match self.path {
+            Path::Only | Path::FlowHit => base,
+            Path::CookieMiss => base + " (miss: no valid cookie in the payload)",
+            Path::CookieHit => {
+                base + &format!(" (hit: valid cookies rotating over the {sockets} sockets)")
+            }
+        }
+    }
+}
 
 struct SpreadRun {
     counts: Vec<u64>,
@@ -467,6 +560,114 @@ struct SpreadRun {
     cost: Option<(u64, Option<f64>)>,
     cost_error: Option<String>,
     selected: Vec<u64>,
+    /// Of the selections: datagrams of a known flow / with a valid cookie.
+    affinity_hits: u64,
+}
+
+/// The floor: the supervisor's empty `SK_REUSEPORT` program on a plain reuseport group.
+struct FloorRun {
+    report: Report,
+    cost: Option<(u64, Option<f64>)>,
+    cost_error: Option<String>,
+}
+
+fn spread_run(plan: &Plan, addr: SocketAddr, case: Case) -> SpreadRun {
+    let n = plan.spread_count;
+    let rate = plan.spread_rate;
+    let stage = Stage::new();
+    let mut sup = Supervisor::start(&stage.net, stage.config(addr, plan.workers, case.mode));
+    let generation = sup.serving_generation();
+    let pid = sup.pid().expect("running");
+    let mut load = LoadConfig::new(addr).count(n).rate(rate);
+    if case.path == Path::CookieHit {
+        let sockets = selected_per_socket(&sup.status_json(), generation).len() as u32;
+        assert!(sockets > 0, "no sockets in generation {generation}");
+        load = load.stamp(
+            COOKIE_OFFSET,
+            (0..sockets)
+                .map(|s| supervisor_common::cookie(generation, s))
+                .collect(),
+        );
+    }
+    let id = bpf::find_selector(stage.pins.path(), SERVICE, SERVICE, pid);
+    let stats_fd = bpf::enable_stats();
+    let before = id.as_ref().ok().and_then(|&i| bpf::prog_stats(i).ok());
+    let report = stage
+        .net
+        .run_in(|| loadgen::run(&load))
+        .expect("load generator");
+    let after = id.as_ref().ok().and_then(|&i| bpf::prog_stats(i).ok());
+    // Statistics off again (unless someone else holds them on) before the next figure,
+    // which they would slow down.
+    let stats_fd = stats_fd.map(drop);
+    let status = sup.status_json();
+    sup.stop();
+    let (cost, cost_error) = match (&id, &stats_fd, before, after) {
+        (Err(e), ..) => (None, Some(e.clone())),
+        (_, Err(e), ..) => (None, Some(format!("BPF_ENABLE_STATS: {e}"))),
+        (Ok(_), Ok(_), Some(b), Some(a)) => (Some(a.since(&b)), None),
+        _ => (None, Some("program statistics unreadable".into())),
+    };
+    SpreadRun {
+        counts: replies_per_worker(&report, generation, plan.workers),
+        selected: selected_per_socket(&status, generation),
+        affinity_hits: socket_field_sum(&status, generation, "affinity_hits"),
+        report,
+        cost,
+        cost_error,
+    }
+}
+
+/// The same traffic into a plain SO_REUSEPORT group of `plan.workers` sockets with the
+/// supervisor's empty program attached, its statistics read the same way.
+fn floor_run(plan: &Plan, addr: SocketAddr) -> FloorRun {
+    let net = TestNet::new();
+    net.run_in(|| {
+        let group = PlainReuseportGroup::bind(addr, plan.workers as usize)
+            .expect("bind plain reuseport group");
+        let (program, id) = bpf::attach_floor(group.local_addr()).unwrap_or_else(|e| panic!("{e}"));
+        let stats_fd = bpf::enable_stats();
+        let before = bpf::prog_stats(id);
+        let report = loadgen::run(
+            &LoadConfig::new(group.local_addr())
+                .count(plan.spread_count)
+                .rate(plan.spread_rate),
+        )
+        .expect("load generator");
+        let after = bpf::prog_stats(id);
+        let stats_fd = stats_fd.map(drop);
+        group.stop();
+        drop(program);
+        let (cost, cost_error) = match (stats_fd, before, after) {
+            (Err(e), ..) => (None, Some(format!("BPF_ENABLE_STATS: {e}"))),
+            (Ok(()), Ok(b), Ok(a)) => (Some(a.since(&b)), None),
+            (_, Err(e), _) | (_, _, Err(e)) => (None, Some(e)),
+        };
+        FloorRun {
+            report,
+            cost,
+            cost_error,
+        }
+    })
+}
+
+/// One row of the cost table, before the floor is known.
+struct CostRow {
+    program: String,
+    balance: String,
+    runs: String,
+    sent: String,
+    hits: String,
+    /// ns per run, or why there is none.
+    ns: Result<f64, String>,
+}
+
+fn cost_cell(cost: Option<(u64, Option<f64>)>, error: &Option<String>) -> Result<f64, String> {
+    match (cost.and_then(|(_, ns)| ns), error) {
+        (Some(ns), _) => Ok(ns),
+        (None, Some(e)) => Err(format!("not measured: {e}")),
+        (None, None) => Err("no runs counted".into()),
+    }
 }
 
 fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
@@ -492,8 +693,9 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
         "Selector cost per datagram (kernel BPF statistics)",
     );
     cost.intro.push(format!(
-        "`run_time_ns / run_cnt` of this run's `{}` program (found by its pin), as deltas over the spread runs above; \
-         BPF statistics add two clock reads per run, which are included.",
+        "`run_time_ns / run_cnt` of this run's `{}` program (found by its pin), as deltas over the spread runs above, \
+         and of an empty program that selects nothing (the floor any `SK_REUSEPORT` program pays), over the same traffic; \
+         BPF statistics add two clock reads per run, which are included. \"Above floor\" is the selector's own work.",
         bpf::SELECTOR_NAME
     ));
     let mut st = Table::new(&[
@@ -504,62 +706,27 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
         ">sent",
         ">lost",
     ]);
-    let mut ct = Table::new(&[
-        "program",
-        "balance",
-        ">runs counted",
-        ">datagrams sent",
-        ">ns per datagram",
-    ]);
+    let mut rows: Vec<CostRow> = Vec::new();
     let mut sj = Vec::new();
     let mut cj = Vec::new();
 
-    for &mode in &modes {
-        let r = measure(&format!("spread + selector cost, balance={mode}"), || {
-            let stage = Stage::new();
-            let mut sup = Supervisor::start(&stage.net, stage.config(addr, plan.workers, mode));
-            let generation = sup.serving_generation();
-            let pid = sup.pid().expect("running");
-            let id = bpf::find_selector(stage.pins.path(), SERVICE, SERVICE, pid);
-            let stats_fd = bpf::enable_stats();
-            let before = id.as_ref().ok().and_then(|&i| bpf::prog_stats(i).ok());
-            let report = stage
-                .net
-                .run_in(|| loadgen::run(&LoadConfig::new(addr).count(n).rate(rate)))
-                .expect("load generator");
-            let after = id.as_ref().ok().and_then(|&i| bpf::prog_stats(i).ok());
-            // Statistics off again (unless someone else holds them on) before the
-            // next figure, which they would slow down.
-            let stats_fd = stats_fd.map(drop);
-            let status = sup.status_json();
-            sup.stop();
-            let (cost, cost_error) = match (&id, &stats_fd, before, after) {
-                (Err(e), ..) => (None, Some(e.clone())),
-                (_, Err(e), ..) => (None, Some(format!("BPF_ENABLE_STATS: {e}"))),
-                (Ok(_), Ok(_), Some(b), Some(a)) => (Some(a.since(&b)), None),
-                _ => (None, Some("program statistics unreadable".into())),
-            };
-            SpreadRun {
-                counts: replies_per_worker(&report, generation, plan.workers),
-                selected: selected_per_socket(&status, generation),
-                report,
-                cost,
-                cost_error,
-            }
-        });
+    for case in Case::all(&modes) {
+        let r = measure(
+            &format!("spread + selector cost, balance={}", case.balance()),
+            || spread_run(plan, addr, case),
+        );
+        let label = case.spread_label(plan.workers);
+        let program = format!("`{}`", bpf::SELECTOR_NAME);
         match r {
             Ok(run) => {
                 let (max, min, ratio) = shares(&run.counts);
-                let mut label = format!("supervisor, balance = {mode}");
-                if mode == "cookie" {
-                    label += " (payload carries no cookie)";
-                }
                 let sel_total: u64 = run.selected.iter().sum();
                 if sel_total > 0 {
                     let (smax, smin, _) = shares(&run.selected);
                     if (smax - max).abs() > 0.01 || (smin - min).abs() > 0.01 {
                         spread.notes.push(format!(
-                            "balance = {mode}: the selector's counters say max {} / min {} (replies differ when datagrams are lost)",
+                            "balance = {}: the selector's counters say max {} / min {} (replies differ when datagrams are lost)",
+                            case.balance(),
                             pct(smax),
                             pct(smin)
                         ));
@@ -573,39 +740,77 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
                     thousands(run.report.sent),
                     thousands(run.report.lost),
                 ]);
-                sj.push(
-                    json!({"distribution": format!("supervisor/{mode}"), "per_worker": run.counts,
-                    "selected_per_socket": run.selected, "report": run.report.to_json()}),
-                );
+                sj.push(json!({"distribution": format!("supervisor/{}", case.mode), "path": case.path_name(),
+                    "per_worker": run.counts, "selected_per_socket": run.selected,
+                    "affinity_hits": run.affinity_hits, "report": run.report.to_json()}));
                 let (runs, ns) = run.cost.unwrap_or((0, None));
-                ct.row([
-                    format!("`{}`", bpf::SELECTOR_NAME),
-                    mode.to_string(),
-                    thousands(runs),
-                    thousands(run.report.sent),
-                    match (ns, &run.cost_error) {
-                        (Some(ns), _) => format!("{ns:.1}"),
-                        (None, Some(e)) => format!("not measured: {e}"),
-                        (None, None) => "no runs counted".into(),
+                rows.push(CostRow {
+                    program,
+                    balance: case.balance(),
+                    runs: thousands(runs),
+                    sent: thousands(run.report.sent),
+                    hits: if case.path == Path::Only {
+                        "-".into()
+                    } else {
+                        percent(run.affinity_hits, sel_total)
                     },
-                ]);
-                cj.push(json!({"balance": mode, "runs": runs, "ns_per_run": ns,
-                    "sent": run.report.sent, "error": run.cost_error}));
+                    ns: cost_cell(run.cost, &run.cost_error),
+                });
+                cj.push(json!({"program": bpf::SELECTOR_NAME, "balance": case.mode, "path": case.path_name(),
+                    "runs": runs, "ns_per_run": ns, "sent": run.report.sent, "selected": sel_total,
+                    "affinity_hits": run.affinity_hits, "error": run.cost_error}));
             }
             Err(e) => {
-                st.row([
-                    format!("supervisor, balance = {mode}"),
-                    format!("failed: {e}"),
-                ]);
-                ct.row([
-                    format!("`{}`", bpf::SELECTOR_NAME),
-                    mode.to_string(),
-                    format!("failed: {e}"),
-                ]);
-                sj.push(json!({"distribution": format!("supervisor/{mode}"), "error": e}));
+                st.row([label, format!("failed: {e}")]);
+                rows.push(CostRow {
+                    program,
+                    balance: case.balance(),
+                    runs: String::new(),
+                    sent: String::new(),
+                    hits: String::new(),
+                    ns: Err(format!("failed: {e}")),
+                });
+                sj.push(json!({"distribution": format!("supervisor/{}", case.mode), "path": case.path_name(), "error": e}));
             }
         }
     }
+
+    let floor = measure(
+        "selector cost floor: empty program on plain SO_REUSEPORT",
+        || floor_run(plan, addr),
+    );
+    let floor_label = "empty program (floor)".to_string();
+    let floor_balance = "none: selects nothing, the kernel hashes".to_string();
+    let floor_ns = match floor {
+        Ok(run) => {
+            let (runs, ns) = run.cost.unwrap_or((0, None));
+            rows.push(CostRow {
+                program: floor_label,
+                balance: floor_balance,
+                runs: thousands(runs),
+                sent: thousands(run.report.sent),
+                hits: "-".into(),
+                ns: cost_cell(run.cost, &run.cost_error),
+            });
+            cj.push(
+                json!({"program": "floor", "balance": null, "runs": runs, "ns_per_run": ns,
+                "sent": run.report.sent, "lost": run.report.lost, "error": run.cost_error}),
+            );
+            ns.filter(|_| run.cost_error.is_none())
+        }
+        Err(e) => {
+            rows.push(CostRow {
+                program: floor_label,
+                balance: floor_balance,
+                runs: String::new(),
+                sent: String::new(),
+                hits: String::new(),
+                ns: Err(format!("failed: {e}")),
+            });
+            cj.push(json!({"program": "floor", "error": e}));
+            None
+        }
+    };
 
     let r = measure("spread, plain SO_REUSEPORT (no program)", || {
         let net = TestNet::new();
@@ -633,17 +838,43 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
             ]);
         }
     }
+
+    let mut ct = Table::new(&[
+        "program",
+        "balance (path)",
+        ">runs counted",
+        ">datagrams sent",
+        ">affinity hits",
+        ">ns per datagram",
+        ">above floor",
+    ]);
+    let is_floor = |r: &CostRow| !r.program.starts_with('`');
+    for r in rows {
+        let above = match (&r.ns, floor_ns) {
+            (Ok(ns), Some(f)) if !is_floor(&r) => format!("{:+.1}", ns - f),
+            _ => "-".into(),
+        };
+        let ns = match &r.ns {
+            Ok(ns) => format!("{ns:.1}"),
+            Err(e) => e.clone(),
+        };
+        ct.row([r.program, r.balance, r.runs, r.sent, r.hits, ns, above]);
+    }
     ct.row([
         "no program (plain SO_REUSEPORT)".to_string(),
         "kernel 4-tuple hash".into(),
         "-".into(),
         "-".into(),
+        "-".into(),
         "0 (nothing runs)".into(),
+        "-".into(),
     ]);
+
     if modes.contains(&"hash") || modes.contains(&"flow") {
         spread.notes.push(
             "hash and flow keep one sender on one worker by design (hash: the 4-tuple hash, like the kernel; \
-             flow: sticky per remote address and port); random and cookie spread it."
+             flow: sticky per remote address and port); random and cookie spread it (cookie, miss: each datagram \
+             is a new flow, placed at random; hit: each goes where its cookie says, here every socket in turn)."
                 .into(),
         );
     }
@@ -652,25 +883,41 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
             "balance = {mode}: not measured, this supervisor refuses it ({why})"
         ));
     }
+    cost.notes.push(format!(
+        "empty program (floor): the supervisor's `select_nothing` (`supervisor::ebpf::attach_floor`) returns without \
+         selecting, so the kernel picks by its hash; attached to a plain group of {} echo sockets in the benchmark \
+         process, the same {} datagrams at {}/s from one sender.",
+        plan.workers,
+        thousands(n),
+        thousands(rate)
+    ));
     cost.notes.push(
-        "No empty-program floor: aya 0.14 cannot load a program without an ELF object, and the benchmark builds no \
-         kernel-side code of its own. The throughput figure below compares with no program at all."
+        "affinity hits: the selector's own count (status `affinity_hits`) of datagrams sent to a known flow's socket \
+         or by a valid cookie, as a share of its selections."
             .into(),
     );
     if modes.contains(&"cookie") {
-        cost.notes.push(
-            "cookie: the load generator's payload starts with a sequence number, not a cookie, so nearly every datagram \
-             takes the miss path (read 2 payload bytes, look up the slot, then random)."
-                .into(),
-        );
+        cost.notes.push(format!(
+            "cookie runs use `cookie_offset = {COOKIE_OFFSET}` (behind the load generator's 8-byte sequence number). \
+             miss: those bytes are padding (0x5a5a, a generation that does not exist), so every datagram reads 2 \
+             payload bytes, finds no live generation and falls back to random. hit: the load generator writes the \
+             cookies of the serving generation's sockets (`(generation & 0xff) << 8 | socket`, big-endian), one \
+             after the other."
+        ));
     }
     if modes.contains(&"flow") {
         cost.notes.push(
-            "flow: one sender is one flow, so after the first datagram every run is a flow-table hit (lookup, \
+            "flow (hit): one sender is one flow, so after the first datagram every run is a flow-table hit (lookup, \
              generation check, selection), never an insertion."
                 .into(),
         );
     }
+    cost.notes.push(
+        "For comparison (issue 6, same kind of machine): an empty program about 36 ns, a minimal random selector \
+         about 80 ns, udpgrm about 198 ns (no-op mode) and 234 ns (flow table); aims: flow at most 120 ns, cookie \
+         at most 100 ns."
+            .into(),
+    );
     spread.tables.push(st);
     cost.tables.push(ct);
     spread.json = json!(sj);
@@ -1186,38 +1433,411 @@ fn footprint(plan: &Plan, addr: SocketAddr) -> Section {
 }
 
 // ---------------------------------------------------------------------------------
-// XDP (hook)
+// XDP
 
-/// XDP figures: the filter's drop rate and per-packet cost versus discarding in user
-/// space. Not measured yet.
-///
-/// HOOK for when the XDP filter lands: it is "not available" while the supervisor
-/// refuses an `[xdp]` table in its config. Once the table is accepted, measure here
-/// (fresh `TestNet::pair()`, since XDP needs a real interface: veth supports native
-/// XDP): flood from the peer namespace with a denied source prefix and count
-/// (a) datagrams dropped by XDP (the status' XDP counters) and the XDP program's
-/// `run_time_ns / run_cnt` (`bpf::prog_stats`, program found by its pin under
-/// `<bpffs>/<service>/xdp/<ifname>/`), against (b) the same flood reaching the workers,
-/// which discard it in user space (their CPU time from `procfs::cpu_time`).
-fn xdp_figures(addr: SocketAddr) -> Result<Table, String> {
-    let pins = PinDir::new();
-    let runtime = TempDir::new("sup-run");
-    let mut cfg = service_config(addr, 1, "random", &pins, &runtime);
-    // Appended after `[[listen]]`, so it starts a table of its own.
-    cfg.extra_toml = "[xdp]\ninterface = \"lo\"".into();
-    config_accepted(&cfg)
-        .map_err(|why| format!("the supervisor does not accept `[xdp]` yet ({why})"))?;
-    Err("the supervisor accepts `[xdp]`, but the benchmark does not measure it yet (see `xdp_figures` in tests/src/bin/bench.rs)".into())
+/// The service port of the XDP figure, on the server's veth address.
+const XDP_PORT: u16 = 5300;
+
+/// The veth pair of the XDP figure, set up for a flood from `client` to `server`.
+struct XdpLab {
+    server: TestNet,
+    client: TestNet,
+    ifname: String,
+    target: SocketAddr,
+    /// The sender's address: the deny rule's prefix.
+    source: Ipv4Addr,
+    /// The sender's CPU and the receiving CPU, when there are two to choose from.
+    send_cpu: Option<usize>,
+    recv_cpu: Option<usize>,
+    /// Whether Receive Packet Steering moved the receive backlog to `recv_cpu`.
+    rps: Result<(), String>,
 }
 
-fn xdp(_plan: &Plan, addr: SocketAddr) -> Section {
-    let mut s = Section::new("xdp", "XDP filter");
-    match xdp_figures(addr) {
-        Ok(t) => s.tables.push(t),
-        Err(why) => {
-            s.intro.push(format!("Not available: {why}."));
-            s.json = json!({"available": false, "why": why});
+impl XdpLab {
+    fn new() -> XdpLab {
+        let (server, client) = TestNet::pair();
+        let veth = server.veth().expect("a veth pair").clone();
+        let mac = bench_xdp::mac(&server, &veth.ifname).unwrap_or_else(|e| panic!("{e}"));
+        let client_if = client.veth().expect("a veth pair").ifname.clone();
+        bench_xdp::permanent_neighbour(&client, &client_if, veth.addr, &mac);
+        let (send_cpu, recv_cpu) = match bench_xdp::allowed_cpus().as_slice() {
+            [first, .., last] => (Some(*first), Some(*last)),
+            _ => (None, None),
+        };
+        let rps = match recv_cpu {
+            Some(cpu) => bench_xdp::steer_receive_to(&server, &veth.ifname, cpu),
+            None => Err("only one CPU to run on".into()),
+        };
+        XdpLab {
+            target: SocketAddr::new(veth.addr.into(), XDP_PORT),
+            source: veth.peer_addr,
+            ifname: veth.ifname,
+            server,
+            client,
+            send_cpu,
+            recv_cpu,
+            rps,
         }
     }
+
+    fn flood(&self, duration: Duration) -> Report {
+        bench_xdp::flood(&self.client, self.target, duration, self.send_cpu)
+            .expect("load generator")
+    }
+
+    /// Busy time of the receiving CPU so far.
+    fn recv_busy(&self) -> Option<Duration> {
+        self.recv_cpu.and_then(procfs::cpu_busy)
+    }
+}
+
+/// One way of discarding the flood.
+struct DiscardRun {
+    /// The sender's report (nothing answers, so only `sent` and `duration` matter).
+    report: Report,
+    discarded: u64,
+    /// Busy time of the receiving CPU over the run, and the wall time that covers.
+    recv_busy: Option<(Duration, Duration)>,
+    /// XDP: (runs, ns per run) from the program's statistics, or why not.
+    program: Option<Result<(u64, f64), String>>,
+    /// XDP: the attach mode the status reports.
+    mode: Option<String>,
+    /// XDP: datagrams the filter let through, and replies that came back (both 0 when
+    /// the deny rule holds).
+    passed: u64,
+    /// User space: drops at the socket's full receive buffer.
+    rcvbuf_errors: Option<u64>,
+    /// XDP: the filter was gone from the interface after the pin was removed.
+    detached: bool,
+}
+
+/// Busy time of the receiving CPU between two readings, with the wall time between.
+fn busy_over(
+    before: Option<Duration>,
+    after: Option<Duration>,
+    wall: Duration,
+) -> Option<(Duration, Duration)> {
+    Some((after?.saturating_sub(before?), wall))
+}
+
+/// (b) of the figure's baseline: a plain socket and one thread that reads and throws away.
+fn discard_in_user_space(lab: &XdpLab, duration: Duration) -> DiscardRun {
+    let busy = lab.recv_busy();
+    let t = Instant::now();
+    let (d, report) =
+        bench_xdp::read_and_discard(&lab.server, lab.target, 4 << 20, lab.recv_cpu, || {
+            lab.flood(duration)
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let recv_busy = busy_over(busy, lab.recv_busy(), t.elapsed());
+    DiscardRun {
+        report,
+        discarded: d.read,
+        recv_busy,
+        program: None,
+        mode: None,
+        passed: 0,
+        rcvbuf_errors: d.rcvbuf_errors,
+        detached: true,
+    }
+}
+
+/// The XDP filter as the supervisor runs it (`[xdp]` with a deny rule for the sender), in
+/// `mode`; counters and cost from `supervisor status --json`.
+fn discard_with_xdp(lab: &XdpLab, duration: Duration, mode: &str) -> DiscardRun {
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let mut cfg = ServiceConfig::echo(1, lab.target, &pins, runtime.path());
+    cfg.extra_toml = format!(
+        "[xdp]\ninterface = \"{}\"\nmode = \"{mode}\"\ndeny = [\"{}/32\"]\n",
+        lab.ifname, lab.source
+    );
+    let mut sup = Supervisor::start(&lab.server, cfg);
+    let xdp_status = |sup: &Supervisor| {
+        let v = sup.status_json()["xdp"].clone();
+        assert!(v.is_object(), "`status --json` has no xdp section: {v}");
+        v
+    };
+    let stats_fd = bpf::enable_stats();
+    let before = xdp_status(&sup);
+    let busy = lab.recv_busy();
+    let t = Instant::now();
+    let report = lab.flood(duration);
+    let recv_busy = busy_over(busy, lab.recv_busy(), t.elapsed());
+    let after = xdp_status(&sup);
+    let stats_fd = stats_fd.map(drop);
+    sup.stop();
+    // The link's pin outlives the supervisor by design (a restart keeps filtering);
+    // removing it detaches the filter, so the next run starts from a bare interface.
+    let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
+    let detached = bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
+    let delta = |v: &dyn Fn(&Value) -> &Value| {
+        v(&after)
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(v(&before).as_u64().unwrap_or(0))
+    };
+    let runs = delta(&|s| &s["run_count"]);
+    let ns = delta(&|s| &s["run_time_ns"]);
+    let program = Some(match stats_fd {
+        Err(e) => Err(format!("BPF_ENABLE_STATS: {e}")),
+        Ok(()) if runs == 0 => Err("no runs counted".into()),
+        Ok(()) => Ok((runs, ns as f64 / runs as f64)),
+    });
+    DiscardRun {
+        discarded: delta(&|s| &s["counters"]["denied"]),
+        passed: delta(&|s| &s["counters"]["passed"]) + report.received,
+        report,
+        recv_busy,
+        program,
+        mode: after["mode"].as_str().map(str::to_string),
+        rcvbuf_errors: None,
+        detached,
+    }
+}
+
+/// XDP figures: datagrams per second discarded by the XDP filter (through the real
+/// supervisor with an `[xdp]` deny rule) versus a user-space reader, over a veth pair,
+/// and the filter's cost per packet from the kernel's BPF statistics.
+fn xdp(plan: &Plan, addr: SocketAddr) -> Section {
+    let secs = plan.xdp;
+    let mut s = Section::new(
+        "xdp",
+        format!(
+            "XDP filter: discarding a flood ({:.0} s flat out from one sender over a veth pair)",
+            secs.as_secs_f64()
+        ),
+    );
+    // The supervisor must accept `[xdp]` (asked without a daemon, on `lo`).
+    {
+        let pins = PinDir::new();
+        let runtime = TempDir::new("sup-run");
+        let mut cfg = service_config(addr, 1, "random", &pins, &runtime);
+        // Appended after `[[listen]]`, so it starts a table of its own.
+        cfg.extra_toml = "[xdp]\ninterface = \"lo\"".into();
+        if let Err(why) = config_accepted(&cfg) {
+            let why = format!("the supervisor does not accept `[xdp]` ({why})");
+            s.intro.push(format!("Not available: {why}."));
+            s.json = json!({"available": false, "why": why});
+            return s;
+        }
+    }
+    let lab = match measure(
+        "xdp: veth pair, neighbour entry, receive steering",
+        XdpLab::new,
+    ) {
+        Ok(lab) => lab,
+        Err(e) => {
+            s.intro.push(format!(
+                "Not measured: setting up the veth pair failed: {e}."
+            ));
+            s.json = json!({"available": true, "error": e});
+            return s;
+        }
+    };
+    let cpu = |c: Option<usize>| c.map_or_else(|| "any CPU".to_string(), |c| format!("CPU {c}"));
+    let (send_cpu, recv_cpu) = (cpu(lab.send_cpu), cpu(lab.recv_cpu));
+    s.intro.push(format!(
+        "One load-generator socket in the client namespace sends 64-byte datagrams flat out to {} (the server's `{}`), \
+         its threads pinned to {send_cpu}; the same sender for every row. Discarded/s counts what was thrown away \
+         per second of sending: for user space the datagrams the reader received, for XDP the filter's `denied` counter \
+         (`supervisor status --json`, `xdp.counters`). The XDP rows run the real supervisor with `[xdp] interface = \"{}\"`, \
+         `deny = [\"{}/32\"]` (the sender) and one echo worker.",
+        lab.target, lab.ifname, lab.ifname, lab.source
+    ));
+    let user_where = match &lab.rps {
+        Ok(()) => format!("{recv_cpu}: the reader, pinned, and the kernel's receive path (RPS)"),
+        Err(_) => format!("{recv_cpu}: the reader, pinned (receive path: on {send_cpu})"),
+    };
+    let generic_where = match &lab.rps {
+        Ok(()) => format!("{recv_cpu} (RPS)"),
+        Err(_) => format!("{send_cpu}, the sender's"),
+    };
+    let runs: Vec<(String, String, Result<DiscardRun, String>)> = vec![
+        (
+            "user space: one thread, `recv` and throw away (plain UDP socket, no filter)".into(),
+            user_where,
+            measure("xdp: discard in user space", || {
+                discard_in_user_space(&lab, secs)
+            }),
+        ),
+        (
+            "XDP filter, generic mode (`mode = \"generic\"`)".into(),
+            generic_where,
+            measure("xdp: discard with the filter, generic mode", || {
+                discard_with_xdp(&lab, secs, "generic")
+            }),
+        ),
+        (
+            "XDP filter, `mode = \"auto\"` (the default)".into(),
+            format!("{send_cpu}, the sender's (veth runs native XDP in its NAPI poll there)"),
+            measure("xdp: discard with the filter, mode = auto", || {
+                discard_with_xdp(&lab, secs, "auto")
+            }),
+        ),
+    ];
+    let rps = lab.rps.clone();
+    drop(lab);
+
+    let mut t = Table::new(&[
+        "discarded by",
+        "where it runs",
+        ">sent/s",
+        ">discarded/s",
+        ">not discarded",
+        ">receiving CPU busy",
+        ">receiving CPU per datagram",
+        ">XDP program per packet",
+    ]);
+    let mut j = Vec::new();
+    // Rows whose discarding ran on the receiving CPU, for the summary note.
+    struct OnRecvCpu {
+        label: String,
+        /// ns of the receiving CPU per discarded datagram.
+        ns: f64,
+        /// Busy percentage of the receiving CPU.
+        busy: f64,
+        /// Discarded per second of sending.
+        rate: f64,
+    }
+    let mut per_datagram: Vec<OnRecvCpu> = Vec::new();
+    for (label, place, run) in runs {
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                t.row([label.clone(), place, format!("failed: {e}")]);
+                j.push(json!({"discarded_by": label, "error": e}));
+                continue;
+            }
+        };
+        let label = match (&run.mode, label.contains("auto")) {
+            (Some(m), true) => format!("{label}: {m} mode"),
+            _ => label,
+        };
+        let d = run.report.duration.as_secs_f64().max(1e-9);
+        // The receiving CPU's figures mean something only where the discarding runs on
+        // it (not for native XDP on a veth, which runs on the sender's CPU).
+        let on_recv_cpu = run.mode.as_deref() != Some("native");
+        let (busy, per) = match run.recv_busy {
+            Some((busy, wall)) if on_recv_cpu && run.discarded > 0 => {
+                let ns = busy.as_nanos() as f64 / run.discarded as f64;
+                let pct = busy.as_secs_f64() * 100.0 / wall.as_secs_f64().max(1e-9);
+                per_datagram.push(OnRecvCpu {
+                    label: label.clone(),
+                    ns,
+                    busy: pct,
+                    rate: run.discarded as f64 / d,
+                });
+                (format!("{pct:.0}%"), format!("{ns:.0} ns"))
+            }
+            Some((busy, wall)) => (
+                format!("({:.0}%)", busy.as_secs_f64() * 100.0 / wall.as_secs_f64()),
+                "-".into(),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let program = match &run.program {
+            None => "-".to_string(),
+            Some(Ok((_, ns))) => format!("{ns:.1} ns"),
+            Some(Err(e)) => format!("not measured: {e}"),
+        };
+        t.row([
+            label.clone(),
+            place,
+            thousands((run.report.sent as f64 / d) as u64),
+            thousands((run.discarded as f64 / d) as u64),
+            thousands(run.report.sent.saturating_sub(run.discarded)),
+            busy,
+            per,
+            program,
+        ]);
+        if run.passed > 0 {
+            s.notes.push(format!(
+                "{label}: {} datagrams of the denied sender got past the filter",
+                thousands(run.passed)
+            ));
+        }
+        if let Some(drops) = run.rcvbuf_errors.filter(|&d| d > 0) {
+            s.notes.push(format!(
+                "{label}: of the {} not discarded, {} were dropped by the kernel at the socket's full receive \
+                 buffer (4 MiB): the reader could not keep up",
+                thousands(run.report.sent.saturating_sub(run.discarded)),
+                thousands(drops)
+            ));
+        }
+        if !run.detached {
+            s.notes.push(format!(
+                "{label}: the filter was still attached 3 s after its pin was removed"
+            ));
+        }
+        j.push(
+            json!({"discarded_by": label, "mode": run.mode, "sent": run.report.sent,
+            "seconds": d, "discarded": run.discarded, "passed": run.passed,
+            "recv_cpu_busy_ns": run.recv_busy.map(|(b, _)| b.as_nanos() as u64),
+            "recv_cpu_wall_ns": run.recv_busy.map(|(_, w)| w.as_nanos() as u64),
+            "program_runs": run.program.as_ref().and_then(|p| p.as_ref().ok()).map(|p| p.0),
+            "program_ns_per_run": run.program.as_ref().and_then(|p| p.as_ref().ok()).map(|p| p.1),
+            "rcvbuf_errors": run.rcvbuf_errors}),
+        );
+    }
+    s.tables.push(t);
+    let find = |prefix: &str| per_datagram.iter().find(|c| c.label.starts_with(prefix));
+    if let (Some(user), Some(filter)) = (find("user"), find("XDP")) {
+        s.notes.push(format!(
+            "One receiving core: in user space the reader read {}/s with that CPU {:.0}% busy{}; the {} discarded \
+             {}/s with it {:.0}% busy. Per datagram discarded the receiving CPU spent {:.0} ns with the filter against \
+             {:.0} ns in user space, {:.1} times less: at those costs one core would discard about {}/s with XDP and \
+             {}/s in user space.",
+            thousands(user.rate as u64),
+            user.busy,
+            if user.busy >= 85.0 {
+                " (saturated; what it could not read was dropped at the full socket buffer, and the kernel's work \
+                 on those datagrams counts in its cost)"
+            } else {
+                ""
+            },
+            if filter.label.contains("generic") {
+                "generic-mode filter"
+            } else {
+                "filter"
+            },
+            thousands(filter.rate as u64),
+            filter.busy,
+            filter.ns,
+            user.ns,
+            user.ns / filter.ns.max(1e-9),
+            thousands((1e9 / filter.ns.max(1e-9)) as u64),
+            thousands((1e9 / user.ns.max(1e-9)) as u64),
+        ));
+    }
+    s.notes.push(
+        "Receiving CPU busy: user + system + irq + softirq time of that CPU from /proc/stat from the start of \
+         sending until the reader or the sender finished (tick-sampled), and that time per datagram discarded. It \
+         includes the kernel's receive path, not only the program or the `recv` calls, and anything else that ran \
+         there (this machine is shared). In parentheses where the discarding does not run on that CPU."
+            .into(),
+    );
+    s.notes.push(
+        "Where the work runs on a veth pair: the sender's transmit delivers each datagram on the sending CPU. \
+         Native XDP runs in veth's NAPI poll scheduled there, so it shares the sender's CPU and its \"one core\" cannot \
+         be told apart from the sender's; what it can discard is bounded by what one sender can offer. Everything \
+         else goes through the receive backlog, which RPS moves to the receiving CPU: the user-space path and a \
+         generic-mode filter both run there alone. On a physical NIC, native XDP runs in the driver on the CPU that \
+         takes the interrupt."
+            .into(),
+    );
+    s.notes.push(
+        "XDP program per packet: `xdp.run_time_ns / xdp.run_count` deltas from `supervisor status --json` while \
+         BPF statistics were on (two clock reads per run included). The pinned link outlives `supervisor stop` by \
+         design; the benchmark removes its pin directory after each XDP run, which detaches the filter."
+            .into(),
+    );
+    if let Err(why) = &rps {
+        s.notes.push(format!(
+            "Receive Packet Steering could not be set ({why}): the kernel's receive path ran on the sender's CPU, \
+             so the receiving CPU's figures cover only the reader and are not comparable with native XDP's."
+        ));
+    }
+    s.json = json!({"available": true, "seconds": secs.as_secs_f64(), "runs": j});
     s
 }

@@ -199,6 +199,10 @@ pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65536;
 pub struct FlowCounters {
     /// Flows seen for the first time (or again after expiring) and recorded.
     pub new_flows: u64,
+    /// Of `new_flows`, those whose key was not in the table (the others replaced
+    /// their own expired entry). Nothing else ever removes an entry but the LRU,
+    /// so `first_seen - entries in the table` is the number of evictions.
+    pub first_seen: u64,
     /// Known flows whose socket (or generation) was gone: sent to the working generation.
     pub socket_gone: u64,
     /// Known flows idle longer than `flow_idle`: sent to the working generation.
@@ -310,13 +314,17 @@ pub struct FlowCountersOut {
     pub cookie_hits: u64,
     pub cookie_invalid: u64,
     pub insert_failed: u64,
+    /// Entries the LRU table evicted to make room for new flows.
+    #[serde(default)]
+    pub evictions: u64,
 }
 
 #[cfg(feature = "user")]
 impl FlowCountersOut {
     /// `affinity_hits`: the sum of [`SocketCounters::affinity_hits`] over the live
-    /// generations, reported as flow or cookie hits depending on `mode`.
-    pub fn new(c: FlowCounters, affinity_hits: u64, mode: BalanceMode) -> Self {
+    /// generations, reported as flow or cookie hits depending on `mode`;
+    /// `table_entries`: entries now in the flow table.
+    pub fn new(c: FlowCounters, affinity_hits: u64, mode: BalanceMode, table_entries: u64) -> Self {
         let (hits, cookie_hits) = match mode {
             BalanceMode::Cookie => (0, affinity_hits),
             _ => (affinity_hits, 0),
@@ -329,6 +337,7 @@ impl FlowCountersOut {
             cookie_hits,
             cookie_invalid: c.cookie_invalid,
             insert_failed: c.insert_failed,
+            evictions: c.first_seen.saturating_sub(table_entries),
         }
     }
 }

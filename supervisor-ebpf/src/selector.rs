@@ -153,7 +153,8 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
         now = unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000;
     }
 
-    if let Some(entry) = FLOWS.get_ptr_mut(&key) {
+    let known_entry = FLOWS.get_ptr_mut(&key);
+    if let Some(entry) = known_entry {
         // SAFETY: a pointer to the value of a successful lookup; LRU entries stay
         // valid for the program's run (RCU), and a concurrent refresh of
         // `last_seen_ns` by another CPU is a benign race on a timestamp.
@@ -184,7 +185,11 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
             _pad: 0,
         };
         if FLOWS.insert(&key, &entry, BPF_ANY as u64).is_ok() {
-            flow_count(|c| c.new_flows += 1);
+            let first_seen = known_entry.is_none() as u64;
+            flow_count(|c| {
+                c.new_flows += 1;
+                c.first_seen += first_seen;
+            });
         } else {
             flow_count(|c| c.insert_failed += 1);
         }

@@ -371,6 +371,7 @@ impl ListenerDataplane {
                 .iter()
                 .fold(FlowCounters::default(), |sum, c| FlowCounters {
                     new_flows: sum.new_flows + c.new_flows,
+                    first_seen: sum.first_seen + c.first_seen,
                     socket_gone: sum.socket_gone + c.socket_gone,
                     expired: sum.expired + c.expired,
                     cookie_invalid: sum.cookie_invalid + c.cookie_invalid,

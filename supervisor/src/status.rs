@@ -194,6 +194,7 @@ pub fn collect(state: &State) -> Status {
                     affinity_hits,
                     supervisor_common::BalanceMode::from_u8(working.balance_mode)
                         .unwrap_or(supervisor_common::BalanceMode::Random),
+                    entries,
                 ),
             }
         })
@@ -279,7 +280,7 @@ pub fn render(status: &Status) -> String {
         if s.balance == "flow" || s.balance == "cookie" {
             let _ = writeln!(
                 out,
-                "selector {} ({}): flow table {}/{}; hits {} new {} socket gone {} expired {} insert failed {}; cookie hits {} invalid {}",
+                "selector {} ({}): flow table {}/{}; hits {} new {} socket gone {} expired {} evicted {} insert failed {}; cookie hits {} invalid {}",
                 s.listener,
                 s.balance,
                 s.flow_table_entries,
@@ -288,6 +289,7 @@ pub fn render(status: &Status) -> String {
                 f.new_flows,
                 f.socket_gone,
                 f.expired,
+                f.evictions,
                 f.insert_failed,
                 f.cookie_hits,
                 f.cookie_invalid

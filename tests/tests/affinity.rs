@@ -317,6 +317,10 @@ fn flood_of_new_flows_does_not_evict_busy_ones() {
         new_flows > 1024,
         "the flood did not overflow the table: {selector}"
     );
+    assert!(
+        flow["evictions"].as_u64().unwrap() > 0,
+        "no evictions counted: {selector}"
+    );
     let mut supervisor = supervisor;
     supervisor.stop();
     pins.assert_empty_after_stop();

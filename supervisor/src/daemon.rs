@@ -55,11 +55,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     bpffs::ensure(&config.service.bpffs)?;
 
     let pin_dir = config.pin_dir();
-    let cleanup_pins = |dir: &Path| {
-        let _ = std::fs::remove_dir_all(dir);
-    };
     let mut dataplanes = Vec::new();
     for listener in &config.listeners {
+        // A listener that fails to load removes its own pins (`ListenerDataplane::load`).
         match ListenerDataplane::load(
             &listener.name,
             &pin_dir.join(&listener.name),
@@ -67,7 +65,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         ) {
             Ok(dataplane) => dataplanes.push(dataplane),
             Err(e) => {
-                cleanup_pins(&pin_dir);
+                unpin_dataplanes(&dataplanes, &pin_dir);
                 return Err(e);
             }
         }
@@ -77,20 +75,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // otherwise; a stale one of ours is removed when the config has no [xdp].
     let xdp = match &config.xdp {
         Some(xdp) => {
-            match crate::xdp::XdpFilter::start(xdp, &pin_dir, &config.listener_addresses()) {
-                Ok(filter) => Some(filter),
-                Err(e) => {
-                    for dataplane in &dataplanes {
-                        dataplane.unpin_all();
-                    }
-                    let _ = std::fs::remove_dir(&pin_dir);
-                    return Err(e);
-                }
-            }
+            crate::xdp::XdpFilter::start(xdp, &pin_dir, &config.listener_addresses()).map(Some)
         }
-        None => {
-            crate::xdp::remove_stale(&pin_dir)?;
-            None
+        None => crate::xdp::remove_stale(&pin_dir).map(|()| None),
+    };
+    let xdp = match xdp {
+        Ok(xdp) => xdp,
+        Err(e) => {
+            unpin_dataplanes(&dataplanes, &pin_dir);
+            return Err(e);
         }
     };
 
@@ -220,11 +213,15 @@ async fn serve(
 }
 
 fn unpin_everything(shared: &Shared, pin_dir: &Path) {
-    let state = shared.lock().unwrap();
-    for dataplane in &state.dataplanes {
+    unpin_dataplanes(&shared.lock().unwrap().dataplanes, pin_dir);
+}
+
+/// Removes the listeners' selector pins, and the service directory when nothing
+/// else (an XDP link, which outlives the supervisor by design) is left in it.
+fn unpin_dataplanes(dataplanes: &[ListenerDataplane], pin_dir: &Path) {
+    for dataplane in dataplanes {
         dataplane.unpin_all();
     }
-    // The service directory goes too when nothing else (an XDP link) is left in it.
     let _ = std::fs::remove_dir(pin_dir);
 }
 

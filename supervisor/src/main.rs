@@ -142,32 +142,37 @@ async fn status_command(path: &std::path::Path, json: bool) -> i32 {
         Ok(config) => config,
         Err(e) => return fail(&e.into()),
     };
-    let mut code = EXIT_FAILED;
-    let socket = config.control_socket();
-    let call = control::call(&socket, &Request::Status, |event| {
-        if let Event::Status { status } = event {
-            if json {
-                println!("{status}");
-            } else {
-                match serde_json::from_value::<status::Status>(status) {
-                    Ok(status) => print!("{}", status::render(&status)),
-                    Err(e) => eprintln!("error: malformed status: {e}"),
-                }
-            }
-            code = 0;
+    let status = match fetch_status(&config.control_socket()).await {
+        Ok(status) => status,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        println!("{status}");
+    } else {
+        match serde_json::from_value::<status::Status>(status) {
+            Ok(status) => print!("{}", status::render(&status)),
+            Err(e) => eprintln!("error: malformed status: {e}"),
+        }
+    }
+    0
+}
+
+/// One `status` request to the daemon, bounded by `STATUS_TIMEOUT`.
+async fn fetch_status(socket: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let mut status = None;
+    let call = control::call(socket, &Request::Status, |event| {
+        if let Event::Status { status: value } = event {
+            status = Some(value);
         }
     });
     match tokio::time::timeout(daemon::STATUS_TIMEOUT, call).await {
-        Ok(Ok(())) => code,
-        Ok(Err(e)) => fail(&e),
-        Err(_) => {
-            eprintln!(
-                "error: the supervisor did not answer within {:?}",
-                daemon::STATUS_TIMEOUT
-            );
-            EXIT_FAILED
-        }
+        Ok(result) => result?,
+        Err(_) => anyhow::bail!(
+            "the supervisor did not answer within {:?}",
+            daemon::STATUS_TIMEOUT
+        ),
     }
+    status.ok_or_else(|| anyhow::anyhow!("no status from the supervisor"))
 }
 
 async fn reexec(path: &std::path::Path, binary: Option<PathBuf>) -> i32 {
@@ -233,14 +238,7 @@ async fn reexec(path: &std::path::Path, binary: Option<PathBuf>) -> i32 {
 }
 
 async fn status_json(socket: &std::path::Path) -> anyhow::Result<status::Status> {
-    let mut status = None;
-    control::call(socket, &Request::Status, |event| {
-        if let Event::Status { status: value } = event {
-            status = serde_json::from_value(value).ok();
-        }
-    })
-    .await?;
-    status.ok_or_else(|| anyhow::anyhow!("no status from the supervisor"))
+    Ok(serde_json::from_value(fetch_status(socket).await?)?)
 }
 
 async fn stop(path: &std::path::Path) -> i32 {

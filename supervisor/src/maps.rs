@@ -74,7 +74,7 @@ impl GenerationArray {
     /// Removes the `gen-<N>` pin. The map itself lives on while the `GENERATIONS`
     /// slot still refers to it (until a later generation takes the slot); its
     /// sockets leave it by themselves when they close.
-    pub fn unpin(&self) {
+    fn unpin(&self) {
         if let Err(e) = std::fs::remove_file(&self.pin)
             && e.kind() != std::io::ErrorKind::NotFound
         {

@@ -79,6 +79,14 @@ pub struct SocketStatus {
     pub drops: u32,
 }
 
+/// A unit enum variant's name as serde writes it ("serving", "ready", ...).
+fn serde_name(value: impl Serialize) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 pub fn collect(state: &State) -> Status {
     let generations = state
         .generations
@@ -92,10 +100,7 @@ pub fn collect(state: &State) -> Status {
                     WorkerStatusOut {
                         index: w.index,
                         pid: s.pid,
-                        state: serde_json::to_value(s.state)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default(),
+                        state: serde_name(s.state),
                         restarts: s.restarts,
                         last_exit: s.last_exit,
                         status: s.status,
@@ -147,10 +152,7 @@ pub fn collect(state: &State) -> Status {
                 .collect();
             GenerationStatus {
                 generation: generation.number,
-                state: serde_json::to_value(generation.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                state: serde_name(generation.state),
                 slot: generation.slot,
                 started_unix_ms: generation
                     .started

@@ -17,7 +17,7 @@
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
     ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -463,12 +463,6 @@ pub fn socket_meminfo(socket: BorrowedFd<'_>) -> io::Result<SocketMemInfo> {
     })
 }
 
-/// Duplicates a socket fd (close-on-exec), for the supervisor's own reference to
-/// every socket it hands out.
-pub fn dup_cloexec(fd: impl AsFd) -> io::Result<OwnedFd> {
-    fd.as_fd().try_clone_to_owned()
-}
-
 /// Waits for an RCU grace period: returns only after every CPU has left the RCU
 /// read-side section it was in at the call, which includes every eBPF program run
 /// (XDP and socket programs run inside one, with bottom halves disabled).
@@ -582,6 +576,8 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+
     use super::*;
 
     #[test]

@@ -713,29 +713,14 @@ pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progre
     }
 
     // 2. The drain signal, then wait for the workers to exit.
-    let statuses: Vec<_> = {
-        let state = shared.lock().unwrap();
-        let Some(generation) = state.generations.iter().find(|g| g.number == number) else {
-            return;
-        };
-        for worker in &generation.workers {
-            worker.set_policy(Policy::Drain);
-        }
-        generation
-            .workers
-            .iter()
-            .map(|w| w.status.clone())
-            .collect()
+    let Some(statuses) = set_policy(shared, number, Policy::Drain) else {
+        return;
     };
     progress.emit(format!(
         "generation {number}: drain signal sent to {} workers",
         statuses.len()
     ));
-    let all_exited = async {
-        for mut status in statuses.clone() {
-            let _ = status.wait_for(|s| s.finished).await;
-        }
-    };
+    let all_exited = all_finished(statuses.clone());
     if tokio::time::timeout_at(deadline, all_exited).await.is_err() {
         let left = statuses.iter().filter(|s| !s.borrow().finished).count();
         progress.emit(format!(
@@ -815,24 +800,38 @@ async fn wait_for_affinity_idle(
     }
 }
 
-/// Kills a generation's workers and waits until they are gone.
-async fn teardown_workers(shared: &Shared, number: u32) {
-    let statuses: Vec<_> = {
-        let state = shared.lock().unwrap();
-        let Some(generation) = state.generations.iter().find(|g| g.number == number) else {
-            return;
-        };
-        for worker in &generation.workers {
-            worker.set_policy(Policy::Kill);
-        }
+/// Sets `policy` on every worker of generation `number`; returns their statuses
+/// to wait on, or None if the generation is gone.
+fn set_policy(
+    shared: &Shared,
+    number: u32,
+    policy: Policy,
+) -> Option<Vec<tokio::sync::watch::Receiver<crate::worker::WorkerStatus>>> {
+    let state = shared.lock().unwrap();
+    let generation = state.generations.iter().find(|g| g.number == number)?;
+    for worker in &generation.workers {
+        worker.set_policy(policy);
+    }
+    Some(
         generation
             .workers
             .iter()
             .map(|w| w.status.clone())
-            .collect()
-    };
+            .collect(),
+    )
+}
+
+/// Resolves when every one of these worker slots has finished.
+async fn all_finished(statuses: Vec<tokio::sync::watch::Receiver<crate::worker::WorkerStatus>>) {
     for mut status in statuses {
         let _ = status.wait_for(|s| s.finished).await;
+    }
+}
+
+/// Kills a generation's workers and waits until they are gone.
+async fn teardown_workers(shared: &Shared, number: u32) {
+    if let Some(statuses) = set_policy(shared, number, Policy::Kill) {
+        all_finished(statuses).await;
     }
 }
 
@@ -867,8 +866,8 @@ fn retire(shared: &Shared, number: u32, progress: &Progress) {
             left.queued_bytes
         ));
     }
-    for (listener, dataplane) in generation.listeners.iter().zip(state.dataplanes.iter()) {
-        listener.array.unpin();
+    // The `gen-N` pins go when `generation` (its `GenerationArray`s) is dropped below.
+    for dataplane in state.dataplanes.iter().take(generation.listeners.len()) {
         // Only once the generation is out of the control word (it always is here:
         // retired generations were flipped away from, failed ones never flipped to).
         if dataplane.working().generation != number {
@@ -885,40 +884,34 @@ fn retire(shared: &Shared, number: u32, progress: &Progress) {
 /// Stops every generation: the drain signal to all workers, SIGKILL at the
 /// timeout, then sockets closed and arrays unpinned.
 pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progress) {
-    let numbers: Vec<u32> = {
-        let state = shared.lock().unwrap();
-        for generation in &state.generations {
-            let policy = if generation.state == GenerationState::Starting {
-                Policy::Kill
-            } else {
-                Policy::Drain
-            };
-            for worker in &generation.workers {
-                worker.set_policy(policy);
-            }
-        }
-        state.generations.iter().map(|g| g.number).collect()
-    };
-    let statuses: Vec<_> = {
+    let numbers: Vec<(u32, Policy)> = {
         let state = shared.lock().unwrap();
         state
             .generations
             .iter()
-            .flat_map(|g| g.workers.iter().map(|w| w.status.clone()))
+            .map(|g| {
+                let policy = if g.state == GenerationState::Starting {
+                    Policy::Kill
+                } else {
+                    Policy::Drain
+                };
+                (g.number, policy)
+            })
             .collect()
     };
-    let all_exited = async {
-        for mut status in statuses {
-            let _ = status.wait_for(|s| s.finished).await;
-        }
-    };
+    let statuses = numbers
+        .iter()
+        .filter_map(|&(number, policy)| set_policy(shared, number, policy))
+        .flatten()
+        .collect();
+    let all_exited = all_finished(statuses);
     if tokio::time::timeout(drain_timeout, all_exited)
         .await
         .is_err()
     {
         progress.emit("workers still running at drain_timeout, killing them");
     }
-    for number in numbers {
+    for (number, _) in numbers {
         teardown_workers(shared, number).await;
         retire(shared, number, progress);
     }

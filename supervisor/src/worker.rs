@@ -17,7 +17,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use serde::Serialize;
-use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
+use tokio::{io::unix::AsyncFd, sync::watch};
 
 use crate::{
     config::ReadyMode,
@@ -76,7 +76,6 @@ pub struct WorkerSlot {
     pub index: u32,
     pub status: watch::Receiver<WorkerStatus>,
     policy: watch::Sender<Policy>,
-    task: Option<JoinHandle<()>>,
 }
 
 /// What the slot hands to its worker: sockets (the supervisor's own fds, dup'd to
@@ -98,7 +97,14 @@ impl WorkerSlot {
         sockets: SlotSockets,
         registry: Registry,
     ) -> WorkerSlot {
-        let task = SlotTaskParts::new(generation, index, spec, sockets, registry, None);
+        let task = SlotTask {
+            generation,
+            index,
+            spec,
+            sockets,
+            registry,
+            adopted: None,
+        };
         WorkerSlot::spawn(task, WorkerPhase::Starting, 0, Policy::Start)
     }
 
@@ -114,11 +120,18 @@ impl WorkerSlot {
         pid: Option<i32>,
         restarts: u32,
     ) -> WorkerSlot {
-        let task = SlotTaskParts::new(generation, index, spec, sockets, registry, pid);
+        let task = SlotTask {
+            generation,
+            index,
+            spec,
+            sockets,
+            registry,
+            adopted: pid,
+        };
         WorkerSlot::spawn(task, WorkerPhase::Ready, restarts, Policy::Serve)
     }
 
-    fn spawn(task: SlotTaskParts, state: WorkerPhase, restarts: u32, policy: Policy) -> WorkerSlot {
+    fn spawn(task: SlotTask, state: WorkerPhase, restarts: u32, policy: Policy) -> WorkerSlot {
         let index = task.index;
         let (status_tx, status_rx) = watch::channel(WorkerStatus {
             pid: task.adopted,
@@ -130,35 +143,18 @@ impl WorkerSlot {
             finished: false,
         });
         let (policy_tx, policy_rx) = watch::channel(policy);
-        let task = tokio::spawn(run_slot(task.into_task(status_tx, policy_rx)));
+        // The task ends on its own (its worker exited under Drain/Kill, or failed
+        // while starting) and says so with `WorkerStatus::finished`.
+        tokio::spawn(run_slot(task, status_tx, policy_rx));
         WorkerSlot {
             index,
             status: status_rx,
             policy: policy_tx,
-            task: Some(task),
         }
     }
 
     pub fn set_policy(&self, policy: Policy) {
         self.policy.send_replace(policy);
-    }
-
-    pub fn policy(&self) -> Policy {
-        *self.policy.borrow()
-    }
-
-    /// Waits until the slot's task has ended (its worker exited under Drain/Kill,
-    /// or it failed while starting).
-    pub async fn finished(&mut self) {
-        if let Some(task) = self.task.take()
-            && let Err(e) = task.await
-        {
-            tracing::error!("worker slot task failed: {e}");
-        }
-    }
-
-    pub fn is_finished(&self) -> bool {
-        self.status.borrow().finished
     }
 }
 
@@ -168,74 +164,27 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const STABLE_RUN: Duration = Duration::from_secs(30);
 
 /// What a slot's task is started with (its channels are made in `WorkerSlot::spawn`).
-struct SlotTaskParts {
+struct SlotTask {
     generation: u32,
     index: u32,
     spec: Arc<WorkerSpec>,
     sockets: SlotSockets,
     registry: Registry,
-    adopted: Option<i32>,
-}
-
-impl SlotTaskParts {
-    fn new(
-        generation: u32,
-        index: u32,
-        spec: Arc<WorkerSpec>,
-        sockets: SlotSockets,
-        registry: Registry,
-        adopted: Option<i32>,
-    ) -> SlotTaskParts {
-        SlotTaskParts {
-            generation,
-            index,
-            spec,
-            sockets,
-            registry,
-            adopted,
-        }
-    }
-
-    fn into_task(
-        self,
-        status: watch::Sender<WorkerStatus>,
-        policy: watch::Receiver<Policy>,
-    ) -> RunningSlot {
-        RunningSlot {
-            generation: self.generation,
-            index: self.index,
-            spec: self.spec,
-            sockets: self.sockets,
-            registry: self.registry,
-            status,
-            policy,
-            adopted: self.adopted,
-        }
-    }
-}
-
-/// Everything one slot's task owns.
-struct RunningSlot {
-    generation: u32,
-    index: u32,
-    spec: Arc<WorkerSpec>,
-    sockets: SlotSockets,
-    registry: Registry,
-    status: watch::Sender<WorkerStatus>,
-    policy: watch::Receiver<Policy>,
     /// A worker that is already running (taken over after a re-exec).
     adopted: Option<i32>,
 }
 
-async fn run_slot(task: RunningSlot) {
-    let RunningSlot {
+async fn run_slot(
+    task: SlotTask,
+    status: watch::Sender<WorkerStatus>,
+    mut policy: watch::Receiver<Policy>,
+) {
+    let SlotTask {
         generation,
         index,
         spec,
         sockets,
         registry,
-        status,
-        mut policy,
         mut adopted,
     } = task;
     let mut env = spec.inherited_env.clone();

@@ -324,6 +324,16 @@ impl<'n> Supervisor<'n> {
             .unwrap_or_else(|e| panic!("{e}\n{}", self.logs_for_panic()))
     }
 
+    /// Waits (up to `timeout`) until the selector has sent at least `n` datagrams to
+    /// `generation`: proof that it serves traffic, counted rather than timed.
+    pub fn wait_selected(&mut self, generation: u32, n: u64, timeout: Duration) -> Value {
+        self.wait_status(
+            &format!("{n} datagrams selected for generation {generation}"),
+            timeout,
+            |v| selected_total(v, generation) >= n,
+        )
+    }
+
     /// Polls `status --json` until `pred` holds, failing early if the daemon exits.
     pub fn wait_status(
         &mut self,

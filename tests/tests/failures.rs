@@ -37,18 +37,10 @@ fn steady_load() -> LoadConfig {
         .grace(Duration::from_secs(3))
 }
 
-fn wait_selected(sup: &mut Supervisor<'_>, generation: u32, n: u64) -> Value {
-    sup.wait_status(
-        &format!("{n} datagrams selected for generation {generation}"),
-        SETTLE,
-        |v| selected_total(v, generation) >= n,
-    )
-}
-
 /// Waits until `n` more datagrams than now were selected for `generation`.
 fn wait_more_selected(sup: &mut Supervisor<'_>, generation: u32, n: u64) -> Value {
     let now = selected_total(&sup.status_json(), generation);
-    wait_selected(sup, generation, now + n)
+    sup.wait_selected(generation, now + n, SETTLE)
 }
 
 /// `<pins>/<service>/<listener>/gen-<n>`.
@@ -145,7 +137,7 @@ fn failed_upgrades_leave_the_old_generation_serving() {
     let pids = worker_pids(&status, 1);
 
     let load = BackgroundLoad::start(&net, steady_load());
-    wait_selected(&mut sup, 1, 200);
+    sup.wait_selected(1, 200, SETTLE);
 
     // 1. A command that exits 1 at once: generation 2 fails before it is ready.
     let mut exits = good.clone();
@@ -196,7 +188,7 @@ fn failed_upgrades_leave_the_old_generation_serving() {
     sup.set_config(good);
     sup.upgrade_ok();
     sup.wait_settled(4, SETTLE);
-    wait_selected(&mut sup, 4, 200);
+    sup.wait_selected(4, 200, SETTLE);
 
     let report = load.finish();
     println!("two failed upgrades and a good one under load:\n{report}");
@@ -379,7 +371,7 @@ fn invalid_config_on_upgrade_changes_nothing() {
     let pins_before = pins.entries();
 
     let load = BackgroundLoad::start(&net, steady_load());
-    wait_selected(&mut sup, 1, 200);
+    sup.wait_selected(1, 200, SETTLE);
 
     let toml = good.to_toml();
     let line_of = |text: &str, needle: &str| -> usize {
@@ -459,7 +451,7 @@ fn invalid_config_on_upgrade_changes_nothing() {
     // Nothing was reserved by the refusals: the next good upgrade is generation 2.
     sup.upgrade_ok();
     sup.wait_settled(2, SETTLE);
-    wait_selected(&mut sup, 2, 200);
+    sup.wait_selected(2, 200, SETTLE);
 
     let report = load.finish();
     println!("refused upgrades under load:\n{report}");

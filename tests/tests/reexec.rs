@@ -6,20 +6,11 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
+use supervisor_tests::supervisor::worker_pids;
 use supervisor_tests::{
     BackgroundLoad, LoadConfig, PinDir, ServiceConfig, Supervisor, TempDir, TestNet, bin_path,
     require_root,
 };
-
-fn worker_pids(status: &Value) -> Vec<i64> {
-    status["generations"][0]["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_i64().unwrap_or(0))
-        .collect()
-}
 
 #[test]
 fn reexec_keeps_workers_and_traffic() {
@@ -64,8 +55,8 @@ fn reexec_keeps_workers_and_traffic() {
         "no new image"
     );
     assert_eq!(
-        worker_pids(&after),
-        worker_pids(&before),
+        worker_pids(&after, 1),
+        worker_pids(&before, 1),
         "workers were replaced"
     );
     assert_eq!(pins.entries(), pins_before, "pins changed");
@@ -77,12 +68,12 @@ fn reexec_keeps_workers_and_traffic() {
     // An adopted worker that dies is restarted on its socket. (Outside the load:
     // a worker killed in the middle of recv() takes the datagram it had just
     // dequeued with it, which no supervisor can prevent.)
-    let victim = worker_pids(&after)[0];
-    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let victim = worker_pids(&after, 1)[0];
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
     let restarted = supervisor.wait_status("worker 0 restarted", Duration::from_secs(10), |s| {
         let w = &s["generations"][0]["workers"][0];
         w["restarts"].as_u64() == Some(1)
-            && w["pid"].as_i64().is_some_and(|p| p != victim)
+            && w["pid"].as_i64().is_some_and(|p| p != i64::from(victim))
             && w["state"] == "ready"
     });
     assert_eq!(restarted["generations"][0]["generation"], 1);

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use supervisor_tests::supervisor::{generation_numbers, selected_total};
+use supervisor_tests::supervisor::generation_numbers;
 use supervisor_tests::{
     BackgroundLoad, LoadConfig, PinDir, ServiceConfig, Supervisor, TempDir, TestNet,
     python_worker_path, python3_path, require_root,
@@ -34,16 +34,6 @@ fn steady_load() -> LoadConfig {
         .grace(Duration::from_secs(3))
 }
 
-/// Waits until the selector has sent at least `n` datagrams to `generation`: proof that
-/// it serves traffic, counted rather than timed.
-fn wait_selected(sup: &mut Supervisor<'_>, generation: u32, n: u64) {
-    sup.wait_status(
-        &format!("{n} datagrams selected for generation {generation}"),
-        SETTLE,
-        |v| selected_total(v, generation) >= n,
-    );
-}
-
 /// Starts `config`, runs `upgrades` upgrades in a row under the steady load, and checks
 /// that nothing was lost or doubled and that every generation answered.
 fn upgrades_under_load(config: ServiceConfig, upgrades: u32, net: &TestNet, pins: &PinDir) {
@@ -51,7 +41,7 @@ fn upgrades_under_load(config: ServiceConfig, upgrades: u32, net: &TestNet, pins
     sup.wait_settled(1, SETTLE);
 
     let load = BackgroundLoad::start(net, steady_load());
-    wait_selected(&mut sup, 1, 200);
+    sup.wait_selected(1, 200, SETTLE);
     for i in 0..upgrades {
         let target = 2 + i;
         let out = sup.upgrade_ok();
@@ -68,10 +58,10 @@ fn upgrades_under_load(config: ServiceConfig, upgrades: u32, net: &TestNet, pins
         );
         assert_eq!(sup.serving_generation(), target);
         // Every generation must really serve before the next replaces it.
-        wait_selected(&mut sup, target, 200);
+        sup.wait_selected(target, 200, SETTLE);
     }
     let last = 1 + upgrades;
-    wait_selected(&mut sup, last, 1_000);
+    sup.wait_selected(last, 1_000, SETTLE);
     assert!(!load.is_finished(), "the load generator stopped early");
     let report = load.finish();
     println!("{upgrades} upgrades under load:\n{report}");
@@ -129,11 +119,11 @@ fn sighup_upgrades_like_the_cli() {
     sup.wait_settled(1, SETTLE);
 
     let load = BackgroundLoad::start(&net, steady_load());
-    wait_selected(&mut sup, 1, 200);
+    sup.wait_selected(1, 200, SETTLE);
     for target in [2, 3] {
         sup.signal(Signal::SIGHUP);
         sup.wait_settled(target, SETTLE);
-        wait_selected(&mut sup, target, 500);
+        sup.wait_selected(target, 500, SETTLE);
     }
     let report = load.finish();
     println!("two SIGHUP upgrades under load:\n{report}");

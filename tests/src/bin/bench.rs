@@ -464,13 +464,8 @@ fn pct(f: f64) -> String {
 
 /// One per-socket field of `status --json` for every socket of `generation`, in order.
 fn socket_field(status: &Value, generation: u32, field: &str) -> Vec<u64> {
-    status["generations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|g| g["generation"] == generation)
-        .flat_map(|g| g["listeners"].as_array().into_iter().flatten())
-        .flat_map(|l| l["sockets"].as_array().into_iter().flatten())
+    supervisor_tests::supervisor::sockets_of(status, generation)
+        .iter()
         .map(|s| s[field].as_u64().unwrap_or(0))
         .collect()
 }

@@ -131,7 +131,7 @@ fn run(args: &Args, balance: Balance) -> bool {
     let mut sup = Supervisor::start(&net, config);
     let status = sup.status_json();
     let first = sup.serving_generation();
-    let pids = worker_pids(&status, first);
+    let pids = supervisor_tests::supervisor::worker_pids(&status, first);
     println!(
         "    supervisor pid {}; generation {first} serving with {} workers (pids {})",
         sup.pid().unwrap_or(0),
@@ -272,17 +272,6 @@ fn section(n: u32, title: &str) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn worker_pids(status: &serde_json::Value, generation: u32) -> Vec<i64> {
-    status["generations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|g| g["generation"] == generation)
-        .flat_map(|g| g["workers"].as_array().into_iter().flatten())
-        .filter_map(|w| w["pid"].as_i64())
-        .collect()
 }
 
 /// Runs `supervisor upgrade`, printing its lines as they arrive. Returns whether it

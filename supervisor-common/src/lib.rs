@@ -86,25 +86,30 @@ pub mod control_index {
     /// The [`Control`](super::Control) word: the only entry whose change switches
     /// traffic, written with one 8-byte store.
     pub const WORD: u32 = 0;
-    /// [`Settings`](super::Settings) for flow and cookie modes.
-    pub const SETTINGS: u32 = 1;
     /// `SLOT_GENERATION + slot`: the generation number whose socket array is in
     /// that slot of `GENERATIONS` (0: empty). A flow entry or cookie naming a
     /// generation that no longer owns its slot is stale, even if the slot was
     /// reused and has a socket at the same index.
-    pub const SLOT_GENERATION: u32 = 2;
+    pub const SLOT_GENERATION: u32 = 1;
+    /// `SLOT_SETTINGS + slot`: the [`Settings`](super::Settings) of the generation
+    /// in that slot. The selector reads those of the working slot, so a new
+    /// generation's settings are written with its socket array, before the flip,
+    /// and take effect with the control word's one store: the generation that
+    /// serves until then never runs with another generation's settings.
+    pub const SLOT_SETTINGS: u32 = SLOT_GENERATION + super::GENERATION_SLOTS;
     /// Milliseconds of `CLOCK_MONOTONIC_COARSE`, stored by the supervisor every
     /// [`CLOCK_TICK_MS`](super::CLOCK_TICK_MS). The flow table's idle clock: one
     /// array read is several times cheaper per datagram than a time helper. 0 (no
     /// supervisor ticking) makes the selector read the kernel's clock instead.
-    pub const CLOCK_MS: u32 = SLOT_GENERATION + super::GENERATION_SLOTS;
+    pub const CLOCK_MS: u32 = SLOT_SETTINGS + super::GENERATION_SLOTS;
     /// Non-zero while readiness probes are under way (`ready = "probe"`): only
     /// then does the selector look datagrams up in `PROBES`.
     pub const PROBE_ACTIVE: u32 = CLOCK_MS + 1;
     pub const ENTRIES: u32 = PROBE_ACTIVE + 1;
 }
 
-/// Parameters of the flow and cookie modes, one `u64` word in `CONTROL`.
+/// Parameters of the flow and cookie modes, one `u64` word per generation slot in
+/// `CONTROL` (`control_index::SLOT_SETTINGS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Settings {
     /// A flow idle this long goes to the working generation on its next datagram.

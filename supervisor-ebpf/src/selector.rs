@@ -145,7 +145,7 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
         select_in(ctx, working_slot, random_below(sockets), false);
         return;
     };
-    let settings = Settings::from_word(word(control_index::SETTINGS));
+    let settings = Settings::from_word(word(control_index::SLOT_SETTINGS + working_slot));
     let idle_ms = settings.flow_idle_ms as u64;
     // The supervisor's clock word: an array read instead of a helper call.
     let mut now = word(control_index::CLOCK_MS);
@@ -200,7 +200,7 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
 /// socket goes there, anything else is a new flow in the working generation.
 #[inline(always)]
 fn select_cookie(ctx: &SkReuseportContext, working_slot: u32, sockets: u32) {
-    let settings = Settings::from_word(word(control_index::SETTINGS));
+    let settings = Settings::from_word(word(control_index::SLOT_SETTINGS + working_slot));
     let mut cookie = [0u8; 2];
     // `data` starts at the UDP header; the payload follows it.
     let offset = UDP_HEADER_LEN + settings.cookie_offset as u32;

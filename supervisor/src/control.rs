@@ -1,6 +1,11 @@
-//! The control socket between the CLI (`upgrade`, `status`, `stop`) and the daemon:
-//! a unix stream socket at `<runtime_dir>/<service>.sock`, mode 0600, one JSON
-//! request line per connection, JSON event lines back.
+//! The control socket between the CLI (`upgrade`, `status`, `stop`, `reexec`) and
+//! the daemon, both halves: a unix stream socket at `<runtime_dir>/<service>.sock`,
+//! mode 0600, one JSON request line per connection, JSON event lines back (the
+//! wire format is in `docs/control-protocol.md`).
+//!
+//! The server half only translates: a request becomes a [`Command`] for the
+//! daemon's event loop, which owns everything that changes state, and the
+//! command's outcome becomes events.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -8,9 +13,14 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
 };
 
-use crate::error::InputError;
+use crate::{
+    error::{EXIT_BAD_INPUT, EXIT_FAILED, InputError, exit_code},
+    status::Status,
+    upgrade::{Progress, Shared},
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -36,7 +46,7 @@ pub enum Event {
         text: String,
     },
     Status {
-        status: serde_json::Value,
+        status: Box<Status>,
     },
     /// The final line: success.
     Done {
@@ -48,6 +58,25 @@ pub enum Event {
         message: String,
     },
 }
+
+/// What the server half asks of the daemon's event loop.
+pub enum Command {
+    Stop,
+    /// Upgrade from the config at `config`; phases go to `progress`, the outcome
+    /// (the new generation's number) to `done`.
+    Upgrade {
+        config: PathBuf,
+        progress: Progress,
+        done: oneshot::Sender<Result<u32>>,
+    },
+    /// Exec `binary` in place; the sender hears why if that did not happen.
+    Reexec {
+        binary: PathBuf,
+        refused: oneshot::Sender<String>,
+    },
+}
+
+// ---- server half ----
 
 pub fn bind(path: &Path) -> Result<UnixListener> {
     // The caller holds the service lock: a socket file here is a dead daemon's.
@@ -72,21 +101,112 @@ pub fn peer_allowed(stream: &UnixStream) -> bool {
     }
 }
 
-pub async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<Request> {
+async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<Request> {
     let mut line = String::new();
     stream.read_line(&mut line).await?;
     serde_json::from_str(&line).context("malformed control request")
 }
 
-pub async fn send(stream: &mut BufReader<UnixStream>, event: &Event) -> Result<()> {
+async fn send(stream: &mut BufReader<UnixStream>, event: &Event) -> Result<()> {
     let mut line = serde_json::to_string(event)?;
     line.push('\n');
     stream.get_mut().write_all(line.as_bytes()).await?;
     Ok(())
 }
 
-/// The CLI side: sends `request` and calls `on_event` for every event until the
-/// connection closes.
+/// Answers one connection: reads its request, has the event loop carry it out,
+/// and writes the events back.
+pub async fn serve_connection(
+    shared: &Shared,
+    stream: UnixStream,
+    commands: mpsc::UnboundedSender<Command>,
+) -> Result<()> {
+    let mut stream = BufReader::new(stream);
+    let request = match read_request(&mut stream).await {
+        Ok(request) => request,
+        Err(e) => {
+            let message = format!("{e:#}");
+            let event = Event::Error {
+                exit_code: EXIT_BAD_INPUT,
+                message,
+            };
+            return send(&mut stream, &event).await;
+        }
+    };
+    let gone = || anyhow::anyhow!("the supervisor is stopping");
+    match request {
+        Request::Status => {
+            let status = crate::status::collect(&shared.lock().unwrap());
+            let event = Event::Status {
+                status: Box::new(status),
+            };
+            send(&mut stream, &event).await?;
+        }
+        Request::Stop => {
+            commands.send(Command::Stop).map_err(|_| gone())?;
+            let event = Event::Done {
+                message: "stopping: draining all generations".into(),
+            };
+            send(&mut stream, &event).await?;
+        }
+        Request::Reexec { binary } => {
+            let (refused, why) = oneshot::channel();
+            let event = Event::Phase {
+                at_ms: 0,
+                text: format!("re-executing {}", binary.display()),
+            };
+            send(&mut stream, &event).await?;
+            commands
+                .send(Command::Reexec { binary, refused })
+                .map_err(|_| gone())?;
+            // On success this process image is gone and the connection closes
+            // with it; an answer here means the exec did not happen.
+            if let Ok(message) = why.await {
+                // Nothing changed (the handoff was undone): a refusal.
+                let event = Event::Error {
+                    exit_code: EXIT_BAD_INPUT,
+                    message,
+                };
+                send(&mut stream, &event).await?;
+            }
+        }
+        Request::Upgrade { config } => {
+            let (phases_tx, mut phases) = mpsc::unbounded_channel();
+            let (done, outcome) = oneshot::channel();
+            commands
+                .send(Command::Upgrade {
+                    config,
+                    progress: Progress::new(Some(phases_tx)),
+                    done,
+                })
+                .map_err(|_| gone())?;
+            while let Some((at_ms, text)) = phases.recv().await {
+                // A CLI that went away does not stop the upgrade.
+                let _ = send(&mut stream, &Event::Phase { at_ms, text }).await;
+            }
+            let event = match outcome.await {
+                Ok(Ok(number)) => Event::Done {
+                    message: format!("generation {number} serves"),
+                },
+                Ok(Err(e)) => Event::Error {
+                    exit_code: exit_code(&e),
+                    message: format!("{e:#}"),
+                },
+                Err(_) => Event::Error {
+                    exit_code: EXIT_FAILED,
+                    message: "the supervisor stopped before the upgrade finished".into(),
+                },
+            };
+            send(&mut stream, &event).await?;
+        }
+    }
+    Ok(())
+}
+
+// ---- client half ----
+
+/// Sends `request` and calls `on_event` for every event until the connection
+/// closes.
 pub async fn call(socket: &Path, request: &Request, mut on_event: impl FnMut(Event)) -> Result<()> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         InputError::new(format!(
@@ -103,4 +223,22 @@ pub async fn call(socket: &Path, request: &Request, mut on_event: impl FnMut(Eve
         on_event(serde_json::from_str(&line).with_context(|| format!("malformed reply {line:?}"))?);
     }
     Ok(())
+}
+
+/// How long the CLI waits for the daemon's answer to a status request.
+pub const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One `status` request, bounded by [`STATUS_TIMEOUT`].
+pub async fn fetch_status(socket: &Path) -> Result<Status> {
+    let mut status = None;
+    let call = call(socket, &Request::Status, |event| {
+        if let Event::Status { status: value } = event {
+            status = Some(*value);
+        }
+    });
+    match tokio::time::timeout(STATUS_TIMEOUT, call).await {
+        Ok(result) => result?,
+        Err(_) => anyhow::bail!("the supervisor did not answer within {STATUS_TIMEOUT:?}"),
+    }
+    status.ok_or_else(|| anyhow::anyhow!("no status from the supervisor"))
 }

@@ -21,6 +21,8 @@ impl fmt::Display for InputError {
 
 impl std::error::Error for InputError {}
 
+/// Exit code for success: the command did what it was asked.
+pub const EXIT_OK: i32 = 0;
 /// Exit code for bad input and unmet preconditions.
 pub const EXIT_BAD_INPUT: i32 = 2;
 /// Exit code for an operation that was tried and failed (e.g. a new generation did not become ready).

@@ -23,7 +23,7 @@ use supervisor_common::{
     program_names,
 };
 
-use crate::{ebpf::SELECTOR_OBJECT, error::InputError, sys::ControlWord};
+use crate::{dataplane::Dataplane, ebpf::SELECTOR_OBJECT, error::InputError, sys::ControlWord};
 
 /// `BPF_MAP_TYPE_REUSEPORT_SOCKARRAY` from the kernel's uapi.
 const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
@@ -206,139 +206,14 @@ impl ListenerDataplane {
         })
     }
 
-    /// Attaches the selector to the reuseport group `socket` belongs to. Idempotent:
-    /// the group keeps one program, and every socket that joins it later uses it.
-    pub fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
-        self.program
-            .attach(socket)
-            .context("attaching the selector to the socket group (SO_ATTACH_REUSEPORT_EBPF)")
-    }
-
-    /// Creates generation `generation`'s fresh socket array holding `sockets` at
-    /// indices 0.., pins it as `gen-<N>`, zeroes the slot's counters and stores it in
-    /// the slot. The selector does not look at the slot until [`Self::flip`].
-    pub fn install_generation(
-        &mut self,
-        generation: u32,
-        slot: u32,
-        sockets: &[BorrowedFd<'_>],
-    ) -> Result<GenerationArray> {
-        anyhow::ensure!(slot < GENERATION_SLOTS, "slot {slot} out of range");
-        anyhow::ensure!(sockets.len() as u32 <= MAX_SOCKETS, "too many sockets");
-        let name = format!("{}{generation}", pin_names::GENERATION_PREFIX);
-        let obj =
-            aya_obj::Map::new_from_params(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 4, MAX_SOCKETS, 0);
-        // Kernel map names allow [A-Za-z0-9_.] only; the pin keeps the dash.
-        let map_data = MapData::create(obj, &format!("gen_{generation}"), None)
-            .with_context(|| format!("creating the socket array for generation {generation}"))?;
-        let mut map = Map::ReusePortSockArray(map_data);
-        {
-            let mut array = ReusePortSockArray::try_from(&mut map)?;
-            for (index, socket) in sockets.iter().enumerate() {
-                array.set(index as u32, socket, 0).with_context(|| {
-                    format!("adding socket {index} to generation {generation}'s socket array")
-                })?;
-            }
-        }
-        let Map::ReusePortSockArray(map_data) = map else {
-            unreachable!("constructed as a ReusePortSockArray above")
-        };
-        let pin = self.dir.join(&name);
-        map_data
-            .pin(&pin)
-            .with_context(|| format!("pinning {}", pin.display()))?;
-        let array = GenerationArray {
-            generation,
-            slot,
-            pin,
-            _map: map_data,
-        };
-        self.zero_counters(slot)?;
-        // Before the slot is filled: from here on flow entries and cookies that
-        // name an older generation in this slot are stale.
-        self.control
-            .store(control_index::SLOT_GENERATION + slot, u64::from(generation));
-        self.generations
-            .set(slot, &array._map, 0)
-            .with_context(|| format!("storing generation {generation} in slot {slot}"))?;
-        Ok(array)
-    }
-
-    /// Empties a slot once its generation is gone, so the kernel frees its socket array.
-    pub fn clear_slot(&self, slot: u32) {
-        self.control.store(control_index::SLOT_GENERATION + slot, 0);
-        if let Err(e) = crate::sys::bpf_map_delete_u32(self.generations_fd.as_fd(), slot) {
-            tracing::warn!("clearing generation slot {slot}: {e}");
-        }
-    }
-
-    /// The atomic switch: from the next datagram on, the selector reads `control`.
-    /// The settings (flow idle, cookie offset) go first; they only matter once
-    /// the control word names a flow or cookie mode.
-    pub fn flip(&self, control: Control, settings: Settings) {
-        self.control
-            .store(control_index::SETTINGS, settings.to_word());
-        self.control.store(control_index::WORD, control.to_word());
-    }
-
-    pub fn working(&self) -> Control {
-        Control::from_word(self.control.load(control_index::WORD))
-    }
-
+    /// The settings the selector uses now: those of the working slot.
     pub fn settings(&self) -> Settings {
-        Settings::from_word(self.control.load(control_index::SETTINGS))
+        self.slot_settings(self.working().working_slot.into())
     }
 
-    /// Steers datagrams from the probe socket bound to `source` to socket `socket`
-    /// of `slot` (see `ProbeTarget`).
-    pub fn add_probe(
-        &mut self,
-        source: std::net::SocketAddr,
-        slot: u32,
-        socket: u32,
-    ) -> Result<()> {
-        let mut addr = [0u32; 4];
-        let family = match source.ip() {
-            std::net::IpAddr::V4(ip) => {
-                addr[0] = u32::from_ne_bytes(ip.octets());
-                4
-            }
-            std::net::IpAddr::V6(ip) => {
-                for (word, chunk) in addr.iter_mut().zip(ip.octets().chunks_exact(4)) {
-                    *word = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
-                }
-                6
-            }
-        };
-        let target = ProbeTarget {
-            addr,
-            family,
-            slot: slot as u8,
-            socket: socket as u16,
-        };
-        // The key is the port as it stands in the packet (network byte order).
-        self.probes
-            .insert(source.port().to_be(), target, 0)
-            .context("registering a readiness probe")?;
-        Ok(())
-    }
-
-    pub fn remove_probe(&mut self, source: std::net::SocketAddr) {
-        let _ = self.probes.remove(&source.port().to_be());
-    }
-
-    /// Turns the selector's probe lookup on or off.
-    pub fn set_probing(&self, active: bool) {
-        self.control
-            .store(control_index::PROBE_ACTIVE, u64::from(active));
-    }
-
-    /// Advances the selector's clock word (see `control_index::CLOCK_MS`), or with
-    /// `running == false` stops it (0: the selector reads the kernel's clock,
-    /// the same CLOCK_MONOTONIC_COARSE, so entries stamped either way compare).
-    pub fn tick_clock(&self, running: bool) {
-        let now = if running { monotonic_coarse_ms() } else { 0 };
-        self.control.store(control_index::CLOCK_MS, now);
+    /// The settings stored with the generation in `slot`.
+    pub fn slot_settings(&self, slot: u32) -> Settings {
+        Settings::from_word(self.control.load(control_index::SLOT_SETTINGS + slot))
     }
 
     /// The selector's idea of now for flow ages: the clock word, or the same
@@ -350,44 +225,6 @@ impl ListenerDataplane {
         }
     }
 
-    /// Flow-table entries per generation that are not idle yet.
-    pub fn live_flows(&self) -> std::collections::BTreeMap<u32, u64> {
-        let idle_ms = u64::from(self.settings().flow_idle_ms);
-        let now = self.flow_clock_ms();
-        let mut flows = std::collections::BTreeMap::new();
-        for entry in self.flows.iter().flatten() {
-            let (_, value) = entry;
-            if now.saturating_sub(value.last_seen_ms) < idle_ms {
-                *flows.entry(value.generation).or_insert(0) += 1;
-            }
-        }
-        flows
-    }
-
-    /// The flow and cookie stages' counters, summed over CPUs.
-    pub fn flow_counters(&self) -> FlowCounters {
-        match self.flow_counters.get(&0, 0) {
-            Ok(values) => values
-                .iter()
-                .fold(FlowCounters::default(), |sum, c| FlowCounters {
-                    new_flows: sum.new_flows + c.new_flows,
-                    first_seen: sum.first_seen + c.first_seen,
-                    socket_gone: sum.socket_gone + c.socket_gone,
-                    expired: sum.expired + c.expired,
-                    cookie_invalid: sum.cookie_invalid + c.cookie_invalid,
-                    insert_failed: sum.insert_failed + c.insert_failed,
-                }),
-            Err(_) => FlowCounters::default(),
-        }
-    }
-
-    /// Entries in the flow table (live or idle) and its capacity.
-    pub fn flow_table_usage(&self) -> (u64, u32) {
-        let entries = self.flows.keys().flatten().count() as u64;
-        let capacity = self.flow_capacity;
-        (entries, capacity)
-    }
-
     fn zero_counters(&mut self, slot: u32) -> Result<()> {
         let cpus = nr_cpus().map_err(|(path, e)| anyhow::anyhow!("reading {path}: {e}"))?;
         for socket in 0..MAX_SOCKETS {
@@ -397,35 +234,6 @@ impl ListenerDataplane {
                 .context("zeroing counters")?;
         }
         Ok(())
-    }
-
-    /// The selector's counters for one socket of a slot, summed over CPUs.
-    pub fn counters(&self, slot: u32, socket: u32) -> SocketCounters {
-        let index = counter_index(slot, socket);
-        debug_assert!(index < COUNTER_ENTRIES);
-        match self.counters.get(&index, 0) {
-            Ok(values) => values
-                .iter()
-                .fold(SocketCounters::default(), |sum, c| SocketCounters {
-                    selected: sum.selected + c.selected,
-                    fallback: sum.fallback + c.fallback,
-                    errors: sum.errors + c.errors,
-                    affinity_hits: sum.affinity_hits + c.affinity_hits,
-                }),
-            Err(e) => {
-                tracing::warn!("reading counters: {e}");
-                SocketCounters::default()
-            }
-        }
-    }
-
-    /// Removes this listener's pins (on shutdown).
-    pub fn unpin_all(&self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!("cannot remove {}: {e}", self.dir.display());
-        }
     }
 }
 
@@ -461,4 +269,215 @@ fn is_permission_error(error: &aya::EbpfError) -> bool {
         source = e.source();
     }
     false
+}
+
+impl crate::dataplane::InstalledArray for GenerationArray {}
+
+/// The real dataplane: the pinned selector, its maps, and real sockets.
+impl crate::dataplane::Dataplane for ListenerDataplane {
+    fn listener(&self) -> &str {
+        &self.listener
+    }
+
+    fn bind_socket(
+        &self,
+        listener: &crate::config::ListenerConfig,
+    ) -> Result<std::os::fd::OwnedFd> {
+        crate::sockets::bind_reuseport(listener.address, listener.receive_buffer, &listener.name)
+    }
+
+    /// Attaches the selector to the reuseport group `socket` belongs to. Idempotent:
+    /// the group keeps one program, and every socket that joins it later uses it.
+    fn attach(&self, socket: BorrowedFd<'_>) -> Result<()> {
+        self.program
+            .attach(socket)
+            .context("attaching the selector to the socket group (SO_ATTACH_REUSEPORT_EBPF)")
+    }
+
+    /// Creates generation `generation`'s fresh socket array holding `sockets` at
+    /// indices 0.., pins it as `gen-<N>`, zeroes the slot's counters and stores it,
+    /// with the generation's `settings`, in the slot. The selector does not look at
+    /// the slot until [`Self::flip`] names it.
+    fn install_generation(
+        &mut self,
+        generation: u32,
+        slot: u32,
+        sockets: &[BorrowedFd<'_>],
+        settings: Settings,
+    ) -> Result<Box<dyn crate::dataplane::InstalledArray>> {
+        anyhow::ensure!(slot < GENERATION_SLOTS, "slot {slot} out of range");
+        anyhow::ensure!(sockets.len() as u32 <= MAX_SOCKETS, "too many sockets");
+        let name = format!("{}{generation}", pin_names::GENERATION_PREFIX);
+        let obj =
+            aya_obj::Map::new_from_params(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 4, MAX_SOCKETS, 0);
+        // Kernel map names allow [A-Za-z0-9_.] only; the pin keeps the dash.
+        let map_data = MapData::create(obj, &format!("gen_{generation}"), None)
+            .with_context(|| format!("creating the socket array for generation {generation}"))?;
+        let mut map = Map::ReusePortSockArray(map_data);
+        {
+            let mut array = ReusePortSockArray::try_from(&mut map)?;
+            for (index, socket) in sockets.iter().enumerate() {
+                array.set(index as u32, socket, 0).with_context(|| {
+                    format!("adding socket {index} to generation {generation}'s socket array")
+                })?;
+            }
+        }
+        let Map::ReusePortSockArray(map_data) = map else {
+            unreachable!("constructed as a ReusePortSockArray above")
+        };
+        let pin = self.dir.join(&name);
+        map_data
+            .pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        let array = GenerationArray {
+            generation,
+            slot,
+            pin,
+            _map: map_data,
+        };
+        self.zero_counters(slot)?;
+        // Before the slot is filled: from here on flow entries and cookies that
+        // name an older generation in this slot are stale.
+        self.control
+            .store(control_index::SLOT_GENERATION + slot, u64::from(generation));
+        self.control
+            .store(control_index::SLOT_SETTINGS + slot, settings.to_word());
+        self.generations
+            .set(slot, &array._map, 0)
+            .with_context(|| format!("storing generation {generation} in slot {slot}"))?;
+        Ok(Box::new(array))
+    }
+
+    /// Empties a slot once its generation is gone, so the kernel frees its socket array.
+    fn clear_slot(&self, slot: u32) {
+        self.control.store(control_index::SLOT_GENERATION + slot, 0);
+        if let Err(e) = crate::sys::bpf_map_delete_u32(self.generations_fd.as_fd(), slot) {
+            tracing::warn!("clearing generation slot {slot}: {e}");
+        }
+    }
+
+    /// The atomic switch: from the next datagram on, the selector reads `control`,
+    /// and with it the settings of the slot it names (stored by
+    /// [`Self::install_generation`]).
+    fn flip(&self, control: Control) {
+        self.control.store(control_index::WORD, control.to_word());
+    }
+
+    fn working(&self) -> Control {
+        Control::from_word(self.control.load(control_index::WORD))
+    }
+
+    /// Steers datagrams from the probe socket bound to `source` to socket `socket`
+    /// of `slot` (see `ProbeTarget`).
+    fn add_probe(&mut self, source: std::net::SocketAddr, slot: u32, socket: u32) -> Result<()> {
+        let mut addr = [0u32; 4];
+        let family = match source.ip() {
+            std::net::IpAddr::V4(ip) => {
+                addr[0] = u32::from_ne_bytes(ip.octets());
+                4
+            }
+            std::net::IpAddr::V6(ip) => {
+                for (word, chunk) in addr.iter_mut().zip(ip.octets().chunks_exact(4)) {
+                    *word = u32::from_ne_bytes(chunk.try_into().expect("4 bytes"));
+                }
+                6
+            }
+        };
+        let target = ProbeTarget {
+            addr,
+            family,
+            slot: slot as u8,
+            socket: socket as u16,
+        };
+        // The key is the port as it stands in the packet (network byte order).
+        self.probes
+            .insert(source.port().to_be(), target, 0)
+            .context("registering a readiness probe")?;
+        Ok(())
+    }
+
+    fn remove_probe(&mut self, source: std::net::SocketAddr) {
+        let _ = self.probes.remove(&source.port().to_be());
+    }
+
+    /// Turns the selector's probe lookup on or off.
+    fn set_probing(&self, active: bool) {
+        self.control
+            .store(control_index::PROBE_ACTIVE, u64::from(active));
+    }
+
+    /// Advances the selector's clock word (see `control_index::CLOCK_MS`), or with
+    /// `running == false` stops it (0: the selector reads the kernel's clock,
+    /// the same CLOCK_MONOTONIC_COARSE, so entries stamped either way compare).
+    fn tick_clock(&self, running: bool) {
+        let now = if running { monotonic_coarse_ms() } else { 0 };
+        self.control.store(control_index::CLOCK_MS, now);
+    }
+
+    /// Flow-table entries per generation that are not idle yet.
+    fn live_flows(&self) -> std::collections::BTreeMap<u32, u64> {
+        let idle_ms = u64::from(self.settings().flow_idle_ms);
+        let now = self.flow_clock_ms();
+        let mut flows = std::collections::BTreeMap::new();
+        for entry in self.flows.iter().flatten() {
+            let (_, value) = entry;
+            if now.saturating_sub(value.last_seen_ms) < idle_ms {
+                *flows.entry(value.generation).or_insert(0) += 1;
+            }
+        }
+        flows
+    }
+
+    /// The flow and cookie stages' counters, summed over CPUs.
+    fn flow_counters(&self) -> FlowCounters {
+        match self.flow_counters.get(&0, 0) {
+            Ok(values) => values
+                .iter()
+                .fold(FlowCounters::default(), |sum, c| FlowCounters {
+                    new_flows: sum.new_flows + c.new_flows,
+                    first_seen: sum.first_seen + c.first_seen,
+                    socket_gone: sum.socket_gone + c.socket_gone,
+                    expired: sum.expired + c.expired,
+                    cookie_invalid: sum.cookie_invalid + c.cookie_invalid,
+                    insert_failed: sum.insert_failed + c.insert_failed,
+                }),
+            Err(_) => FlowCounters::default(),
+        }
+    }
+
+    /// Entries in the flow table (live or idle) and its capacity.
+    fn flow_table_usage(&self) -> (u64, u32) {
+        let entries = self.flows.keys().flatten().count() as u64;
+        let capacity = self.flow_capacity;
+        (entries, capacity)
+    }
+
+    /// The selector's counters for one socket of a slot, summed over CPUs.
+    fn counters(&self, slot: u32, socket: u32) -> SocketCounters {
+        let index = counter_index(slot, socket);
+        debug_assert!(index < COUNTER_ENTRIES);
+        match self.counters.get(&index, 0) {
+            Ok(values) => values
+                .iter()
+                .fold(SocketCounters::default(), |sum, c| SocketCounters {
+                    selected: sum.selected + c.selected,
+                    fallback: sum.fallback + c.fallback,
+                    errors: sum.errors + c.errors,
+                    affinity_hits: sum.affinity_hits + c.affinity_hits,
+                }),
+            Err(e) => {
+                tracing::warn!("reading counters: {e}");
+                SocketCounters::default()
+            }
+        }
+    }
+
+    /// Removes this listener's pins (on shutdown).
+    fn unpin_all(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", self.dir.display());
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! under way.
 use std::{
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -22,15 +22,14 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use supervisor_common::{BalanceMode, Settings, cookie};
+use supervisor_common::{BalanceMode, Settings};
 
 use crate::{
     config::ReadyMode,
     maps::GenerationArray,
-    notify::Registry,
     sys,
-    upgrade::{Generation, GenerationListener, GenerationState, State},
-    worker::{SlotSockets, WorkerSlot, WorkerSpec},
+    upgrade::{Generation, GenerationListener, GenerationState, State, slot_sockets},
+    worker::{SlotContext, WorkerSlot, WorkerSpec},
 };
 
 /// The environment variable that tells `supervisor run` it is a re-exec, and
@@ -246,7 +245,7 @@ pub fn adopt_generation(
     sockets: Vec<Vec<OwnedFd>>,
     pin_dir: &Path,
     spec: &Arc<WorkerSpec>,
-    registry: &Registry,
+    context: &SlotContext,
 ) -> Result<Generation> {
     let g = &handoff.generation;
     let mut listeners = Vec::new();
@@ -262,35 +261,23 @@ pub fn adopt_generation(
             flow_idle: Duration::from_millis(u64::from(l.flow_idle_ms)),
             sockets: Arc::new(fds),
             sockets_per_worker: l.sockets_per_worker,
-            array: GenerationArray::adopt(&pin_dir.join(&l.name), g.number, g.slot)?,
+            array: Box::new(GenerationArray::adopt(
+                &pin_dir.join(&l.name),
+                g.number,
+                g.slot,
+            )?),
         });
     }
     let workers = g
         .workers
         .iter()
         .map(|w| {
-            let mut slot = SlotSockets {
-                fds: Vec::new(),
-                names: Vec::new(),
-                cookies: Vec::new(),
-                owner: Vec::new(),
-            };
-            for listener in &listeners {
-                let per = listener.sockets_per_worker as usize;
-                let first = w.index as usize * per;
-                for (offset, socket) in listener.sockets[first..first + per].iter().enumerate() {
-                    slot.fds.push(socket.as_fd().as_raw_fd());
-                    slot.names.push(listener.name.clone());
-                    slot.cookies.push(cookie(g.number, (first + offset) as u32));
-                }
-                slot.owner.push(listener.sockets.clone());
-            }
             WorkerSlot::adopt(
                 g.number,
                 w.index,
                 spec.clone(),
-                slot,
-                registry.clone(),
+                slot_sockets(&listeners, g.number, w.index),
+                context.clone(),
                 w.pid,
                 w.restarts,
             )

@@ -4,7 +4,11 @@ use std::{fmt::Write as _, os::fd::AsFd, time::UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{sys, upgrade::State, worker::WorkerStatus};
+use crate::{
+    sys,
+    upgrade::{GenerationState, State},
+    worker::{WorkerPhase, WorkerStatus},
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -37,7 +41,7 @@ pub struct SelectorStatus {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct GenerationStatus {
     pub generation: u32,
-    pub state: String,
+    pub state: GenerationState,
     pub slot: u32,
     pub started_unix_ms: u64,
     pub workers: Vec<WorkerStatusOut>,
@@ -48,7 +52,7 @@ pub struct GenerationStatus {
 pub struct WorkerStatusOut {
     pub index: u32,
     pub pid: Option<i32>,
-    pub state: String,
+    pub state: WorkerPhase,
     pub restarts: u32,
     pub last_exit: Option<String>,
     pub status: Option<String>,
@@ -79,14 +83,6 @@ pub struct SocketStatus {
     pub drops: u32,
 }
 
-/// A unit enum variant's name as serde writes it ("serving", "ready", ...).
-fn serde_name(value: impl Serialize) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 pub fn collect(state: &State) -> Status {
     let generations = state
         .generations
@@ -100,7 +96,7 @@ pub fn collect(state: &State) -> Status {
                     WorkerStatusOut {
                         index: w.index,
                         pid: s.pid,
-                        state: serde_name(s.state),
+                        state: s.state,
                         restarts: s.restarts,
                         last_exit: s.last_exit,
                         status: s.status,
@@ -152,7 +148,7 @@ pub fn collect(state: &State) -> Status {
                 .collect();
             GenerationStatus {
                 generation: generation.number,
-                state: serde_name(generation.state),
+                state: generation.state,
                 slot: generation.slot,
                 started_unix_ms: generation
                     .started
@@ -184,7 +180,7 @@ pub fn collect(state: &State) -> Status {
             let working = dataplane.working();
             let (entries, capacity) = dataplane.flow_table_usage();
             SelectorStatus {
-                listener: dataplane.listener.clone(),
+                listener: dataplane.listener().to_string(),
                 working_generation: working.generation,
                 balance: supervisor_common::BalanceMode::from_u8(working.balance_mode)
                     .map(|m| crate::config::Balance(m).to_string())

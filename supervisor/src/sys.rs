@@ -36,6 +36,9 @@ pub struct PreparedExec {
     listen_pid_entry: Option<usize>,
     /// fds to place at 3, 4, ... in the child, in order.
     fds: Vec<RawFd>,
+    /// Scratch space for the child's first pass over `fds` (see `spawn_worker`):
+    /// one entry per fd, allocated here because the child may not allocate.
+    staging: Vec<RawFd>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
 }
 
@@ -84,6 +87,7 @@ impl PreparedExec {
             argv_ptrs,
             env: entries,
             listen_pid_entry,
+            staging: vec![-1; fds.len()],
             fds,
             credentials,
         })
@@ -181,14 +185,15 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
             }
             // Two passes so that a source fd already inside 3..3+n is not
             // clobbered before it is copied: first above the range, then into it.
-            let mut high = [0 as RawFd; 128];
-            for (i, &fd) in prepared.fds.iter().enumerate().take(high.len()) {
-                high[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3 + fd_count);
-                if high[i] < 0 {
+            // `staging` has exactly one entry per fd, however many listeners
+            // and sockets the worker is owed.
+            for (slot, &fd) in prepared.staging.iter_mut().zip(prepared.fds.iter()) {
+                *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3 + fd_count);
+                if *slot < 0 {
                     fail(report);
                 }
             }
-            for (i, &fd) in high.iter().enumerate().take(prepared.fds.len()) {
+            for (i, &fd) in prepared.staging.iter().enumerate() {
                 // dup2 gives the new fd no FD_CLOEXEC: it survives exec.
                 if libc::dup2(fd, 3 + i as RawFd) < 0 {
                     fail(report);
@@ -616,6 +621,39 @@ mod tests {
             &[],
             true,
             vec![],
+            None,
+        )
+        .unwrap();
+        let spawned = spawn_worker(&mut check).unwrap();
+        let status = loop {
+            if let Some(status) = pidfd_try_wait(spawned.pidfd.as_fd()).unwrap() {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(status, ExitStatus::Exited(0));
+    }
+
+    /// A worker owed more sockets than any fixed-size table would hold still gets
+    /// every one of them, in order, at 3.. (it used to get 128).
+    #[test]
+    fn spawn_places_every_fd_however_many() {
+        const COUNT: usize = 200;
+        let files: Vec<std::fs::File> = (0..COUNT)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let fds = files.iter().map(|f| f.as_raw_fd()).collect();
+        let last = 3 + COUNT - 1;
+        let mut check = PreparedExec::new(
+            "/bin/sh",
+            &[
+                "sh".into(),
+                "-c".into(),
+                format!("test -e /proc/$$/fd/{last}"),
+            ],
+            &[],
+            false,
+            fds,
             None,
         )
         .unwrap();

@@ -10,19 +10,22 @@
 //! - `Drain`: send the drain signal once; the next exit ends the slot.
 //! - `Kill`: SIGKILL; the next exit ends the slot.
 use std::{
-    os::fd::{AsFd, OwnedFd, RawFd},
+    os::fd::{OwnedFd, RawFd},
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
-use serde::Serialize;
-use tokio::{io::unix::AsyncFd, sync::watch};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::{
-    config::ReadyMode,
+    config::{Config, ReadyMode},
+    error::InputError,
     notify::Registry,
-    sys::{self, PreparedExec},
+    process::{ExecRequest, Launcher, Process},
+    systemd,
 };
 
 /// What every worker of a generation is exec'd with.
@@ -39,6 +42,79 @@ pub struct WorkerSpec {
     pub drain_signal: Signal,
 }
 
+impl WorkerSpec {
+    /// Resolves the command (so a missing program is reported now, not at fork time)
+    /// and the user the workers run as.
+    pub fn from_config(config: &Config, notify_socket: String) -> Result<WorkerSpec, InputError> {
+        let command = &config.service.command;
+        let program = resolve_program(&command[0]).ok_or_else(|| {
+            InputError::new(format!(
+                "{}: service.command: {:?} is not an executable file{}",
+                config.path.display(),
+                command[0],
+                if command[0].contains('/') {
+                    ""
+                } else {
+                    " found in PATH"
+                }
+            ))
+        })?;
+        let credentials = match &config.service.user {
+            None => None,
+            Some(name) => {
+                let user = nix::unistd::User::from_name(name)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        InputError::new(format!(
+                            "{}: service.user: no user {name:?} on this host",
+                            config.path.display()
+                        ))
+                    })?;
+                Some((user.uid.as_raw(), user.gid.as_raw()))
+            }
+        };
+        let inherited_env = std::env::vars()
+            .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
+            .collect();
+        Ok(WorkerSpec {
+            program: program.to_string_lossy().into_owned(),
+            argv: command.clone(),
+            inherited_env,
+            notify_socket,
+            credentials,
+            ready: config.service.ready,
+            drain_signal: config.service.drain_signal,
+        })
+    }
+}
+
+pub fn resolve_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        let path = if path.is_relative() {
+            std::env::current_dir().ok()?.join(path)
+        } else {
+            path
+        };
+        return executable(&path).then_some(path);
+    }
+    std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| executable(p))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
     Start,
@@ -47,7 +123,7 @@ pub enum Policy {
     Kill,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerPhase {
     Starting,
@@ -55,6 +131,25 @@ pub enum WorkerPhase {
     Restarting,
     Draining,
     Exited,
+}
+
+impl WorkerPhase {
+    /// The name `status` shows (the same as in its JSON).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerPhase::Starting => "starting",
+            WorkerPhase::Ready => "ready",
+            WorkerPhase::Restarting => "restarting",
+            WorkerPhase::Draining => "draining",
+            WorkerPhase::Exited => "exited",
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +173,14 @@ pub struct WorkerSlot {
     policy: watch::Sender<Policy>,
 }
 
+/// What a slot needs from its surroundings: how to start processes, and where
+/// their notify messages arrive.
+#[derive(Clone)]
+pub struct SlotContext {
+    pub launcher: Arc<dyn Launcher>,
+    pub registry: Registry,
+}
+
 /// What the slot hands to its worker: sockets (the supervisor's own fds, dup'd to
 /// 3.. in the child) and their `LISTEN_FDNAMES`.
 pub struct SlotSockets {
@@ -95,14 +198,14 @@ impl WorkerSlot {
         index: u32,
         spec: Arc<WorkerSpec>,
         sockets: SlotSockets,
-        registry: Registry,
+        context: SlotContext,
     ) -> WorkerSlot {
         let task = SlotTask {
             generation,
             index,
             spec,
             sockets,
-            registry,
+            context,
             adopted: None,
         };
         WorkerSlot::spawn(task, WorkerPhase::Starting, 0, Policy::Start)
@@ -116,7 +219,7 @@ impl WorkerSlot {
         index: u32,
         spec: Arc<WorkerSpec>,
         sockets: SlotSockets,
-        registry: Registry,
+        context: SlotContext,
         pid: Option<i32>,
         restarts: u32,
     ) -> WorkerSlot {
@@ -125,7 +228,7 @@ impl WorkerSlot {
             index,
             spec,
             sockets,
-            registry,
+            context,
             adopted: pid,
         };
         WorkerSlot::spawn(task, WorkerPhase::Ready, restarts, Policy::Serve)
@@ -169,24 +272,19 @@ struct SlotTask {
     index: u32,
     spec: Arc<WorkerSpec>,
     sockets: SlotSockets,
-    registry: Registry,
+    context: SlotContext,
     /// A worker that is already running (taken over after a re-exec).
     adopted: Option<i32>,
 }
 
-async fn run_slot(
-    task: SlotTask,
-    status: watch::Sender<WorkerStatus>,
-    mut policy: watch::Receiver<Policy>,
-) {
-    let SlotTask {
-        generation,
-        index,
-        spec,
-        sockets,
-        registry,
-        mut adopted,
-    } = task;
+/// The environment of slot `index`'s worker: the inherited one plus the socket
+/// activation and supervisor variables (the contract in `docs/`).
+fn worker_env(
+    spec: &WorkerSpec,
+    sockets: &SlotSockets,
+    generation: u32,
+    index: u32,
+) -> Vec<(String, String)> {
     let mut env = spec.inherited_env.clone();
     env.extend([
         ("LISTEN_FDS".into(), sockets.fds.len().to_string()),
@@ -210,6 +308,23 @@ async fn run_slot(
                 .join(":"),
         ),
     ]);
+    env
+}
+
+async fn run_slot(
+    task: SlotTask,
+    status: watch::Sender<WorkerStatus>,
+    mut policy: watch::Receiver<Policy>,
+) {
+    let SlotTask {
+        generation,
+        index,
+        spec,
+        sockets,
+        context,
+        mut adopted,
+    } = task;
+    let env = worker_env(&spec, &sockets, generation, index);
     let finish = |failure: Option<String>| {
         status.send_modify(|s| {
             s.finished = true;
@@ -227,21 +342,17 @@ async fn run_slot(
         }
         let was_adopted = adopted.is_some();
         let spawned = match adopted.take() {
-            // Still our child after the re-exec, so its pidfd is as good as one
-            // from fork (and waitid still reaps it).
-            Some(pid) => sys::pidfd_open(pid).map(|pidfd| sys::Spawned { pid, pidfd }),
-            None => PreparedExec::new(
-                &spec.program,
-                &spec.argv,
-                &env,
-                true,
-                sockets.fds.clone(),
-                spec.credentials,
-            )
-            .and_then(|mut prepared| sys::spawn_worker(&mut prepared)),
+            Some(pid) => context.launcher.adopt(pid),
+            None => context.launcher.spawn(&ExecRequest {
+                program: &spec.program,
+                argv: &spec.argv,
+                env: &env,
+                fds: &sockets.fds,
+                credentials: spec.credentials,
+            }),
         };
-        let spawned = match spawned {
-            Ok(spawned) => spawned,
+        let mut process = match spawned {
+            Ok(process) => process,
             Err(e) => {
                 let why = format!("cannot exec worker {index} ({}): {e}", spec.program);
                 tracing::error!("generation {generation}: {why}");
@@ -259,10 +370,10 @@ async fn run_slot(
                 continue;
             }
         };
-        let pid = spawned.pid;
+        let pid = process.pid();
         // Registered before the next await: on this single-threaded runtime the
         // notify reader cannot run in between, so no READY=1 can be missed.
-        let mut messages = registry.register(pid);
+        let mut messages = context.registry.register(pid);
         let exec_ready = spec.ready == ReadyMode::Exec;
         status.send_modify(|s| {
             s.pid = Some(pid);
@@ -277,60 +388,16 @@ async fn run_slot(
         });
         tracing::info!("generation {generation}: worker {index} started, pid {pid}");
         let started = Instant::now();
-        let pidfd = match sys::register_async(spawned.pidfd) {
-            Ok(fd) => fd,
+        let exit =
+            watch_process(process.as_mut(), &spec, &status, &mut policy, &mut messages).await;
+        context.registry.unregister(pid);
+        let exit_text = match exit {
+            Ok(exit) => exit.to_string(),
             Err(e) => {
                 tracing::error!("watching worker {pid}: {e}");
                 return finish(Some(format!("cannot watch worker {index}: {e}")));
             }
         };
-        // If Drain/Kill was set before we got here, act on it now.
-        let mut acted_on: Option<Policy> = None;
-        let exit = loop {
-            let current = *policy.borrow_and_update();
-            if acted_on != Some(current) {
-                match current {
-                    Policy::Drain => {
-                        signal(&pidfd, spec.drain_signal as i32);
-                        status.send_modify(|s| s.state = WorkerPhase::Draining);
-                    }
-                    Policy::Kill => signal(&pidfd, libc::SIGKILL),
-                    Policy::Start | Policy::Serve => {}
-                }
-                acted_on = Some(current);
-            }
-            tokio::select! {
-                guard = pidfd.readable() => {
-                    let mut guard = match guard {
-                        Ok(guard) => guard,
-                        Err(e) => { tracing::error!("pidfd: {e}"); continue; }
-                    };
-                    match sys::pidfd_try_wait(pidfd.get_ref().as_fd()) {
-                        Ok(Some(exit)) => break exit,
-                        Ok(None) => guard.clear_ready(),
-                        Err(e) => { tracing::error!("waitid: {e}"); guard.clear_ready(); }
-                    }
-                }
-                Some(message) = messages.recv() => {
-                    status.send_modify(|s| {
-                        if message.ready && s.state == WorkerPhase::Starting {
-                            s.state = WorkerPhase::Ready;
-                        }
-                        if let Some(text) = message.status {
-                            s.status = Some(text);
-                        }
-                    });
-                }
-                changed = policy.changed() => {
-                    if changed.is_err() {
-                        // The generation is gone without a Drain/Kill: kill.
-                        signal(&pidfd, libc::SIGKILL);
-                    }
-                }
-            }
-        };
-        registry.unregister(pid);
-        let exit_text = exit.to_string();
         status.send_modify(|s| {
             s.pid = None;
             s.last_exit = Some(exit_text.clone());
@@ -366,9 +433,62 @@ async fn run_slot(
     }
 }
 
-fn signal(pidfd: &AsyncFd<OwnedFd>, signal: i32) {
-    if let Err(e) = sys::pidfd_signal(pidfd.get_ref().as_fd(), signal) {
-        tracing::error!("sending signal {signal}: {e}");
+/// Follows one running worker until it exits: acts once on each policy it is
+/// given (the drain signal, SIGKILL), and routes its notify messages into `status`.
+async fn watch_process(
+    process: &mut dyn Process,
+    spec: &WorkerSpec,
+    status: &watch::Sender<WorkerStatus>,
+    policy: &mut watch::Receiver<Policy>,
+    messages: &mut tokio::sync::mpsc::UnboundedReceiver<crate::notify::NotifyMessage>,
+) -> std::io::Result<crate::process::ExitStatus> {
+    let signal = |process: &dyn Process, signal: i32| {
+        if let Err(e) = process.signal(signal) {
+            tracing::error!("sending signal {signal} to pid {}: {e}", process.pid());
+        }
+    };
+    // If Drain/Kill was set before we got here, act on it now.
+    let mut acted_on: Option<Policy> = None;
+    // Once the slot's owner is gone (its `WorkerSlot` dropped without a Drain or
+    // Kill), the worker gets one SIGKILL and the policy is not watched any more:
+    // a closed channel would otherwise be "changed" on every turn of the loop.
+    let mut orphaned = false;
+    loop {
+        let current = *policy.borrow_and_update();
+        if acted_on != Some(current) {
+            match current {
+                Policy::Drain => {
+                    signal(process, spec.drain_signal as i32);
+                    status.send_modify(|s| s.state = WorkerPhase::Draining);
+                }
+                Policy::Kill => signal(process, libc::SIGKILL),
+                Policy::Start | Policy::Serve => {}
+            }
+            acted_on = Some(current);
+        }
+        let pid = process.pid();
+        tokio::select! {
+            exit = process.exited() => return exit,
+            Some(message) = messages.recv() => {
+                status.send_modify(|s| {
+                    if message.ready && s.state == WorkerPhase::Starting {
+                        s.state = WorkerPhase::Ready;
+                    }
+                    if let Some(text) = message.status {
+                        s.status = Some(text);
+                    }
+                });
+            }
+            changed = policy.changed(), if !orphaned => {
+                if changed.is_err() {
+                    tracing::warn!("worker {pid}: its generation is gone; killing it");
+                    orphaned = true;
+                    if acted_on != Some(Policy::Kill) {
+                        signal(process, libc::SIGKILL);
+                    }
+                }
+            }
+        }
     }
 }
 

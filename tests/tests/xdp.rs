@@ -871,7 +871,8 @@ fn rules_change_under_load_loses_nothing_and_keeps_the_link() {
         10,
         "deny_first until the commit"
     );
-    filter.commit(prepared).unwrap();
+    let readers = supervisor::xdp::ReadersGone::wait_blocking(filter.ruleset_generation());
+    filter.commit(prepared, readers).unwrap();
     assert_eq!(filter.status().ruleset_generation, generation + 1);
     lab.send(second, lab.listener(PORT), 10, 2);
     assert!(

@@ -1,0 +1,154 @@
+//! The CLI's commands that talk to a running daemon (`upgrade`, `status`, `stop`,
+//! `reexec`): they print what happens and turn the outcome into the documented
+//! exit code.
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use supervisor::{
+    config::Config,
+    control::{self, Event, Request, STATUS_TIMEOUT},
+    error::{EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code},
+    status::render,
+};
+
+pub fn fail(error: &anyhow::Error) -> i32 {
+    eprintln!("error: {error:#}");
+    exit_code(error)
+}
+
+pub async fn upgrade(path: &Path) -> i32 {
+    // Refuse a bad file here already, with the same message the daemon would give.
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut code = EXIT_FAILED;
+    let result = control::call(
+        &config.control_socket(),
+        &Request::Upgrade { config: absolute },
+        |event| match event {
+            Event::Phase { at_ms, text } => {
+                println!("[{:>4}.{:03}s] {text}", at_ms / 1000, at_ms % 1000);
+                let _ = std::io::stdout().flush();
+            }
+            Event::Done { message } => {
+                println!("upgrade succeeded: {message}");
+                code = EXIT_OK;
+            }
+            Event::Error { exit_code, message } => {
+                eprintln!("error: upgrade failed: {message}");
+                code = exit_code;
+            }
+            Event::Status { .. } => {}
+        },
+    )
+    .await;
+    match result {
+        Ok(()) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+pub async fn status(path: &Path, json: bool) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    let status = match control::fetch_status(&config.control_socket()).await {
+        Ok(status) => status,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        match serde_json::to_string(&status) {
+            Ok(text) => println!("{text}"),
+            Err(e) => return fail(&e.into()),
+        }
+    } else {
+        print!("{}", render(&status));
+    }
+    EXIT_OK
+}
+
+pub async fn reexec(path: &Path, binary: Option<PathBuf>) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    let binary = match binary.map(Ok).unwrap_or_else(std::env::current_exe) {
+        Ok(binary) => std::fs::canonicalize(&binary).unwrap_or(binary),
+        Err(e) => return fail(&anyhow::anyhow!("cannot tell which binary to exec: {e}")),
+    };
+    let socket = config.control_socket();
+    let before = match control::fetch_status(&socket).await {
+        Ok(status) => status,
+        Err(e) => return fail(&e),
+    };
+    let mut refused = None;
+    let result = control::call(
+        &socket,
+        &Request::Reexec {
+            binary: binary.clone(),
+        },
+        |event| match event {
+            Event::Phase { text, .. } => println!("{text}"),
+            Event::Error { exit_code, message } => refused = Some((exit_code, message)),
+            _ => {}
+        },
+    )
+    .await;
+    if let Some((code, message)) = refused {
+        eprintln!("error: re-exec refused: {message}");
+        return code;
+    }
+    if let Err(e) = result {
+        return fail(&e);
+    }
+    // The connection closed with the old image. Wait for the new one to answer.
+    let deadline = std::time::Instant::now() + STATUS_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if let Ok(after) = control::fetch_status(&socket).await
+            && after.image_started_unix_ms != before.image_started_unix_ms
+        {
+            let serving: Vec<String> = after
+                .generations
+                .iter()
+                .map(|g| format!("{} {}", g.generation, g.state))
+                .collect();
+            println!(
+                "re-exec succeeded: supervisor pid {} now runs {}; generation {}",
+                after.pid,
+                binary.display(),
+                serving.join(", ")
+            );
+            return EXIT_OK;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "error: the re-executed supervisor did not answer within {:?}",
+        STATUS_TIMEOUT
+    );
+    EXIT_FAILED
+}
+
+pub async fn stop(path: &Path) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    let mut code = EXIT_BAD_INPUT;
+    let result = control::call(&config.control_socket(), &Request::Stop, |event| {
+        if let Event::Done { message } = event {
+            println!("{message}");
+            code = EXIT_OK;
+        }
+    })
+    .await;
+    match result {
+        Ok(()) => code,
+        Err(e) => fail(&e),
+    }
+}

@@ -1,0 +1,238 @@
+//! The event loop: signals, control connections, the commands they carry, the
+//! selector's flow clock and the systemd watchdog; then the shutdown that follows.
+//!
+//! Every upgrade, whether SIGHUP or `supervisor upgrade` asked for it, is started
+//! here and tracked here, so a stop never races one: at shutdown the upgrades
+//! still running are cancelled first, then every generation is drained.
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Result;
+use supervisor_common::BalanceMode;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
+
+use super::{Daemon, startup};
+use crate::{
+    config::Config,
+    control::{self, Command},
+    reexec, systemd,
+    upgrade::{self, Progress, Shared},
+    worker::{WorkerSpec, resolve_program},
+};
+
+/// Without a `flow` listener, how often the loop checks whether one appeared.
+const CLOCK_IDLE_CHECK: Duration = Duration::from_millis(500);
+
+/// Runs the event loop until a stop, then drains everything and cleans up.
+pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
+    let Daemon {
+        shared,
+        control,
+        lock,
+        notify_fd,
+    } = daemon;
+    let (service, pin_dir, control_path, drain_timeout) = {
+        let state = shared.lock().unwrap();
+        (
+            state.config.service.name.clone(),
+            state.config.pin_dir(),
+            state.config.control_socket(),
+            state.config.service.drain_timeout,
+        )
+    };
+    let handoff_fds = startup::handoff_fds(&lock, notify_fd, &control);
+    let mut upgrades = JoinSet::new();
+    let result = event_loop(
+        &shared,
+        config_path.to_path_buf(),
+        control,
+        &handoff_fds,
+        &mut upgrades,
+    )
+    .await;
+
+    // Upgrades still running are cancelled (their guard releases the upgrade
+    // reservation); a generation one left half-built is still `Starting`, and
+    // stop_all kills rather than drains those.
+    upgrades.shutdown().await;
+    let drain_timeout = shared
+        .lock()
+        .unwrap()
+        .config
+        .service
+        .drain_timeout
+        .max(drain_timeout);
+    systemd::stopping("draining all generations");
+    upgrade::stop_all(&shared, drain_timeout, &Progress::new(None)).await;
+    startup::unpin(&shared.lock().unwrap().dataplanes, &pin_dir);
+    let _ = std::fs::remove_file(&control_path);
+    tracing::info!("service {service}: stopped");
+    drop(lock);
+    result
+}
+
+async fn event_loop(
+    shared: &Shared,
+    mut config_path: PathBuf,
+    control: tokio::net::UnixListener,
+    handoff_fds: &reexec::DaemonFds,
+    upgrades: &mut JoinSet<()>,
+) -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
+    // Successful upgrades report the config they used: the next SIGHUP re-reads it.
+    let (upgraded_tx, mut upgraded) = mpsc::unbounded_channel::<PathBuf>();
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    // The selector's flow clock (see `control_index::CLOCK_MS`) ticks only while a
+    // listener uses `flow`; otherwise the word is 0 and the selector reads the
+    // kernel's clock, and the daemon only wakes up to look again now and then.
+    let clock = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(clock);
+    let mut clock_ticking = true;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining and stopping"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: draining and stopping"); break; }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: upgrading with {}", config_path.display());
+                let (done, outcome) = oneshot::channel();
+                start_upgrade(shared, upgrades, config_path.clone(), Progress::new(None), done, upgraded_tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = outcome.await {
+                        tracing::error!("upgrade refused or failed: {e:#}");
+                    }
+                });
+            }
+            Some(path) = upgraded.recv() => config_path = path,
+            Some(command) = commands.recv() => match command {
+                Command::Stop => { tracing::info!("stop requested"); break; }
+                Command::Upgrade { config, progress, done } => {
+                    start_upgrade(shared, upgrades, config, progress, done, upgraded_tx.clone());
+                }
+                Command::Reexec { binary, refused } => {
+                    // Only returns if the exec did not happen.
+                    let why = reexec_now(shared, &config_path, &binary, handoff_fds);
+                    tracing::error!("re-exec refused or failed: {why}");
+                    let _ = refused.send(why);
+                }
+            },
+            accepted = control.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => { tracing::warn!("control socket: {e}"); continue; }
+                };
+                if !control::peer_allowed(&stream) {
+                    tracing::warn!("control connection from a user that may not control this supervisor: refused");
+                    continue;
+                }
+                let shared = shared.clone();
+                let commands_tx = commands_tx.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = control::serve_connection(&shared, stream, commands_tx).await {
+                        tracing::warn!("control connection: {e:#}");
+                    }
+                });
+            }
+            _ = &mut clock => {
+                let state = shared.lock().unwrap();
+                let flow = state.config.listeners.iter().any(|l| l.balance.0 == BalanceMode::Flow);
+                if flow || clock_ticking {
+                    for dataplane in &state.dataplanes {
+                        dataplane.tick_clock(flow);
+                    }
+                }
+                clock_ticking = flow;
+                let period = if flow { Duration::from_millis(supervisor_common::CLOCK_TICK_MS) } else { CLOCK_IDLE_CHECK };
+                clock.as_mut().reset(tokio::time::Instant::now() + period);
+            }
+            _ = async { watchdog.as_mut().unwrap().tick().await }, if watchdog.is_some() => {
+                systemd::watchdog();
+            }
+            Some(_) = upgrades.join_next(), if !upgrades.is_empty() => {}
+        }
+    }
+    Ok(())
+}
+
+/// Starts an upgrade from the config at `path` as a tracked task; its outcome goes
+/// to `done`, and on success its config path to `upgraded`.
+fn start_upgrade(
+    shared: &Shared,
+    upgrades: &mut JoinSet<()>,
+    path: PathBuf,
+    progress: Progress,
+    done: oneshot::Sender<Result<u32>>,
+    upgraded: mpsc::UnboundedSender<PathBuf>,
+) {
+    let shared = shared.clone();
+    upgrades.spawn(async move {
+        let result = upgrade_from_file(&shared, &path, progress).await;
+        if result.is_ok() {
+            let _ = upgraded.send(path);
+        }
+        let _ = done.send(result);
+    });
+}
+
+/// Re-reads the config and upgrades. `InputError`s mean nothing changed.
+async fn upgrade_from_file(shared: &Shared, path: &Path, progress: Progress) -> Result<u32> {
+    let config = Config::load(path)?;
+    let notify_socket = shared.lock().unwrap().spec.notify_socket.clone();
+    let spec = Arc::new(WorkerSpec::from_config(&config, notify_socket)?);
+    let number = upgrade::begin(shared, &config)?;
+    systemd::reloading(&format!("upgrading to generation {number}"));
+    let result = upgrade::run(shared, number, config, spec, &progress).await;
+    let serving = shared.lock().unwrap().serving();
+    match &result {
+        Ok(()) => systemd::ready(&format!("generation {number} serving")),
+        Err(e) => systemd::ready(&format!(
+            "upgrade to generation {number} failed ({e:#}); generation {serving} serving"
+        )),
+    }
+    result.map(|()| number)
+}
+
+/// Checks, writes the handoff and execs `binary`; returns why not if it did not.
+fn reexec_now(
+    shared: &Shared,
+    config_path: &Path,
+    binary: &Path,
+    fds: &reexec::DaemonFds,
+) -> String {
+    // The new image re-reads the config: refuse now rather than fail after exec.
+    let state = shared.lock().unwrap();
+    match Config::load(config_path) {
+        Ok(config) => {
+            if let Err(e) = upgrade::check_compatible(&state.config, &config) {
+                return e.to_string();
+            }
+        }
+        Err(e) => return e.to_string(),
+    }
+    if resolve_program(&binary.to_string_lossy()).is_none() {
+        return format!("{} is not an executable file", binary.display());
+    }
+    let (handoff, kept) = match reexec::prepare(&state, config_path, fds) {
+        Ok(prepared) => prepared,
+        Err(e) => return format!("{e:#}"),
+    };
+    drop(state);
+    tracing::info!(
+        "re-executing {} (pid {} stays)",
+        binary.display(),
+        std::process::id()
+    );
+    systemd::status(&format!("re-executing {}", binary.display()));
+    let error = reexec::exec(binary, config_path, &handoff);
+    reexec::abort(&handoff, &kept);
+    format!("exec {}: {error}", binary.display())
+}

@@ -1,0 +1,45 @@
+//! `supervisor run`: start-up, the event loop, and shutdown.
+//!
+//! There is one start-up path. A fresh start and the start of a re-exec'd image
+//! differ only in where each resource comes from ([`startup`]: created, or taken
+//! over from the previous image); both then assemble the same [`Daemon`], tell
+//! systemd they are ready, and run the same event loop ([`event_loop`]).
+//!
+//! Everything runs on one thread (a current-thread tokio runtime on the main
+//! thread). That is a correctness choice, not only a simple one: workers are forked
+//! with `PR_SET_PDEATHSIG`, which is tied to the forking thread.
+mod event_loop;
+mod startup;
+
+use std::{fs::File, os::fd::RawFd, path::Path};
+
+use anyhow::Result;
+use nix::fcntl::Flock;
+use tokio::net::UnixListener;
+
+use crate::{config::Config, reexec, systemd, upgrade::Shared};
+
+/// A running supervisor's own resources, whichever way they were obtained.
+pub struct Daemon {
+    pub shared: Shared,
+    /// The control socket's listener.
+    pub control: UnixListener,
+    /// The service lock, held for the daemon's life.
+    pub lock: Flock<File>,
+    /// The notify socket's fd (kept open across a re-exec).
+    pub notify_fd: RawFd,
+}
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    reexec::image_started();
+    let daemon = match std::env::var_os(reexec::HANDOFF_ENV) {
+        Some(handoff) => {
+            let adopted = reexec::read(Path::new(&handoff))?;
+            startup::adopt(&Config::load(config_path)?, adopted)?
+        }
+        None => startup::fresh(&Config::load(config_path)?).await?,
+    };
+    let serving = daemon.shared.lock().unwrap().serving();
+    systemd::ready(&format!("generation {serving} serving"));
+    event_loop::serve(daemon, config_path).await
+}

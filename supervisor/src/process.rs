@@ -1,0 +1,115 @@
+//! Starting and watching worker processes, behind a seam.
+//!
+//! A worker slot ([`crate::worker`]) needs four things from the operating system:
+//! start a program with some fds and an environment, know its pid, signal it, and
+//! learn when it exits. [`Launcher`] and [`Process`] are exactly that, so the upgrade
+//! state machine and the slots can run against [`ForkExec`] (real processes,
+//! pidfds) in the daemon, and against scripted stand-ins in unit tests that need
+//! no root and no fork.
+use std::{
+    future::Future,
+    io,
+    os::fd::{AsFd, OwnedFd, RawFd},
+    pin::Pin,
+};
+
+use tokio::io::unix::AsyncFd;
+
+pub use crate::sys::ExitStatus;
+use crate::sys::{self, PreparedExec};
+
+/// What to exec for one worker.
+pub struct ExecRequest<'a> {
+    /// A resolved path (never looked up in `PATH` here).
+    pub program: &'a str,
+    pub argv: &'a [String],
+    /// The whole environment, except `LISTEN_PID`, which the child writes itself.
+    pub env: &'a [(String, String)],
+    /// Placed at fds 3, 4, ... in the child, in this order.
+    pub fds: &'a [RawFd],
+    /// `(uid, gid)` to drop to before exec.
+    pub credentials: Option<(u32, u32)>,
+}
+
+/// The future [`Process::exited`] returns.
+pub type ExitFuture<'a> = Pin<Box<dyn Future<Output = io::Result<ExitStatus>> + Send + 'a>>;
+
+/// Starts workers, or takes over ones that are already running.
+pub trait Launcher: Send + Sync {
+    /// Starts `request`; returns once the exec has happened, or with why it could not.
+    fn spawn(&self, request: &ExecRequest<'_>) -> io::Result<Box<dyn Process>>;
+    /// A process this supervisor (an earlier image of it) started, by pid.
+    fn adopt(&self, pid: i32) -> io::Result<Box<dyn Process>>;
+}
+
+/// One running worker.
+pub trait Process: Send {
+    fn pid(&self) -> i32;
+    /// Sends `signal`; a process that already exited is not an error.
+    fn signal(&self, signal: i32) -> io::Result<()>;
+    /// Resolves when the process has exited (and was reaped). Cancel-safe: dropping
+    /// the future loses nothing, the next call waits again.
+    fn exited(&mut self) -> ExitFuture<'_>;
+}
+
+/// The real launcher: fork + exec (see [`sys::spawn_worker`]), watched through pidfds.
+pub struct ForkExec;
+
+impl Launcher for ForkExec {
+    fn spawn(&self, request: &ExecRequest<'_>) -> io::Result<Box<dyn Process>> {
+        let mut prepared = PreparedExec::new(
+            request.program,
+            request.argv,
+            request.env,
+            true,
+            request.fds.to_vec(),
+            request.credentials,
+        )?;
+        let spawned = sys::spawn_worker(&mut prepared)?;
+        PidfdProcess::boxed(spawned.pid, spawned.pidfd)
+    }
+
+    fn adopt(&self, pid: i32) -> io::Result<Box<dyn Process>> {
+        // Still our child (after a re-exec the pid is the same process), so a pidfd
+        // on it is as good as one from fork, and waitid still reaps it.
+        PidfdProcess::boxed(pid, sys::pidfd_open(pid)?)
+    }
+}
+
+struct PidfdProcess {
+    pid: i32,
+    pidfd: AsyncFd<OwnedFd>,
+}
+
+impl PidfdProcess {
+    fn boxed(pid: i32, pidfd: OwnedFd) -> io::Result<Box<dyn Process>> {
+        Ok(Box::new(PidfdProcess {
+            pid,
+            pidfd: sys::register_async(pidfd)?,
+        }))
+    }
+}
+
+impl Process for PidfdProcess {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn signal(&self, signal: i32) -> io::Result<()> {
+        sys::pidfd_signal(self.pidfd.get_ref().as_fd(), signal)
+    }
+
+    fn exited(&mut self) -> ExitFuture<'_> {
+        Box::pin(async move {
+            loop {
+                // A pidfd becomes readable when its process exits.
+                let mut guard = self.pidfd.readable().await?;
+                match sys::pidfd_try_wait(self.pidfd.get_ref().as_fd()) {
+                    Ok(Some(exit)) => return Ok(exit),
+                    Ok(None) => guard.clear_ready(),
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+}

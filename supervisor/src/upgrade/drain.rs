@@ -1,0 +1,269 @@
+//! The end of a generation: drain (queues empty, then the drain signal, then
+//! the workers' exit), teardown of one that failed, and retirement (sockets
+//! closed, slot emptied, pins removed).
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{GenerationState, Progress, Shared};
+use crate::worker::{Policy, WorkerStatus};
+
+/// How long the queues must read empty before the drain signal goes out: a
+/// datagram selected just before the flip may still be on its way into an old
+/// socket on another CPU for a few microseconds.
+const QUEUE_QUIET_POLLS: u32 = 3;
+const QUEUE_POLL: Duration = Duration::from_millis(10);
+/// Of `drain_timeout`, what waiting for idle flows leaves (at most) for the drain
+/// signal and the workers' exit.
+const DRAIN_RESERVE: Duration = Duration::from_secs(5);
+
+/// Drains and retires generation `number`, which no longer receives new datagrams.
+pub(super) async fn drain(
+    shared: &Shared,
+    number: u32,
+    drain_timeout: Duration,
+    progress: &Progress,
+) {
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    tokio::time::sleep(QUEUE_POLL).await;
+    // Flows may hold the old generation for most of drain_timeout, but not all of
+    // it: its workers still need time to empty their queues and exit.
+    let reserve = (drain_timeout / 4).min(DRAIN_RESERVE);
+    wait_for_affinity_idle(shared, number, deadline - reserve, progress).await;
+
+    // 1. Let the old workers (still under Serve, restarted if they crash) empty
+    //    their queues. Only then signal them: a worker that exits at once on
+    //    SIGTERM loses nothing.
+    let mut quiet = 0;
+    let mut queued = 0;
+    while quiet < QUEUE_QUIET_POLLS {
+        queued = match shared
+            .lock()
+            .unwrap()
+            .generations
+            .iter()
+            .find(|g| g.number == number)
+        {
+            Some(g) => g.queues().queued_bytes,
+            None => return,
+        };
+        quiet = if queued == 0 { quiet + 1 } else { 0 };
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(QUEUE_POLL).await;
+    }
+    if queued == 0 {
+        progress.emit(format!("generation {number}: receive queues empty"));
+    } else {
+        progress.emit(format!(
+            "generation {number}: drain_timeout reached with {queued} bytes still queued"
+        ));
+    }
+
+    // 2. The drain signal, then wait for the workers to exit.
+    let Some(statuses) = set_policy(shared, number, Policy::Drain) else {
+        return;
+    };
+    progress.emit(format!(
+        "generation {number}: drain signal sent to {} workers",
+        statuses.len()
+    ));
+    let all_exited = all_finished(statuses.clone());
+    if tokio::time::timeout_at(deadline, all_exited).await.is_err() {
+        let left = statuses.iter().filter(|s| !s.borrow().finished).count();
+        progress.emit(format!(
+            "generation {number}: {left} workers still running at drain_timeout ({}), killing them",
+            humantime::format_duration(drain_timeout)
+        ));
+        teardown_workers(shared, number).await;
+    }
+    retire(shared, number, progress);
+}
+
+/// With `flow` or `cookie` balance an old generation keeps its flows after the
+/// flip. It is done when the selector has sent it nothing for `flow_idle` (its
+/// per-slot counters stopped moving), or at the drain deadline.
+async fn wait_for_affinity_idle(
+    shared: &Shared,
+    number: u32,
+    deadline: tokio::time::Instant,
+    progress: &Progress,
+) {
+    let selected = |shared: &Shared| -> Option<(u64, Duration)> {
+        let state = shared.lock().unwrap();
+        let generation = state.generations.iter().find(|g| g.number == number)?;
+        let mut total = 0;
+        let mut idle = Duration::ZERO;
+        for (listener, dataplane) in generation.listeners.iter().zip(state.dataplanes.iter()) {
+            if !listener.balance.has_affinity() {
+                continue;
+            }
+            idle = idle.max(listener.flow_idle);
+            for socket in 0..listener.sockets.len() as u32 {
+                total += dataplane.counters(generation.slot, socket).selected;
+            }
+        }
+        (!idle.is_zero()).then_some((total, idle))
+    };
+    let Some((mut last, idle)) = selected(shared) else {
+        return;
+    };
+    let flows: u64 = {
+        let state = shared.lock().unwrap();
+        state
+            .dataplanes
+            .iter()
+            .map(|d| d.live_flows().get(&number).copied().unwrap_or(0))
+            .sum()
+    };
+    progress.emit(format!(
+        "generation {number}: keeps its flows ({flows} in the flow table); draining once it has been idle for {}",
+        humantime::format_duration(idle)
+    ));
+    let mut quiet_since = tokio::time::Instant::now();
+    let poll = (idle / 10).clamp(Duration::from_millis(10), Duration::from_millis(500));
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            progress.emit(format!(
+                "generation {number}: drain_timeout reached while it still had flows"
+            ));
+            return;
+        }
+        if now.duration_since(quiet_since) >= idle {
+            progress.emit(format!(
+                "generation {number}: idle for {}, no flows left",
+                humantime::format_duration(idle)
+            ));
+            return;
+        }
+        tokio::time::sleep(poll.min(deadline - now)).await;
+        let Some((current, _)) = selected(shared) else {
+            return;
+        };
+        if current != last {
+            last = current;
+            quiet_since = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Sets `policy` on every worker of generation `number`; returns their statuses
+/// to wait on, or None if the generation is gone.
+fn set_policy(
+    shared: &Shared,
+    number: u32,
+    policy: Policy,
+) -> Option<Vec<watch::Receiver<WorkerStatus>>> {
+    let state = shared.lock().unwrap();
+    let generation = state.generations.iter().find(|g| g.number == number)?;
+    for worker in &generation.workers {
+        worker.set_policy(policy);
+    }
+    Some(
+        generation
+            .workers
+            .iter()
+            .map(|w| w.status.clone())
+            .collect(),
+    )
+}
+
+/// Resolves when every one of these worker slots has finished.
+async fn all_finished(statuses: Vec<watch::Receiver<WorkerStatus>>) {
+    for mut status in statuses {
+        let _ = status.wait_for(|s| s.finished).await;
+    }
+}
+
+/// Kills a generation's workers and waits until they are gone.
+async fn teardown_workers(shared: &Shared, number: u32) {
+    if let Some(statuses) = set_policy(shared, number, Policy::Kill) {
+        all_finished(statuses).await;
+    }
+}
+
+/// Removes a failed new generation; the serving one is not touched.
+pub(super) async fn teardown(shared: &Shared, number: u32, progress: &Progress) {
+    if let Some(generation) = shared
+        .lock()
+        .unwrap()
+        .generations
+        .iter_mut()
+        .find(|g| g.number == number)
+    {
+        generation.state = GenerationState::Failed;
+    }
+    teardown_workers(shared, number).await;
+    retire(shared, number, progress);
+    progress.emit(format!("generation {number}: torn down"));
+}
+
+/// Closes a generation's sockets and unpins its arrays. Reports anything that was
+/// still queued: with the workers gone nobody can read it.
+pub(super) fn retire(shared: &Shared, number: u32, progress: &Progress) {
+    let mut state = shared.lock().unwrap();
+    let Some(position) = state.generations.iter().position(|g| g.number == number) else {
+        return;
+    };
+    let generation = state.generations.remove(position);
+    let left = generation.queues();
+    if left.queued_bytes > 0 {
+        progress.emit(format!(
+            "generation {number}: {} bytes were left unread in its sockets when they closed",
+            left.queued_bytes
+        ));
+    }
+    // The `gen-N` pins go when `generation` (its `GenerationArray`s) is dropped below.
+    // Every listener that got as far as installing its array (all of them, unless
+    // the generation failed while it was being built).
+    for dataplane in state.dataplanes.iter().take(generation.listeners.len()) {
+        // Only once the generation is out of the control word (it always is here:
+        // retired generations were flipped away from, failed ones never flipped to).
+        if dataplane.working().generation != number {
+            dataplane.clear_slot(generation.slot);
+        }
+    }
+    let was_draining = generation.state == GenerationState::Draining;
+    drop(generation);
+    if was_draining {
+        progress.emit(format!("generation {number}: drained and removed"));
+    }
+}
+
+/// Stops every generation: the drain signal to all workers, SIGKILL at the
+/// timeout, then sockets closed and arrays unpinned.
+pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progress) {
+    let numbers: Vec<(u32, Policy)> = {
+        let state = shared.lock().unwrap();
+        state
+            .generations
+            .iter()
+            .map(|g| {
+                let policy = if g.state == GenerationState::Starting {
+                    Policy::Kill
+                } else {
+                    Policy::Drain
+                };
+                (g.number, policy)
+            })
+            .collect()
+    };
+    let statuses = numbers
+        .iter()
+        .filter_map(|&(number, policy)| set_policy(shared, number, policy))
+        .flatten()
+        .collect();
+    let all_exited = all_finished(statuses);
+    if tokio::time::timeout(drain_timeout, all_exited)
+        .await
+        .is_err()
+    {
+        progress.emit("workers still running at drain_timeout, killing them");
+    }
+    for (number, _) in numbers {
+        teardown_workers(shared, number).await;
+        retire(shared, number, progress);
+    }
+}

@@ -1,0 +1,139 @@
+//! The layout of this build's XDP maps, and whether pinned maps match it.
+
+use std::{collections::HashMap, path::Path};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, Map, MapData, MapInfo};
+use supervisor_common::xdp::{LAYOUT_VERSION, RulesetControl, map_names, pin_names};
+
+use crate::ebpf::XDP_OBJECT;
+
+#[derive(Clone)]
+pub(super) struct InnerDefinitions {
+    pub(super) listeners: aya_obj::Map,
+    pub(super) prefixes_v4: aya_obj::Map,
+    pub(super) prefixes_v6: aya_obj::Map,
+}
+
+/// The map definitions of the embedded object.
+pub(super) struct ObjectLayout {
+    pub(super) maps: HashMap<String, aya_obj::Map>,
+    pub(super) inner: InnerDefinitions,
+    /// Hash of every map definition and `LAYOUT_VERSION`, never 0.
+    pub(super) fingerprint: u16,
+}
+
+impl ObjectLayout {
+    pub(super) fn parse() -> Result<ObjectLayout> {
+        let object =
+            aya_obj::Object::parse(XDP_OBJECT).context("parsing the embedded XDP object")?;
+        // The same parameters without the object's BTF type ids: rulesets are
+        // created without the object's BTF, and the kernel compares outer and inner
+        // maps by type, sizes and flags only.
+        let inner = |name: &str| -> Result<aya_obj::Map> {
+            let def = object
+                .maps
+                .get(name)
+                .and_then(|m| m.inner())
+                .with_context(|| format!("the XDP object's {name} has no inner map definition"))?;
+            Ok(aya_obj::Map::new_from_params(
+                def.map_type(),
+                def.key_size(),
+                def.value_size(),
+                def.max_entries(),
+                def.map_flags(),
+            ))
+        };
+        let inner = InnerDefinitions {
+            listeners: inner(map_names::LISTENERS)?,
+            prefixes_v4: inner(map_names::PREFIXES_V4)?,
+            prefixes_v6: inner(map_names::PREFIXES_V6)?,
+        };
+        // FNV-1a: stable across builds and Rust versions (unlike std's hasher).
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        feed(&[LAYOUT_VERSION]);
+        let mut names: Vec<&String> = object.maps.keys().collect();
+        names.sort();
+        for name in names {
+            let map = &object.maps[name];
+            feed(name.as_bytes());
+            for m in std::iter::once(map.clone()).chain(map.inner()) {
+                for v in [
+                    m.map_type(),
+                    m.key_size(),
+                    m.value_size(),
+                    m.max_entries(),
+                    m.map_flags(),
+                ] {
+                    feed(&v.to_le_bytes());
+                }
+            }
+        }
+        let folded = (hash ^ (hash >> 16) ^ (hash >> 32) ^ (hash >> 48)) as u16;
+        Ok(ObjectLayout {
+            maps: object.maps,
+            inner,
+            fingerprint: folded.max(1),
+        })
+    }
+}
+
+/// Whether every pinned map has exactly the definition this build expects and the
+/// control word was written by a build with the same layout fingerprint.
+pub(super) fn pins_reusable(dir: &Path, object: &ObjectLayout) -> bool {
+    for (name, pin) in map_names::ALL {
+        let Some(expected) = object.maps.get(name) else {
+            return false;
+        };
+        let Ok(info) = MapInfo::from_pin(dir.join(pin)) else {
+            return false;
+        };
+        let same = info
+            .map_type()
+            .is_ok_and(|t| t as u32 == expected.map_type())
+            && info.key_size() == expected.key_size()
+            && info.value_size() == expected.value_size()
+            && info.max_entries() == expected.max_entries()
+            && info.map_flags() == expected.map_flags();
+        if !same {
+            tracing::info!(
+                "xdp: pinned map {pin} has another layout than this build's; using fresh maps"
+            );
+            return false;
+        }
+    }
+    let word = MapData::from_pin(dir.join(pin_names::CONTROL))
+        .map_err(anyhow::Error::from)
+        .and_then(|data| Ok(Array::<MapData, u64>::try_from(Map::Array(data))?.get(&0, 0)?));
+    match word {
+        Ok(word) if RulesetControl::from_word(word).layout == object.fingerprint => true,
+        _ => {
+            tracing::info!(
+                "xdp: pinned maps were written by a build with another layout; using fresh maps"
+            );
+            false
+        }
+    }
+}
+
+/// Removes the map and program pins in `dir`, keeping the link pin.
+pub(super) fn remove_map_pins(dir: &Path) -> Result<()> {
+    for pin in map_names::ALL
+        .iter()
+        .map(|(_, pin)| *pin)
+        .chain([pin_names::PROGRAM])
+    {
+        let path = dir.join(pin);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Rulesets: built in fresh maps, stored in the slot the program does not use,
+//! switched in with one store of the control word.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aya::maps::{ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use supervisor_common::xdp::{
+    ListenerKey, ListenerRule, RULESET_SLOTS, RulesetControl, XdpCounter, counter,
+};
+
+use super::{XdpConfig, XdpCounters, layout::InnerDefinitions, rules};
+use crate::sys::ControlWord;
+
+/// The filter's maps, open: what installing a ruleset and reading counters need.
+pub(super) struct FilterMaps {
+    pub(super) layout: u16,
+    pub(super) control: ControlWord,
+    pub(super) listeners: ArrayOfMaps<MapData, MapData>,
+    pub(super) prefixes_v4: ArrayOfMaps<MapData, MapData>,
+    pub(super) prefixes_v6: ArrayOfMaps<MapData, MapData>,
+    pub(super) counters: PerCpuArray<MapData, XdpCounter>,
+    /// The inner map definitions from the object, for building rulesets that the
+    /// outer maps accept.
+    pub(super) inner: InnerDefinitions,
+    /// The rate table; pinned, kept open only so the filter owns all its maps.
+    pub(super) _rate: Map,
+}
+
+/// A ruleset built in fresh maps by [`XdpFilter::prepare`], not yet in use.
+/// Dropping it discards the maps.
+pub struct PreparedRuleset {
+    pub(super) config: XdpConfig,
+    pub(super) listeners: MapData,
+    pub(super) prefixes_v4: MapData,
+    pub(super) prefixes_v6: MapData,
+    /// IPv4 prefixes, IPv6 prefixes, listener entries: for the log.
+    pub(super) sizes: (usize, usize, usize),
+}
+
+impl FilterMaps {
+    /// Builds a ruleset in fresh maps. Changes nothing the program sees.
+    pub(super) fn build(
+        &self,
+        ruleset: &rules::Ruleset,
+        config: &XdpConfig,
+    ) -> Result<PreparedRuleset> {
+        // Only names the maps (for bpftool): the generation is fixed at the switch.
+        let next = RulesetControl::from_word(self.control.load(0))
+            .generation
+            .wrapping_add(1);
+        Ok(PreparedRuleset {
+            config: config.clone(),
+            listeners: build_listeners(&self.inner.listeners, next, &ruleset.listeners)?,
+            prefixes_v4: build_trie::<4>(&self.inner.prefixes_v4, "v4", next, &ruleset.v4)?,
+            prefixes_v6: build_trie::<16>(&self.inner.prefixes_v6, "v6", next, &ruleset.v6)?,
+            sizes: (ruleset.v4.len(), ruleset.v6.len(), ruleset.listeners.len()),
+        })
+    }
+
+    /// Stores a built ruleset in the slot the program does not use, then switches
+    /// to it with one store of the control word. Returns the new generation.
+    pub(super) fn switch(
+        &mut self,
+        prepared: &PreparedRuleset,
+        readers: ReadersGone,
+    ) -> Result<u32> {
+        let current = RulesetControl::from_word(self.control.load(0));
+        let slot = if current.armed != 0 {
+            (u32::from(current.slot) + 1) % RULESET_SLOTS
+        } else {
+            0
+        };
+        let generation = current.generation.wrapping_add(1).max(1);
+        if current.armed != 0 && readers.after_generation != Some(current.generation) {
+            // Packets that read the word before the previous switch may still be
+            // reading this slot; after a grace period none can be. The caller's
+            // wait was for an earlier switch: wait here (this blocks the thread).
+            ReadersGone::wait_blocking(current.generation);
+        }
+        self.listeners
+            .set(slot, &prepared.listeners, 0)
+            .context("storing the listener table in its ruleset slot")?;
+        self.prefixes_v4
+            .set(slot, &prepared.prefixes_v4, 0)
+            .context("storing the IPv4 prefixes in their ruleset slot")?;
+        self.prefixes_v6
+            .set(slot, &prepared.prefixes_v6, 0)
+            .context("storing the IPv6 prefixes in their ruleset slot")?;
+        // The switch: from the next packet on, the program reads the new slot.
+        self.control.store(
+            0,
+            RulesetControl {
+                slot: slot as u8,
+                armed: 1,
+                layout: self.layout,
+                generation,
+            }
+            .to_word(),
+        );
+        let (v4, v6, listeners) = prepared.sizes;
+        tracing::info!(
+            "xdp: ruleset {generation} active on {} ({v4} IPv4 and {v6} IPv6 prefixes, {listeners} listener entries)",
+            prepared.config.interface,
+        );
+        Ok(generation)
+    }
+
+    pub(super) fn counters(&self) -> XdpCounters {
+        let read = |index: u32| -> XdpCounter {
+            match self.counters.get(&index, 0) {
+                Ok(values) => values
+                    .iter()
+                    .fold(XdpCounter::default(), |sum, c| XdpCounter {
+                        packets: sum.packets + c.packets,
+                        bytes: sum.bytes + c.bytes,
+                    }),
+                Err(e) => {
+                    tracing::warn!("xdp: reading counter {index}: {e}");
+                    XdpCounter::default()
+                }
+            }
+        };
+        let all: Vec<XdpCounter> = (0..counter::COUNT).map(read).collect();
+        let dropped = [
+            counter::DENIED,
+            counter::NOT_ALLOWED,
+            counter::RATE_LIMITED,
+            counter::MALFORMED,
+        ];
+        XdpCounters {
+            passed: all[counter::PASSED as usize].packets,
+            denied: all[counter::DENIED as usize].packets,
+            not_allowed: all[counter::NOT_ALLOWED as usize].packets,
+            rate_limited: all[counter::RATE_LIMITED as usize].packets,
+            malformed: all[counter::MALFORMED as usize].packets,
+            not_ours: all[counter::NOT_OURS as usize].packets,
+            fragments: all[counter::FRAGMENT as usize].packets,
+            dropped_bytes: dropped.iter().map(|&i| all[i as usize].bytes).sum(),
+        }
+    }
+}
+
+fn build_listeners(
+    definition: &aya_obj::Map,
+    generation: u32,
+    entries: &[(ListenerKey, ListenerRule)],
+) -> Result<MapData> {
+    // Kernel map names: at most 15 characters of [A-Za-z0-9_.].
+    let data = MapData::create(definition.clone(), &format!("lst_g{generation}"), None)
+        .context("creating a listener table for the XDP filter")?;
+    let mut map = Map::HashMap(data);
+    {
+        let mut table = aya::maps::HashMap::<_, ListenerKey, ListenerRule>::try_from(&mut map)?;
+        for (key, rule) in entries {
+            table
+                .insert(key, rule, 0)
+                .context("filling the XDP listener table")?;
+        }
+    }
+    let Map::HashMap(data) = map else {
+        unreachable!("constructed as a HashMap above")
+    };
+    Ok(data)
+}
+
+fn build_trie<const N: usize>(
+    definition: &aya_obj::Map,
+    family: &str,
+    generation: u32,
+    entries: &[(u32, [u8; N], u32)],
+) -> Result<MapData> {
+    let data = MapData::create(definition.clone(), &format!("{family}_g{generation}"), None)
+        .with_context(|| format!("creating an {family} prefix trie for the XDP filter"))?;
+    let mut map = Map::LpmTrie(data);
+    {
+        let mut trie = LpmTrie::<_, [u8; N], u32>::try_from(&mut map)?;
+        for (len, addr, verdict) in entries {
+            trie.insert(&Key::new(*len, *addr), verdict, 0)
+                .with_context(|| format!("filling the XDP {family} prefix trie"))?;
+        }
+    }
+    let Map::LpmTrie(data) = map else {
+        unreachable!("constructed as an LpmTrie above")
+    };
+    Ok(data)
+}
+
+/// Proof that an RCU grace period has passed since ruleset `after_generation` was
+/// switched in: every packet that read the control word before that switch has
+/// finished (XDP runs inside an RCU read-side section), so the slot the switch left
+/// may be refilled.
+pub struct ReadersGone {
+    after_generation: Option<u32>,
+}
+
+impl ReadersGone {
+    /// No wait done: the switch waits itself (blocking) if the slot needs it.
+    /// For start-up, where the maps are usually fresh and nothing needs a wait.
+    pub const NOT_WAITED: ReadersGone = ReadersGone {
+        after_generation: None,
+    };
+
+    /// Waits for the grace period without blocking the event loop (the daemon's
+    /// runtime has one thread; membarrier takes milliseconds, the fallback 50 ms).
+    pub async fn wait(after_generation: u32) -> ReadersGone {
+        match tokio::task::spawn_blocking(crate::sys::synchronize_rcu).await {
+            Ok(Ok(())) => {}
+            outcome => {
+                tracing::debug!("xdp: membarrier: {outcome:?}; waiting instead");
+                tokio::time::sleep(RCU_FALLBACK).await;
+            }
+        }
+        ReadersGone {
+            after_generation: Some(after_generation),
+        }
+    }
+
+    /// The same, blocking the calling thread: for start-up and the library's
+    /// one-call [`XdpFilter::apply`](super::XdpFilter::apply).
+    pub fn wait_blocking(after_generation: u32) -> ReadersGone {
+        if let Err(e) = crate::sys::synchronize_rcu() {
+            tracing::debug!("xdp: membarrier: {e}; waiting instead");
+            std::thread::sleep(RCU_FALLBACK);
+        }
+        ReadersGone {
+            after_generation: Some(after_generation),
+        }
+    }
+}
+
+/// membarrier(GLOBAL) is refused on nohz_full kernels. A packet's pass through the
+/// program takes microseconds; this is thousands of times that.
+const RCU_FALLBACK: Duration = Duration::from_millis(50);

@@ -5,7 +5,7 @@
 #   - LLVM 22's development package (bpf-linker links against libLLVM 22)
 #   - bpf-linker 0.13.0 built against that LLVM
 #   - cargo-machete 0.9.2, for scripts/test.sh's unused-dependency check
-# The versions are the ones verified in shared/TOOLCHAIN.md; change them together.
+# docs/toolchain.md says why these versions; change them there and here together.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0

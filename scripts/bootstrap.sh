@@ -4,10 +4,12 @@
 #   - the nightly toolchain's rust-src (for -Z build-std=core on bpfel-unknown-none)
 #   - LLVM 22's development package (bpf-linker links against libLLVM 22)
 #   - bpf-linker 0.13.0 built against that LLVM
-# The versions are the ones verified in shared/TOOLCHAIN.md; change them together.
+#   - cargo-machete 0.9.2, for scripts/test.sh's unused-dependency check
+# docs/toolchain.md says why these versions; change them there and here together.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
+CARGO_MACHETE_VERSION=0.9.2
 LLVM_MAJOR=22
 LLVM_PREFIX=/usr/lib/llvm-${LLVM_MAJOR}
 
@@ -47,6 +49,11 @@ if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | gr
     LLVM_SYS_221_PREFIX="${LLVM_PREFIX}" PATH="${LLVM_PREFIX}/bin:${PATH}" \
         cargo install bpf-linker --locked --version "${BPF_LINKER_VERSION}" \
         --no-default-features --features "llvm-${LLVM_MAJOR}"
+fi
+
+if ! cargo machete --version 2>/dev/null | grep -qx "${CARGO_MACHETE_VERSION}"; then
+    log "installing cargo-machete ${CARGO_MACHETE_VERSION}"
+    cargo install cargo-machete --locked --version "${CARGO_MACHETE_VERSION}"
 fi
 
 # bpffs: the supervisor mounts it itself when missing; the tests need it too.

@@ -12,6 +12,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
+echo "== cargo clippy, eBPF crate (nightly, bpfel-unknown-none, as supervisor/build.rs builds it)"
+cargo +nightly clippy -p supervisor-ebpf --target bpfel-unknown-none -Z build-std=core --release -- -D warnings
+echo "== unused dependencies (cargo-machete, every Cargo.toml of the workspace)"
+cargo machete --skip-target-dir
 echo "== cargo build (every binary the end-to-end tests run; the eBPF crate is built by supervisor/build.rs, so the default members are the whole host side)"
 cargo build --bins
 echo "== cargo test"

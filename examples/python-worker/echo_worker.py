@@ -13,7 +13,7 @@ socket activation, with no supervisor-specific library:
   The supervisor handles such workers by waiting until the old sockets'
   receive queues are empty before sending the signal, so nothing is lost.
 
-Replies follow the echo protocol (docs/CONTRACT-NOTES.md): the request bytes,
+Replies follow the echo protocol (docs/echo-protocol.md): the request bytes,
 then an 8-byte trailer: generation (u32 LE), worker (u16 LE), and the index
 of the receiving socket among our sockets of that name (u16 LE).
 

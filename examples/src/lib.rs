@@ -6,7 +6,7 @@
 //! so the worker, the tests and the load generator encode and decode it the
 //! same way.
 
-/// The echo protocol (docs/CONTRACT-NOTES.md).
+/// The echo protocol (docs/echo-protocol.md).
 ///
 /// A reply is the request, byte for byte, followed by an 8-byte trailer that
 /// says who answered: which generation, which worker of it, and which of the

@@ -1,4 +1,4 @@
-//! The echo protocol of the example workers (docs/CONTRACT-NOTES.md):
+//! The echo protocol of the example workers (docs/echo-protocol.md):
 //! reply = request bytes verbatim + an 8-byte trailer
 //! `generation: u32 LE, worker: u16 LE, socket: u16 LE`.
 //! Requests start with an 8-byte sequence number (u64 LE).

@@ -137,7 +137,7 @@ impl ServiceConfig {
         self
     }
 
-    /// Where the control socket will be (docs/CONTRACT-NOTES.md).
+    /// Where the control socket will be (docs/control-protocol.md).
     pub fn control_socket(&self) -> PathBuf {
         self.runtime_dir.join(format!("{}.sock", self.name))
     }

@@ -7,8 +7,9 @@
 //! sampling, no instrumentation inside the program).
 //!
 //! The floor every selector pays (the cost of running any `SK_REUSEPORT` program at all)
-//! comes from the supervisor's own empty program (`supervisor::ebpf::attach_floor`),
-//! attached to a plain reuseport group with [`attach_floor`] and measured the same way.
+//! comes from an empty program the benchmark loads itself
+//! ([`super::sys::load_floor_program`]), attached to a plain reuseport group with
+//! [`attach_floor`] and measured the same way.
 
 use std::fs;
 use std::io;
@@ -20,6 +21,8 @@ use aya::programs::{ProgramInfo, loaded_programs};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
 };
+
+use super::sys;
 
 /// The selector's program name (`supervisor_common::program_names::SELECTOR`).
 pub const SELECTOR_NAME: &str = "select_socket";
@@ -143,19 +146,30 @@ fn group_member(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Loads the supervisor's empty `SK_REUSEPORT` program (it selects nothing, so the kernel
-/// picks by its own hash, as with no program) and attaches it to the `SO_REUSEPORT` group
-/// bound to `addr` in the calling thread's network namespace, through a throw-away member
-/// that leaves again at once. Returns the loaded object, which must stay alive while the
-/// program is measured, and the program's id for [`prog_stats`].
+/// Loads the empty `SK_REUSEPORT` program ([`super::sys::load_floor_program`]: it
+/// selects nothing, so the kernel picks by its own hash, as with no program) and
+/// attaches it to the `SO_REUSEPORT` group bound to `addr` in the calling thread's
+/// network namespace, through a throw-away member that leaves again at once. Returns
+/// the program's fd, to keep until it has been measured, and its id for [`prog_stats`].
 ///
 /// As with [`detach_group_program`], do it before traffic starts.
-pub fn attach_floor(addr: SocketAddr) -> Result<(aya::Ebpf, u32), String> {
+pub fn attach_floor(addr: SocketAddr) -> Result<(OwnedFd, u32), String> {
+    let program = sys::load_floor_program().map_err(|e| format!("load the floor program: {e}"))?;
+    let id = program_id(&program)?;
     let member = group_member(addr).map_err(|e| format!("join the group at {addr}: {e}"))?;
-    let (ebpf, id) = supervisor::ebpf::attach_floor(member.as_fd())
-        .map_err(|e| format!("load and attach the floor program: {e:#}"))?;
+    sys::attach_reuseport_program(member.as_fd(), program.as_fd())
+        .map_err(|e| format!("attach the floor program to the group at {addr}: {e}"))?;
     drop(member);
-    Ok((ebpf, id))
+    Ok((program, id))
+}
+
+/// The kernel's id of the program behind `program` (the `prog_id:` line of its fdinfo).
+fn program_id(program: &OwnedFd) -> Result<u32, String> {
+    let path = format!("/proc/self/fdinfo/{}", program.as_raw_fd());
+    let text = fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
+    fdinfo_field(&text, "prog_id")
+        .map(|id| id as u32)
+        .ok_or_else(|| format!("no prog_id in {path}"))
 }
 
 /// Detaches the program of the `SO_REUSEPORT` group bound to `addr` (in the calling
@@ -169,20 +183,7 @@ pub fn attach_floor(addr: SocketAddr) -> Result<(aya::Ebpf, u32), String> {
 /// throw-away socket a datagram, which would then be lost.
 pub fn detach_group_program(addr: SocketAddr) -> io::Result<()> {
     let fd = group_member(addr)?;
-    let value: libc::c_int = 0;
-    // SAFETY: plain setsockopt with an int argument on a socket we own.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_DETACH_REUSEPORT_BPF,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sys::detach_reuseport_program(fd.as_fd())?;
     drop(fd);
     Ok(())
 }

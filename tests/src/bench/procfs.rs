@@ -130,9 +130,7 @@ fn snmp_field(text: &str, proto: &str, field: &str) -> Option<u64> {
 
 /// Clock ticks per second: the resolution of [`cpu_time`].
 pub fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 { hz as u64 } else { 100 }
+    super::sys::clock_ticks().unwrap_or(100)
 }
 
 /// One line about the machine: CPUs, CPU model, kernel.

@@ -559,7 +559,7 @@ struct SpreadRun {
     affinity_hits: u64,
 }
 
-/// The floor: the supervisor's empty `SK_REUSEPORT` program on a plain reuseport group.
+/// The floor: an empty `SK_REUSEPORT` program on a plain reuseport group.
 struct FloorRun {
     report: Report,
     cost: Option<(u64, Option<f64>)>,
@@ -614,7 +614,7 @@ fn spread_run(plan: &Plan, addr: SocketAddr, case: Case) -> SpreadRun {
 }
 
 /// The same traffic into a plain SO_REUSEPORT group of `plan.workers` sockets with the
-/// supervisor's empty program attached, its statistics read the same way.
+/// empty program attached, its statistics read the same way.
 fn floor_run(plan: &Plan, addr: SocketAddr) -> FloorRun {
     let net = TestNet::new();
     net.run_in(|| {
@@ -879,8 +879,8 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
         ));
     }
     cost.notes.push(format!(
-        "empty program (floor): the supervisor's `select_nothing` (`supervisor::ebpf::attach_floor`) returns without \
-         selecting, so the kernel picks by its hash; attached to a plain group of {} echo sockets in the benchmark \
+        "empty program (floor): `select_nothing` (`r0 = SK_PASS; exit`, loaded by the benchmark itself) returns \
+         without selecting, so the kernel picks by its hash; attached to a plain group of {} echo sockets in the benchmark \
          process, the same {} datagrams at {}/s from one sender.",
         plan.workers,
         thousands(n),

@@ -1,0 +1,155 @@
+//! The benchmark's only `unsafe` code: the few system calls that neither nix nor aya
+//! wraps in the form the benchmark needs. Each block states the invariant that makes
+//! it sound; the rest of `bench` uses the safe functions below.
+//!
+//! - `bpf(BPF_PROG_LOAD)` of the empty `SK_REUSEPORT` program the selector's cost is
+//!   compared with, in [`load_floor_program`];
+//! - `SO_ATTACH_REUSEPORT_EBPF` and `SO_DETACH_REUSEPORT_BPF` on a member of a
+//!   reuseport group, in [`attach_reuseport_program`] and [`detach_reuseport_program`];
+//! - `sysconf(_SC_CLK_TCK)`, in [`clock_ticks`].
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// `bpf(2)` command numbers and constants from the kernel's uapi `linux/bpf.h`.
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
+/// The attach type a plain `#[sk_reuseport]` program is loaded with (aya does the
+/// same); the kernel refuses an `SK_REUSEPORT` program without one of its two.
+const BPF_SK_REUSEPORT_SELECT: u32 = 39;
+/// `SK_PASS` from `enum sk_action`: "no selection, let the kernel pick".
+const SK_PASS: i32 = 1;
+
+/// One eBPF instruction (`struct bpf_insn`). Both register fields of the two
+/// instructions below are r0, so the nibble order within `regs` does not matter.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Insn {
+    code: u8,
+    regs: u8,
+    off: i16,
+    imm: i32,
+}
+
+/// The leading fields of `union bpf_attr` for `BPF_PROG_LOAD`, up to
+/// `expected_attach_type`. The kernel accepts a shorter attribute than its own and
+/// treats the fields it does not get as zero.
+#[repr(C)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// The floor: an `SK_REUSEPORT` program that returns without selecting a socket, so
+/// the kernel picks by its own hash, as with no program at all. Its cost is what
+/// running any program costs (the call, and the statistics' two clock reads), and
+/// the selector's own work is its cost minus this one.
+///
+/// It is two instructions, `r0 = SK_PASS; exit`: exactly what the compiler makes of
+/// an aya `#[sk_reuseport]` function that returns `SK_PASS`. Loading them here
+/// directly keeps the supervisor binary free of a program only the benchmark uses,
+/// and needs no second eBPF build.
+pub fn load_floor_program() -> io::Result<OwnedFd> {
+    const BPF_ALU64_MOV_K: u8 = 0x07 | 0xb0;
+    const BPF_JMP_EXIT: u8 = 0x05 | 0x90;
+    let insns = [
+        Insn {
+            code: BPF_ALU64_MOV_K,
+            regs: 0,
+            off: 0,
+            imm: SK_PASS,
+        },
+        Insn {
+            code: BPF_JMP_EXIT,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ];
+    let license = c"MIT";
+    let mut prog_name = [0u8; 16];
+    let name = b"select_nothing";
+    prog_name[..name.len()].copy_from_slice(name);
+    let attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name,
+        prog_ifindex: 0,
+        expected_attach_type: BPF_SK_REUSEPORT_SELECT,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_PROG_LOAD and its
+    // size is passed with it; the pointers in it (`insns`, `license`) point to live
+    // locals for the duration of the call, and the kernel only reads through them
+    // (no log buffer is given, so it writes nothing back).
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoadAttr,
+            std::mem::size_of::<ProgLoadAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_PROG_LOAD returned a new fd for the program, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches `program` to the `SO_REUSEPORT` group `socket` belongs to. The group
+/// keeps its own reference to the program, which stays attached when `socket`
+/// leaves the group.
+pub fn attach_reuseport_program(socket: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
+    set_int_option(socket, libc::SO_ATTACH_REUSEPORT_EBPF, program.as_raw_fd())
+}
+
+/// Detaches the program of the `SO_REUSEPORT` group `socket` belongs to.
+pub fn detach_reuseport_program(socket: BorrowedFd<'_>) -> io::Result<()> {
+    set_int_option(socket, libc::SO_DETACH_REUSEPORT_BPF, 0)
+}
+
+fn set_int_option(
+    socket: BorrowedFd<'_>,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: a SOL_SOCKET option whose argument is one int, passed by pointer to a
+    // live local with its exact size; `socket` is an open fd for the whole call.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Clock ticks per second (`_SC_CLK_TCK`), or None if the system does not say.
+pub fn clock_ticks() -> Option<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then_some(hz as u64)
+}

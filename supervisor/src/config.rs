@@ -1,4 +1,4 @@
-//! The service configuration (TOML), as DESIGN.md defines it.
+//! The service configuration (TOML); every key is in `docs/config.md`.
 //!
 //! Parsing is strict: unknown keys are errors, and every error names the file and,
 //! where toml can tell, the line and the key. Validation that needs more than one

@@ -1,15 +1,28 @@
 //! The supervisor daemon and its CLI, as a library so its parts are testable.
+//! `docs/ARCHITECTURE.md` follows one upgrade through these modules.
 //!
 //! | module      | owns |
 //! |-------------|------|
 //! | `config`    | the TOML contract and its validation |
+//! | `daemon`    | start-up (fresh or re-exec'd, one path), the event loop, shutdown |
+//! | `control`   | the CLI ↔ daemon socket: protocol, server half, client half |
 //! | `upgrade`   | the generation state machine: build, ready, flip, drain, retire |
-//! | `maps`      | user space's half of the maps contract with the selector |
+//! | `readiness` | when a new generation is ready: notify, exec, probe |
+//! | `dataplane` | the seam between the state machine and the kernel's side of a listener |
+//! | `maps`      | the real dataplane: the pinned selector and its maps |
+//! | `sockets`   | the listener sockets |
+//! | `process`   | the seam for worker processes, and the real fork/exec + pidfd one |
 //! | `worker`    | one worker process slot: exec, readiness, restarts, drain signal |
-//! | `sys`       | every `unsafe` block and raw syscall |
-//! | `daemon`    | start-up, the event loop, shutdown |
-//! | `control`   | the CLI ↔ daemon socket |
+//! | `notify`    | the workers' `NOTIFY_SOCKET` |
+//! | `systemd`   | the supervisor's own sd_notify conversation |
+//! | `status`    | what `supervisor status` reports, typed |
+//! | `reexec`    | replacing the supervisor's image in place |
 //! | `xdp`       | the XDP filter at the interface: attach/adopt via a pinned link, rulesets |
+//! | `bpffs`, `ebpf`, `error` | bpffs mounting, the embedded eBPF objects, exit codes |
+//! | `sys`       | every `unsafe` block and raw syscall |
+// Unsafe code lives in `sys` alone, each block with its invariant beside it.
+#![deny(unsafe_code)]
+
 pub mod bpffs;
 pub mod config;
 pub mod control;
@@ -24,6 +37,7 @@ pub mod readiness;
 pub mod reexec;
 pub mod sockets;
 pub mod status;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod systemd;
 pub mod upgrade;

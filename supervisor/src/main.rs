@@ -1,4 +1,5 @@
 //! `supervisor`: zero-downtime upgrades for UDP services.
+#![deny(unsafe_code)]
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};

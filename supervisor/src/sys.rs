@@ -148,6 +148,8 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
     }
     if pid == 0 {
         // Child. Any failure: report errno through the pipe and _exit.
+        // SAFETY: the fork invariant above: only async-signal-safe calls, on memory
+        // allocated before the fork (`prepared`, `env_ptrs`, the staging table).
         unsafe {
             let fail = |write_fd: RawFd| -> ! {
                 let errno = *libc::__errno_location();
@@ -379,6 +381,7 @@ pub struct ControlWord {
 
 // SAFETY: the mapping is process-wide shared memory accessed only atomically.
 unsafe impl Send for ControlWord {}
+// SAFETY: as for Send: every access is an atomic load or store of an AtomicU64.
 unsafe impl Sync for ControlWord {}
 
 impl ControlWord {
@@ -588,8 +591,10 @@ mod tests {
     #[test]
     fn pid_is_written_as_decimal() {
         let mut buf = [0xffu8; PID_DIGITS + 1];
+        // SAFETY: the buffer has PID_DIGITS + 1 bytes.
         unsafe { write_pid(buf.as_mut_ptr(), 4_194_304) };
         assert_eq!(&buf[..8], b"4194304\0");
+        // SAFETY: as above.
         unsafe { write_pid(buf.as_mut_ptr(), 7) };
         assert_eq!(&buf[..2], b"7\0");
     }

@@ -46,3 +46,55 @@ pub fn check_compatible(current: &Config, new: &Config) -> Result<(), InputError
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(service: &str, listen: &str) -> Config {
+        let text = format!(
+            "[service]\nname = \"svc\"\ncommand = [\"/bin/true\"]\n{service}\n[[listen]]\nname = \"dns\"\n{listen}\n"
+        );
+        Config::parse(&text, Path::new("new.toml")).unwrap()
+    }
+
+    #[test]
+    fn workers_command_and_timeouts_may_change() {
+        let current = config("", "address = \"127.0.0.1:53\"");
+        let new = config(
+            "workers = 8\nready_timeout = \"3s\"\ndrain_timeout = \"1m\"",
+            "address = \"127.0.0.1:53\"\nbalance = \"hash\"",
+        );
+        check_compatible(&current, &new).unwrap();
+    }
+
+    #[test]
+    fn listener_address_and_flow_table_need_a_restart() {
+        let current = config("", "address = \"127.0.0.1:53\"");
+        let moved = config("", "address = \"127.0.0.1:54\"");
+        let message = check_compatible(&current, &moved).unwrap_err().to_string();
+        assert!(message.contains("new.toml: listeners changed"), "{message}");
+        assert!(message.contains("restart"), "{message}");
+        let resized = config("", "address = \"127.0.0.1:53\"\nflow_table_size = 1024");
+        let message = check_compatible(&current, &resized)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("flow_table_size cannot change"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn pin_and_runtime_directories_need_a_restart() {
+        let current = config("", "address = \"127.0.0.1:53\"");
+        let new = config("runtime_dir = \"/run/other\"", "address = \"127.0.0.1:53\"");
+        let message = check_compatible(&current, &new).unwrap_err().to_string();
+        assert!(
+            message.contains("bpffs and runtime_dir cannot change"),
+            "{message}"
+        );
+    }
+}

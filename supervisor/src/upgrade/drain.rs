@@ -37,13 +37,7 @@ pub(super) async fn drain(
     let mut quiet = 0;
     let mut queued = 0;
     while quiet < QUEUE_QUIET_POLLS {
-        queued = match shared
-            .lock()
-            .unwrap()
-            .generations
-            .iter()
-            .find(|g| g.number == number)
-        {
+        queued = match shared.lock().unwrap().generation(number) {
             Some(g) => g.queues().queued_bytes,
             None => return,
         };
@@ -92,7 +86,7 @@ async fn wait_for_affinity_idle(
 ) {
     let selected = |shared: &Shared| -> Option<(u64, Duration)> {
         let state = shared.lock().unwrap();
-        let generation = state.generations.iter().find(|g| g.number == number)?;
+        let generation = state.generation(number)?;
         let mut total = 0;
         let mut idle = Duration::ZERO;
         for (listener, dataplane) in generation.listeners.iter().zip(state.dataplanes.iter()) {
@@ -157,7 +151,7 @@ fn set_policy(
     policy: Policy,
 ) -> Option<Vec<watch::Receiver<WorkerStatus>>> {
     let state = shared.lock().unwrap();
-    let generation = state.generations.iter().find(|g| g.number == number)?;
+    let generation = state.generation(number)?;
     for worker in &generation.workers {
         worker.set_policy(policy);
     }

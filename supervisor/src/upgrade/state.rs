@@ -114,10 +114,6 @@ impl State {
         self.generations.iter().find(|g| g.number == number)
     }
 
-    pub fn generation_mut(&mut self, number: u32) -> Option<&mut Generation> {
-        self.generations.iter_mut().find(|g| g.number == number)
-    }
-
     /// The newest serving generation's number (0: none).
     pub fn serving(&self) -> u32 {
         self.generations

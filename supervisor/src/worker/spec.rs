@@ -1,0 +1,133 @@
+//! What a generation's workers are exec'd with: the resolved command, the user,
+//! the environment (the worker contract in `docs/worker-contract.md`).
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+
+use super::SlotSockets;
+use crate::{
+    config::{Config, ReadyMode},
+    error::InputError,
+    systemd,
+};
+
+/// What every worker of a generation is exec'd with.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// Resolved path of `command[0]`.
+    pub program: String,
+    pub argv: Vec<String>,
+    /// The supervisor's environment minus what belongs to the supervisor itself.
+    pub inherited_env: Vec<(String, String)>,
+    pub notify_socket: String,
+    pub credentials: Option<(u32, u32)>,
+    pub ready: ReadyMode,
+    pub drain_signal: Signal,
+}
+
+impl WorkerSpec {
+    /// Resolves the command (so a missing program is reported now, not at fork time)
+    /// and the user the workers run as.
+    pub fn from_config(config: &Config, notify_socket: String) -> Result<WorkerSpec, InputError> {
+        let command = &config.service.command;
+        let program = resolve_program(&command[0]).ok_or_else(|| {
+            InputError::new(format!(
+                "{}: service.command: {:?} is not an executable file{}",
+                config.path.display(),
+                command[0],
+                if command[0].contains('/') {
+                    ""
+                } else {
+                    " found in PATH"
+                }
+            ))
+        })?;
+        let credentials = match &config.service.user {
+            None => None,
+            Some(name) => {
+                let user = nix::unistd::User::from_name(name)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| {
+                        InputError::new(format!(
+                            "{}: service.user: no user {name:?} on this host",
+                            config.path.display()
+                        ))
+                    })?;
+                Some((user.uid.as_raw(), user.gid.as_raw()))
+            }
+        };
+        let inherited_env = std::env::vars()
+            .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
+            .collect();
+        Ok(WorkerSpec {
+            program: program.to_string_lossy().into_owned(),
+            argv: command.clone(),
+            inherited_env,
+            notify_socket,
+            credentials,
+            ready: config.service.ready,
+            drain_signal: config.service.drain_signal,
+        })
+    }
+}
+
+pub fn resolve_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        let path = if path.is_relative() {
+            std::env::current_dir().ok()?.join(path)
+        } else {
+            path
+        };
+        return executable(&path).then_some(path);
+    }
+    std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| executable(p))
+}
+
+/// The environment of slot `index`'s worker: the inherited one plus the socket
+/// activation and supervisor variables (the contract in `docs/`).
+pub(super) fn worker_env(
+    spec: &WorkerSpec,
+    sockets: &SlotSockets,
+    generation: u32,
+    index: u32,
+) -> Vec<(String, String)> {
+    let mut env = spec.inherited_env.clone();
+    env.extend([
+        ("LISTEN_FDS".into(), sockets.fds.len().to_string()),
+        ("LISTEN_FDNAMES".into(), sockets.names.join(":")),
+        ("NOTIFY_SOCKET".into(), spec.notify_socket.clone()),
+        ("SUPERVISOR_GENERATION".into(), generation.to_string()),
+        ("SUPERVISOR_WORKER".into(), index.to_string()),
+        // Beyond the contract, for workers that make the drain signal configurable
+        // (the examples and the SDK read it).
+        (
+            "SUPERVISOR_DRAIN_SIGNAL".into(),
+            spec.drain_signal.as_str().to_string(),
+        ),
+        (
+            "SUPERVISOR_COOKIES".into(),
+            sockets
+                .cookies
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(":"),
+        ),
+    ]);
+    env
+}

@@ -685,25 +685,9 @@ pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progre
     // 1. Let the old workers (still under Serve, restarted if they crash) empty
     //    their queues. Only then signal them: a worker that exits at once on
     //    SIGTERM loses nothing.
-    let mut quiet = 0;
-    let mut queued = 0;
-    while quiet < QUEUE_QUIET_POLLS {
-        queued = match shared
-            .lock()
-            .unwrap()
-            .generations
-            .iter()
-            .find(|g| g.number == number)
-        {
-            Some(g) => g.queues().queued_bytes,
-            None => return,
-        };
-        quiet = if queued == 0 { quiet + 1 } else { 0 };
-        if tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(QUEUE_POLL).await;
-    }
+    let Some(queued) = wait_queues_empty(shared, number, deadline).await else {
+        return;
+    };
     if queued == 0 {
         progress.emit(format!("generation {number}: receive queues empty"));
     } else {
@@ -730,6 +714,34 @@ pub async fn drain(shared: &Shared, number: u32, drain_timeout: Duration, progre
         teardown_workers(shared, number).await;
     }
     retire(shared, number, progress);
+}
+
+/// Waits until generation `number`'s receive queues read empty
+/// `QUEUE_QUIET_POLLS` times in a row, or `deadline`; returns the bytes still
+/// queued (0 when empty), None if the generation is gone.
+async fn wait_queues_empty(
+    shared: &Shared,
+    number: u32,
+    deadline: tokio::time::Instant,
+) -> Option<u32> {
+    let mut quiet = 0;
+    let mut queued = 0;
+    while quiet < QUEUE_QUIET_POLLS {
+        queued = shared
+            .lock()
+            .unwrap()
+            .generations
+            .iter()
+            .find(|g| g.number == number)?
+            .queues()
+            .queued_bytes;
+        quiet = if queued == 0 { quiet + 1 } else { 0 };
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(QUEUE_POLL).await;
+    }
+    Some(queued)
 }
 
 /// With `flow` or `cookie` balance an old generation keeps its flows after the
@@ -881,8 +893,8 @@ fn retire(shared: &Shared, number: u32, progress: &Progress) {
     }
 }
 
-/// Stops every generation: the drain signal to all workers, SIGKILL at the
-/// timeout, then sockets closed and arrays unpinned.
+/// Stops every generation: the drain signal to all workers once their queues
+/// are read, SIGKILL at the timeout, then sockets closed and arrays unpinned.
 pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progress) {
     let numbers: Vec<(u32, Policy)> = {
         let state = shared.lock().unwrap();
@@ -899,16 +911,25 @@ pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progr
             })
             .collect()
     };
-    let statuses = numbers
-        .iter()
-        .filter_map(|&(number, policy)| set_policy(shared, number, policy))
-        .flatten()
-        .collect();
+    // As in `drain`: the drain signal only once what is queued has been read, so
+    // workers that exit at once on it lose nothing; some of drain_timeout is kept
+    // for their exit.
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let reserve = (drain_timeout / 4).min(DRAIN_RESERVE);
+    let mut statuses = Vec::new();
+    for &(number, policy) in &numbers {
+        if policy == Policy::Drain
+            && let Some(queued) = wait_queues_empty(shared, number, deadline - reserve).await
+            && queued > 0
+        {
+            progress.emit(format!(
+                "generation {number}: {queued} bytes still queued at the stop's drain deadline"
+            ));
+        }
+        statuses.extend(set_policy(shared, number, policy).into_iter().flatten());
+    }
     let all_exited = all_finished(statuses);
-    if tokio::time::timeout(drain_timeout, all_exited)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline, all_exited).await.is_err() {
         progress.emit("workers still running at drain_timeout, killing them");
     }
     for (number, _) in numbers {

@@ -5,6 +5,9 @@
 #   - LLVM 22's development package (bpf-linker links against libLLVM 22)
 #   - bpf-linker 0.13.0 built against that LLVM
 #   - cargo-machete 0.9.2, for scripts/test.sh's unused-dependency check
+#   - systemd-nspawn (systemd-container, pinned to the host's systemd version) and a
+#     cached rootfs with a newer systemd (scripts/systemd-rootfs.sh), for the tests
+#     that run the unit files under a real systemd as PID 1
 # docs/toolchain.md says why these versions; change them there and here together.
 set -euo pipefail
 
@@ -55,6 +58,20 @@ if ! cargo machete --version 2>/dev/null | grep -qx "${CARGO_MACHETE_VERSION}"; 
     log "installing cargo-machete ${CARGO_MACHETE_VERSION}"
     cargo install cargo-machete --locked --version "${CARGO_MACHETE_VERSION}"
 fi
+
+# systemd-nspawn boots a real systemd for tests/tests/systemd_real.rs. Pinned to the
+# installed systemd's version: an unpinned install would upgrade the host's systemd,
+# libsystemd0 and udev along with it.
+if ! command -v systemd-nspawn >/dev/null; then
+    systemd_version=$(dpkg-query -W -f='${Version}' systemd)
+    log "installing systemd-container ${systemd_version}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "systemd-container=${systemd_version}" >/dev/null
+fi
+# The same tests under a newer systemd (Type=notify-reload needs 253): built once
+# (about two minutes, debootstrap from the host's own mirror), then cached.
+bash "$(dirname "$0")/systemd-rootfs.sh" >/dev/null
 
 # bpffs: the supervisor mounts it itself when missing; the tests need it too.
 if ! mountpoint -q /sys/fs/bpf; then

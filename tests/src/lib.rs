@@ -15,6 +15,7 @@ pub mod netns;
 pub mod pins;
 pub mod plain;
 pub mod supervisor;
+pub mod systemd_container;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -31,6 +32,7 @@ pub use netns::{TestNet, Veth};
 pub use pins::PinDir;
 pub use plain::PlainReuseportGroup;
 pub use supervisor::{Balance, ReadyMode, ServiceConfig, Supervisor};
+pub use systemd_container::{Rootfs, SystemdContainer};
 
 /// Panics unless the process runs as root. The tests need CAP_BPF / CAP_NET_ADMIN
 /// (network namespaces, bpffs, SO_RCVBUFFORCE); they must fail, not skip, without them.

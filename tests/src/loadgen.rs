@@ -302,6 +302,21 @@ pub fn run_until(cfg: &LoadConfig, stop: &AtomicBool) -> io::Result<Report> {
     run_inner(cfg, Some(stop))
 }
 
+/// [`run`] on a thread inside the network namespace at `netns` (any nsfs path, e.g.
+/// `/proc/<pid>/ns/net` of a container's PID 1).
+pub fn run_in(netns: &std::path::Path, cfg: &LoadConfig) -> io::Result<Report> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(netns)?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)?;
+            run(cfg)
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// A steady load running on its own thread inside a namespace until [`finish`] (or
 /// drop) stops it: the "separate sender" of the upgrade tests.
 ///
@@ -315,7 +330,12 @@ impl BackgroundLoad {
     /// Starts `cfg` (normally with a `rate`, and neither `count` nor `duration`) on a
     /// thread that first enters `net`, so its sockets live in the namespace.
     pub fn start(net: &crate::TestNet, cfg: LoadConfig) -> BackgroundLoad {
-        let netns = net.netns_path();
+        BackgroundLoad::start_in(net.netns_path(), cfg)
+    }
+
+    /// [`start`](Self::start) in the network namespace at `netns` (any nsfs path, e.g.
+    /// `/proc/<pid>/ns/net` of a container's PID 1).
+    pub fn start_in(netns: std::path::PathBuf, cfg: LoadConfig) -> BackgroundLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let handle = std::thread::Builder::new()

@@ -34,19 +34,9 @@ pub(super) async fn drain(
     // 1. Let the old workers (still under Serve, restarted if they crash) empty
     //    their queues. Only then signal them: a worker that exits at once on
     //    SIGTERM loses nothing.
-    let mut quiet = 0;
-    let mut queued = 0;
-    while quiet < QUEUE_QUIET_POLLS {
-        queued = match shared.lock().unwrap().generation(number) {
-            Some(g) => g.queues().queued_bytes,
-            None => return,
-        };
-        quiet = if queued == 0 { quiet + 1 } else { 0 };
-        if tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(QUEUE_POLL).await;
-    }
+    let Some(queued) = wait_queues_empty(shared, number, deadline).await else {
+        return;
+    };
     if queued == 0 {
         progress.emit(format!("generation {number}: receive queues empty"));
     } else {
@@ -73,6 +63,32 @@ pub(super) async fn drain(
         teardown_workers(shared, number).await;
     }
     retire(shared, number, progress);
+}
+
+/// Waits until generation `number`'s receive queues read empty
+/// `QUEUE_QUIET_POLLS` times in a row, or `deadline`; returns the bytes still
+/// queued (0 when empty), None if the generation is gone.
+async fn wait_queues_empty(
+    shared: &Shared,
+    number: u32,
+    deadline: tokio::time::Instant,
+) -> Option<u32> {
+    let mut quiet = 0;
+    let mut queued = 0;
+    while quiet < QUEUE_QUIET_POLLS {
+        queued = shared
+            .lock()
+            .unwrap()
+            .generation(number)?
+            .queues()
+            .queued_bytes;
+        quiet = if queued == 0 { quiet + 1 } else { 0 };
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(QUEUE_POLL).await;
+    }
+    Some(queued)
 }
 
 /// With `flow` or `cookie` balance an old generation keeps its flows after the
@@ -226,8 +242,8 @@ pub(super) fn retire(shared: &Shared, number: u32, progress: &Progress) {
     }
 }
 
-/// Stops every generation: the drain signal to all workers, SIGKILL at the
-/// timeout, then sockets closed and arrays unpinned.
+/// Stops every generation: the drain signal to all workers once their queues
+/// are read, SIGKILL at the timeout, then sockets closed and arrays unpinned.
 pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progress) {
     let numbers: Vec<(u32, Policy)> = {
         let state = shared.lock().unwrap();
@@ -244,13 +260,24 @@ pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progr
             })
             .collect()
     };
-    let statuses = numbers
-        .iter()
-        .filter_map(|&(number, policy)| set_policy(shared, number, policy))
-        .flatten()
-        .collect();
-    let all_exited = all_finished(statuses);
-    if tokio::time::timeout(drain_timeout, all_exited)
+    // As in `drain`: the drain signal only once what is queued has been read, so
+    // workers that exit at once on it lose nothing; some of drain_timeout is kept
+    // for their exit.
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let reserve = (drain_timeout / 4).min(DRAIN_RESERVE);
+    let mut statuses = Vec::new();
+    for &(number, policy) in &numbers {
+        if policy == Policy::Drain
+            && let Some(queued) = wait_queues_empty(shared, number, deadline - reserve).await
+            && queued > 0
+        {
+            progress.emit(format!(
+                "generation {number}: {queued} bytes still queued when the drain signal goes out"
+            ));
+        }
+        statuses.extend(set_policy(shared, number, policy).into_iter().flatten());
+    }
+    if tokio::time::timeout_at(deadline, all_finished(statuses))
         .await
         .is_err()
     {

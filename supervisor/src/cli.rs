@@ -8,7 +8,7 @@ use std::{
 
 use supervisor::{
     config::Config,
-    control::{self, Event, Request, STATUS_TIMEOUT},
+    control::{self, Event, Request, STATUS_TIMEOUT, UpgradeWait},
     error::{EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code},
     status::render,
 };
@@ -18,7 +18,7 @@ pub fn fail(error: &anyhow::Error) -> i32 {
     exit_code(error)
 }
 
-pub async fn upgrade(path: &Path) -> i32 {
+pub async fn upgrade(path: &Path, wait: UpgradeWait) -> i32 {
     // Refuse a bad file here already, with the same message the daemon would give.
     let config = match Config::load(path) {
         Ok(config) => config,
@@ -28,13 +28,16 @@ pub async fn upgrade(path: &Path) -> i32 {
     let mut code = EXIT_FAILED;
     let result = control::call(
         &config.control_socket(),
-        &Request::Upgrade { config: absolute },
+        &Request::Upgrade {
+            config: absolute,
+            wait,
+        },
         |event| match event {
             Event::Phase { at_ms, text } => {
                 println!("[{:>4}.{:03}s] {text}", at_ms / 1000, at_ms % 1000);
                 let _ = std::io::stdout().flush();
             }
-            Event::Done { message } => {
+            Event::Done { message, .. } => {
                 println!("upgrade succeeded: {message}");
                 code = EXIT_OK;
             }
@@ -141,7 +144,7 @@ pub async fn stop(path: &Path) -> i32 {
     };
     let mut code = EXIT_BAD_INPUT;
     let result = control::call(&config.control_socket(), &Request::Stop, |event| {
-        if let Event::Done { message } = event {
+        if let Event::Done { message, .. } = event {
             println!("{message}");
             code = EXIT_OK;
         }

@@ -61,6 +61,23 @@ pub struct ServiceConfig {
         deserialize_with = "probe_payload"
     )]
     pub probe_payload: Vec<u8>,
+    /// What an upgrade does when every generation slot is taken (one serving,
+    /// the rest draining).
+    #[serde(default)]
+    pub on_no_free_slot: NoFreeSlot,
+}
+
+/// `service.on_no_free_slot`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoFreeSlot {
+    /// The oldest draining generation is retired at once: its remaining flows
+    /// move to the working generation (counted), its workers drain what they
+    /// already have. Deploys never wait.
+    #[default]
+    RetireOldest,
+    /// The upgrade is refused (exit 2) until a draining generation is gone.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]

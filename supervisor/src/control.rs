@@ -25,9 +25,12 @@ use crate::{
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
-    /// Re-read the config at `config` and build a new generation.
+    /// Re-read the config at `config` and build a new generation; answer when it
+    /// serves, or with `wait = "drained"` once the older generations are gone too.
     Upgrade {
         config: PathBuf,
+        #[serde(default)]
+        wait: UpgradeWait,
     },
     Status,
     Stop,
@@ -35,6 +38,25 @@ pub enum Request {
     Reexec {
         binary: PathBuf,
     },
+}
+
+/// When an upgrade request is answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UpgradeWait {
+    /// As soon as the new generation serves (older ones may still drain).
+    #[default]
+    Serving,
+    /// Once every older generation has drained and is gone.
+    Drained,
+}
+
+/// What a successful upgrade reports.
+#[derive(Debug, Clone)]
+pub struct Upgraded {
+    pub generation: u32,
+    /// Older generations still draining when the answer was sent.
+    pub draining: Vec<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,9 +70,12 @@ pub enum Event {
     Status {
         status: Box<Status>,
     },
-    /// The final line: success.
+    /// The final line: success. For an upgrade, the older generations that are
+    /// still draining.
     Done {
         message: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        draining: Vec<u32>,
     },
     /// The final line: failure, with the exit code the CLI should use.
     Error {
@@ -63,11 +88,12 @@ pub enum Event {
 pub enum Command {
     Stop,
     /// Upgrade from the config at `config`; phases go to `progress`, the outcome
-    /// (the new generation's number) to `done`.
+    /// to `done` (when the new generation serves, or per `wait`).
     Upgrade {
         config: PathBuf,
+        wait: UpgradeWait,
         progress: Progress,
-        done: oneshot::Sender<Result<u32>>,
+        done: oneshot::Sender<Result<Upgraded>>,
     },
     /// Exec `binary` in place; the sender hears why if that did not happen.
     Reexec {
@@ -146,6 +172,7 @@ pub async fn serve_connection(
             commands.send(Command::Stop).map_err(|_| gone())?;
             let event = Event::Done {
                 message: "stopping: draining all generations".into(),
+                draining: Vec::new(),
             };
             send(&mut stream, &event).await?;
         }
@@ -170,23 +197,45 @@ pub async fn serve_connection(
                 send(&mut stream, &event).await?;
             }
         }
-        Request::Upgrade { config } => {
+        Request::Upgrade { config, wait } => {
             let (phases_tx, mut phases) = mpsc::unbounded_channel();
             let (done, outcome) = oneshot::channel();
             commands
                 .send(Command::Upgrade {
                     config,
+                    wait,
                     progress: Progress::new(Some(phases_tx)),
                     done,
                 })
                 .map_err(|_| gone())?;
-            while let Some((at_ms, text)) = phases.recv().await {
-                // A CLI that went away does not stop the upgrade.
+            // Phases until the outcome. The drains an upgrade leaves behind keep
+            // reporting to the same progress after that; they go to the log only.
+            tokio::pin!(outcome);
+            let outcome = loop {
+                tokio::select! {
+                    biased;
+                    Some((at_ms, text)) = phases.recv() => {
+                        // A CLI that went away does not stop the upgrade.
+                        let _ = send(&mut stream, &Event::Phase { at_ms, text }).await;
+                    }
+                    outcome = &mut outcome => break outcome,
+                }
+            };
+            while let Ok((at_ms, text)) = phases.try_recv() {
                 let _ = send(&mut stream, &Event::Phase { at_ms, text }).await;
             }
-            let event = match outcome.await {
-                Ok(Ok(number)) => Event::Done {
-                    message: format!("generation {number} serves"),
+            drop(phases);
+            let event = match outcome {
+                Ok(Ok(upgraded)) => Event::Done {
+                    message: match upgraded.draining.len() {
+                        0 => format!("generation {} serves", upgraded.generation),
+                        n => format!(
+                            "generation {} serves; {n} older generation{} still draining",
+                            upgraded.generation,
+                            if n == 1 { "" } else { "s" }
+                        ),
+                    },
+                    draining: upgraded.draining,
                 },
                 Ok(Err(e)) => Event::Error {
                     exit_code: exit_code(&e),

@@ -29,6 +29,10 @@ enum Command {
     Upgrade {
         #[arg(long)]
         config: PathBuf,
+        /// Return when the new generation serves (older ones drain on their own),
+        /// or only once every older generation has drained.
+        #[arg(long, value_enum, default_value = "serving")]
+        wait: supervisor::control::UpgradeWait,
     },
     /// Generations, workers and per-socket counters.
     Status {
@@ -86,7 +90,7 @@ fn main() -> ExitCode {
                 Ok(()) => 0,
                 Err(e) => cli::fail(&e),
             },
-            Command::Upgrade { config } => cli::upgrade(&config).await,
+            Command::Upgrade { config, wait } => cli::upgrade(&config, wait).await,
             Command::Status { config, json } => cli::status(&config, json).await,
             Command::Stop { config } => cli::stop(&config).await,
             Command::Reexec { config, binary } => cli::reexec(&config, binary).await,

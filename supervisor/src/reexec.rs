@@ -288,6 +288,8 @@ pub fn adopt_generation(
         slot: g.slot,
         state: GenerationState::Serving,
         started: UNIX_EPOCH + Duration::from_millis(g.started_unix_ms),
+        drain: None,
+        slot_released: false,
         listeners,
         workers,
     })

@@ -1,6 +1,10 @@
 //! `supervisor status`: what serves, what drains, and per socket what the selector
 //! sent to it (its per-CPU counters), what is queued and what the kernel dropped.
-use std::{fmt::Write as _, os::fd::AsFd, time::UNIX_EPOCH};
+use std::{
+    fmt::Write as _,
+    os::fd::AsFd,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +48,15 @@ pub struct GenerationStatus {
     pub state: GenerationState,
     pub slot: u32,
     pub started_unix_ms: u64,
+    /// A draining generation: since when, and its `drain_timeout` deadline.
+    #[serde(default)]
+    pub draining_since_unix_ms: Option<u64>,
+    #[serde(default)]
+    pub drain_deadline_unix_ms: Option<u64>,
+    /// It gave its slot to a newer generation (retired early): the selector sends
+    /// it nothing, and its per-socket selector counters are no longer its own.
+    #[serde(default)]
+    pub slot_released: bool,
     pub workers: Vec<WorkerStatusOut>,
     pub listeners: Vec<ListenerStatus>,
 }
@@ -129,7 +142,11 @@ pub fn collect(state: &State) -> Status {
                             .iter()
                             .enumerate()
                             .map(|(index, socket)| {
-                                let counters = dataplane.counters(generation.slot, index as u32);
+                                let counters = if generation.holds_slot() {
+                                    dataplane.counters(generation.slot, index as u32)
+                                } else {
+                                    Default::default()
+                                };
                                 let mem = sys::socket_meminfo(socket.as_fd()).unwrap_or_default();
                                 SocketStatus {
                                     index: index as u32,
@@ -150,11 +167,10 @@ pub fn collect(state: &State) -> Status {
                 generation: generation.number,
                 state: generation.state,
                 slot: generation.slot,
-                started_unix_ms: generation
-                    .started
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
+                started_unix_ms: unix_ms(generation.started),
+                draining_since_unix_ms: generation.drain.map(|d| unix_ms(d.since)),
+                drain_deadline_unix_ms: generation.drain.map(|d| unix_ms(d.deadline)),
+                slot_released: generation.slot_released,
                 workers,
                 listeners,
             }
@@ -169,6 +185,7 @@ pub fn collect(state: &State) -> Status {
             let affinity_hits: u64 = state
                 .generations
                 .iter()
+                .filter(|g| g.holds_slot())
                 .filter_map(|g| {
                     g.listeners
                         .get(listener_index)
@@ -202,14 +219,17 @@ pub fn collect(state: &State) -> Status {
         xdp: state.xdp.as_ref().map(|f| f.status()),
         service: state.config.service.name.clone(),
         pid: std::process::id(),
-        image_started_unix_ms: crate::reexec::image_started()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        image_started_unix_ms: unix_ms(crate::reexec::image_started()),
         upgrade_in_progress: state.upgrading_to.is_some(),
         upgrading_to: state.upgrading_to,
         generations,
     }
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The human-readable form.
@@ -224,11 +244,30 @@ pub fn render(status: &Status) -> String {
         let _ = writeln!(out, "upgrade to generation {target} in progress");
     }
     for generation in &status.generations {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "generation {} {} (slot {})",
             generation.generation, generation.state, generation.slot
         );
+        if let (Some(since), Some(deadline)) = (
+            generation.draining_since_unix_ms,
+            generation.drain_deadline_unix_ms,
+        ) {
+            let now = unix_ms(SystemTime::now());
+            let flows: u64 = generation.listeners.iter().map(|l| l.flows_held).sum();
+            let _ = write!(
+                out,
+                ": draining for {:.1} s, deadline in {:.1} s, {flows} flows held{}",
+                now.saturating_sub(since) as f64 / 1000.0,
+                deadline.saturating_sub(now) as f64 / 1000.0,
+                if generation.slot_released {
+                    ", retired early (slot given up)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let _ = writeln!(out);
         for w in &generation.workers {
             let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
             let _ = write!(

@@ -78,6 +78,8 @@ pub struct ServiceConfig {
     pub bpffs: PathBuf,
     /// Raw TOML appended as is (e.g. an `[xdp]` table).
     pub extra_toml: String,
+    /// `service.on_no_free_slot` (`"retire-oldest"` or `"refuse"`).
+    pub on_no_free_slot: Option<String>,
 }
 
 impl ServiceConfig {
@@ -109,6 +111,7 @@ impl ServiceConfig {
             runtime_dir: runtime_dir.to_path_buf(),
             bpffs: pins.path().to_path_buf(),
             extra_toml: String::new(),
+            on_no_free_slot: None,
         }
     }
 
@@ -162,6 +165,9 @@ impl ServiceConfig {
         }
         if let Some(d) = self.drain_timeout {
             service.insert("drain_timeout".into(), T::String(format_duration(d)));
+        }
+        if let Some(policy) = &self.on_no_free_slot {
+            service.insert("on_no_free_slot".into(), T::String(policy.clone()));
         }
         service.insert(
             "runtime_dir".into(),
@@ -290,14 +296,29 @@ impl<'n> Supervisor<'n> {
         cmd
     }
 
-    /// `supervisor upgrade --config F`. Returns its output whatever the exit code; the
-    /// caller asserts. Bounded by the config's ready and drain timeouts plus slack.
+    /// `supervisor upgrade --wait drained --config F`: returns once the older
+    /// generations are gone too, which is what most tests assert on (the phases,
+    /// "drained" included, are on stdout). Returns its output whatever the exit
+    /// code; the caller asserts. Bounded by the config's ready and drain timeouts
+    /// plus slack.
     pub fn upgrade(&self) -> Output {
+        self.upgrade_with(&["--wait", "drained"])
+    }
+
+    /// `supervisor upgrade --config F` as an operator runs it: it returns when the
+    /// new generation serves, while older generations drain on their own.
+    pub fn upgrade_at_flip(&self) -> Output {
+        self.upgrade_with(&[])
+    }
+
+    fn upgrade_with(&self, flags: &[&str]) -> Output {
         let c = &self.config;
         let bound = c.ready_timeout.unwrap_or(Duration::from_secs(10))
             + c.drain_timeout.unwrap_or(Duration::from_secs(30))
             + Duration::from_secs(30);
-        output_with_timeout(&mut self.cli(&["upgrade"]), bound)
+        let mut args = vec!["upgrade"];
+        args.extend_from_slice(flags);
+        output_with_timeout(&mut self.cli(&args), bound)
     }
 
     /// `supervisor status --json`, parsed; `Err` with the reason when it fails.
@@ -649,6 +670,7 @@ mod tests {
             runtime_dir: "/tmp/rt".into(),
             bpffs: "/sys/fs/bpf/x".into(),
             extra_toml: "[xdp]\ninterface = \"veth-a\"".into(),
+            on_no_free_slot: None,
         };
         let text = c.to_toml();
         assert!(text.starts_with("[service]\n"), "{text}");

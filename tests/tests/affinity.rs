@@ -325,3 +325,229 @@ fn flood_of_new_flows_does_not_evict_busy_ones() {
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
+
+/// Stops the clients when dropped: a failed assertion inside a thread scope
+/// must not leave endless clients for the scope to wait on.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The generations of `status`, with their states.
+fn generation_states(status: &serde_json::Value) -> Vec<(u64, String)> {
+    status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["generation"].as_u64().unwrap(),
+                g["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn states(list: &[(u64, &str)]) -> Vec<(u64, String)> {
+    list.iter().map(|(g, s)| (*g, s.to_string())).collect()
+}
+
+/// `supervisor upgrade` that must succeed; returns stdout.
+fn upgrade_at_flip_ok(supervisor: &Supervisor<'_>) -> String {
+    let out = supervisor.upgrade_at_flip();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "upgrade failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Overlapping generations (flow mode): three upgrades 1.5 s apart while the
+/// clients that started before each one keep talking. Every upgrade returns at
+/// its flip, every client stays on the generation it started on, and status
+/// shows three generations draining at once. Then every slot is taken: with
+/// `on_no_free_slot = "refuse"` a fourth upgrade is refused and changes nothing;
+/// with the default it retires the oldest draining generation, whose clients move
+/// to the new one (counted), losing no datagram.
+#[test]
+fn upgrades_return_at_the_flip_and_draining_generations_keep_their_clients() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("overlap");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "");
+    let target = config.address;
+    let mut supervisor = Supervisor::start(&net, config.clone());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (batches, outputs, moved_batch) = net.run_in(|| {
+        thread::scope(|scope| {
+            let _stop_on_panic = StopOnDrop(stop.clone());
+            // A batch of 4 clients, one datagram every 20 ms until told to stop:
+            // never idle for flow_idle (2 s).
+            let batch = || -> Vec<_> {
+                (0..4)
+                    .map(|_| {
+                        let stop = stop.clone();
+                        scope.spawn(move || {
+                            client(target, 100_000, Duration::from_millis(20), false, stop)
+                        })
+                    })
+                    .collect()
+            };
+            let mut batches = vec![batch()];
+            let mut outputs = Vec::new();
+            for generation in 2..=4u64 {
+                thread::sleep(Duration::from_millis(1500));
+                let stdout = upgrade_at_flip_ok(&supervisor);
+                // It answered at its flip: the older generations are still there.
+                let status = supervisor.status_json();
+                let mut expected: Vec<(u64, &str)> =
+                    (1..generation).map(|g| (g, "draining")).collect();
+                expected.push((generation, "serving"));
+                assert_eq!(generation_states(&status), states(&expected), "{status}");
+                assert!(
+                    stdout.contains(&format!(
+                        "generation {generation} serves; {} older generation",
+                        generation - 1
+                    )),
+                    "{stdout}"
+                );
+                outputs.push(stdout);
+                batches.push(batch());
+            }
+            // Three draining, one serving: every slot is taken.
+            thread::sleep(Duration::from_millis(500));
+            let mut refusing = config.clone();
+            refusing.on_no_free_slot = Some("refuse".into());
+            supervisor.set_config(refusing);
+            let refused = supervisor.upgrade_at_flip();
+            let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
+            assert_eq!(refused.status.code(), Some(2), "{stderr}");
+            assert!(
+                stderr.contains("every generation slot is taken"),
+                "{stderr}"
+            );
+            assert_eq!(
+                generation_states(&supervisor.status_json()),
+                states(&[
+                    (1, "draining"),
+                    (2, "draining"),
+                    (3, "draining"),
+                    (4, "serving")
+                ])
+            );
+            // The default: generation 1 gives its slot to generation 5.
+            supervisor.set_config(config.clone());
+            let stdout = upgrade_at_flip_ok(&supervisor);
+            assert!(
+                stdout.contains("generation 1: retired early to free its slot"),
+                "{stdout}"
+            );
+            assert!(stdout.contains("its 4 flows move"), "{stdout}");
+            outputs.push(stdout);
+            thread::sleep(Duration::from_millis(1000));
+            stop.store(true, Ordering::Relaxed);
+            let batches: Vec<Vec<ClientLog>> = batches
+                .into_iter()
+                .map(|b| b.into_iter().map(|h| h.join().unwrap()).collect())
+                .collect();
+            (batches, outputs, 0)
+        })
+    });
+    let _ = (outputs, moved_batch);
+    for (index, batch) in batches.iter().enumerate() {
+        let generation = index as u32 + 1;
+        for (i, log) in batch.iter().enumerate() {
+            let who = format!("client {i} of generation {generation}");
+            assert_eq!(log.lost, 0, "{who} lost datagrams: {log:?}");
+            if generation == 1 {
+                // Moved when generation 1 gave up its slot, to the generation that
+                // was working then (4; generation 5 was still being built).
+                assert_eq!(log.generations(), vec![1, 4], "{who}");
+            } else {
+                assert_eq!(log.generations(), vec![generation], "{who}");
+                log.assert_state_kept(&who);
+            }
+        }
+    }
+    // The drains finish on their own once the clients are quiet.
+    supervisor.wait_status(
+        "every older generation drained",
+        Duration::from_secs(30),
+        |s| s["generations"].as_array().is_some_and(|g| g.len() == 1),
+    );
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// A bad build deployed while two generations drain: exit 1, and the serving
+/// and draining generations are untouched (their clients lose nothing).
+#[test]
+fn a_failing_upgrade_while_two_generations_drain_leaves_them_alone() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("overlap-bad");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "");
+    let target = config.address;
+    let mut supervisor = Supervisor::start(&net, config.clone());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let batches = net.run_in(|| {
+        thread::scope(|scope| {
+            let _stop_on_panic = StopOnDrop(stop.clone());
+            let batch = || -> Vec<_> {
+                (0..4)
+                    .map(|_| {
+                        let stop = stop.clone();
+                        scope.spawn(move || {
+                            client(target, 100_000, Duration::from_millis(20), false, stop)
+                        })
+                    })
+                    .collect()
+            };
+            let mut batches = vec![batch()];
+            for _ in 2..=3 {
+                thread::sleep(Duration::from_millis(500));
+                upgrade_at_flip_ok(&supervisor);
+                batches.push(batch());
+            }
+            let mut bad = config.clone();
+            bad.command = vec!["/bin/false".into()];
+            supervisor.set_config(bad);
+            let failed = supervisor.upgrade_at_flip();
+            let stderr = String::from_utf8_lossy(&failed.stderr).into_owned();
+            assert_eq!(failed.status.code(), Some(1), "{stderr}");
+            assert_eq!(
+                generation_states(&supervisor.status_json()),
+                states(&[(1, "draining"), (2, "draining"), (3, "serving")]),
+                "{}",
+                supervisor.logs().1
+            );
+            thread::sleep(Duration::from_millis(500));
+            stop.store(true, Ordering::Relaxed);
+            batches
+                .into_iter()
+                .map(|b| b.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+    });
+    for (index, batch) in batches.iter().enumerate() {
+        let generation = index as u32 + 1;
+        for (i, log) in batch.iter().enumerate() {
+            let who = format!("client {i} of generation {generation}");
+            assert_eq!(log.lost, 0, "{who} lost datagrams: {log:?}");
+            assert_eq!(log.generations(), vec![generation], "{who}");
+            log.assert_state_kept(&who);
+        }
+    }
+    supervisor.set_config(config);
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

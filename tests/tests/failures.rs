@@ -305,7 +305,7 @@ fn second_concurrent_upgrade_is_refused() {
     sup.set_config(slow);
 
     let out_dir = TempDir::new("sup-first");
-    let mut first_cmd = sup.cli(&["upgrade"]);
+    let mut first_cmd = sup.cli(&["upgrade", "--wait", "drained"]);
     first_cmd
         .stdin(Stdio::null())
         .stdout(fs::File::create(out_dir.path().join("stdout")).unwrap())

@@ -449,7 +449,8 @@ fn start_returns_once_generation_1_serves(flavor: Flavor) {
 
 /// `systemctl reload` under a steady load, alternating the Rust echo worker (drains on
 /// SIGTERM) and the Python one (dies at once on SIGTERM): each reload returns only once
-/// the new generation serves and the old one is gone, and the load loses nothing.
+/// the new generation serves (older ones drain on their own), and the load loses
+/// nothing.
 fn reload_under_load_loses_nothing(flavor: Flavor) {
     const RELOADS: u32 = 4;
     let mut svc = Service::install(flavor, &echo_config(), "");
@@ -465,22 +466,40 @@ fn reload_under_load_loses_nothing(flavor: Flavor) {
         };
         svc.set_config(&next);
         svc.systemctl_ok("reload");
-        // Right after the return: the new generation serves, the old one has drained.
+        // Right after the return: the new generation serves; every other one that
+        // is still there is draining.
         let status = svc.status_json();
         assert_eq!(
-            generation_numbers(&status),
-            vec![2 + i],
+            generation_numbers(&status).last(),
+            Some(&(2 + i)),
             "after reload {}: {status}",
             i + 1
         );
+        for generation in status["generations"].as_array().unwrap() {
+            let expected = if generation["generation"] == 2 + i {
+                "serving"
+            } else {
+                "draining"
+            };
+            assert_eq!(
+                generation["state"],
+                expected,
+                "after reload {}: {status}",
+                i + 1
+            );
+        }
         assert_eq!(svc.serving(), 2 + i);
         assert_eq!(svc.show("ActiveState"), "active");
         assert_eq!(
             svc.show("StatusText"),
             format!("generation {} serving", 2 + i)
         );
-        // Let the new generation carry the load before the next reload.
+        // Let the new generation carry the load, and the old one finish its
+        // drain, before the next reload.
         svc.wait_served(2 + i, 500);
+        svc.wait_until(&format!("generation {} alone", 2 + i), |s| {
+            generation_numbers(&s.status_json()) == vec![2 + i]
+        });
     }
     let report = load.finish();
     eprintln!(

@@ -21,7 +21,7 @@ use tokio::{
 use super::{Daemon, startup};
 use crate::{
     config::Config,
-    control::{self, Command},
+    control::{self, Command, UpgradeWait, Upgraded},
     reexec, systemd,
     upgrade::{self, Progress, Shared},
     worker::{WorkerSpec, resolve_program},
@@ -105,7 +105,8 @@ async fn event_loop(
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: upgrading with {}", config_path.display());
                 let (done, outcome) = oneshot::channel();
-                start_upgrade(shared, upgrades, config_path.clone(), Progress::new(None), done, upgraded_tx.clone());
+                let request = UpgradeRequest { path: config_path.clone(), wait: UpgradeWait::Serving, progress: Progress::new(None), done };
+                start_upgrade(shared, upgrades, request, upgraded_tx.clone());
                 tokio::spawn(async move {
                     if let Ok(Err(e)) = outcome.await {
                         tracing::error!("upgrade refused or failed: {e:#}");
@@ -115,8 +116,9 @@ async fn event_loop(
             Some(path) = upgraded.recv() => config_path = path,
             Some(command) = commands.recv() => match command {
                 Command::Stop => { tracing::info!("stop requested"); break; }
-                Command::Upgrade { config, progress, done } => {
-                    start_upgrade(shared, upgrades, config, progress, done, upgraded_tx.clone());
+                Command::Upgrade { config, wait, progress, done } => {
+                    let request = UpgradeRequest { path: config, wait, progress, done };
+                    start_upgrade(shared, upgrades, request, upgraded_tx.clone());
                 }
                 Command::Reexec { binary, refused } => {
                     // Only returns if the exec did not happen.
@@ -163,42 +165,77 @@ async fn event_loop(
     Ok(())
 }
 
-/// Starts an upgrade from the config at `path` as a tracked task; its outcome goes
-/// to `done`, and on success its config path to `upgraded`.
+/// One upgrade to run: from which config, when to answer, and where.
+struct UpgradeRequest {
+    path: PathBuf,
+    wait: UpgradeWait,
+    progress: Progress,
+    done: oneshot::Sender<Result<Upgraded>>,
+}
+
+/// Starts an upgrade as a tracked task; its outcome goes to `request.done`, and on
+/// success its config path to `upgraded`.
 fn start_upgrade(
     shared: &Shared,
     upgrades: &mut JoinSet<()>,
-    path: PathBuf,
-    progress: Progress,
-    done: oneshot::Sender<Result<u32>>,
+    request: UpgradeRequest,
     upgraded: mpsc::UnboundedSender<PathBuf>,
 ) {
     let shared = shared.clone();
     upgrades.spawn(async move {
-        let result = upgrade_from_file(&shared, &path, progress).await;
-        if result.is_ok() {
-            let _ = upgraded.send(path);
-        }
+        let UpgradeRequest {
+            path,
+            wait,
+            progress,
+            done,
+        } = request;
+        let result = upgrade_from_file(&shared, &path, &progress).await;
+        let result = match result {
+            Ok(mut outcome) => {
+                let _ = upgraded.send(path);
+                if wait == UpgradeWait::Drained && !outcome.draining.is_empty() {
+                    progress.emit(format!(
+                        "waiting for generations {:?} to drain (--wait drained)",
+                        outcome.draining
+                    ));
+                    upgrade::wait_drained(&shared, &outcome.draining).await;
+                    outcome.draining.clear();
+                }
+                Ok(outcome)
+            }
+            Err(e) => Err(e),
+        };
         let _ = done.send(result);
     });
 }
 
 /// Re-reads the config and upgrades. `InputError`s mean nothing changed.
-async fn upgrade_from_file(shared: &Shared, path: &Path, progress: Progress) -> Result<u32> {
-    let config = Config::load(path)?;
-    let notify_socket = shared.lock().unwrap().spec.notify_socket.clone();
-    let spec = Arc::new(WorkerSpec::from_config(&config, notify_socket)?);
-    let number = upgrade::begin(shared, &config)?;
-    systemd::reloading(&format!("upgrading to generation {number}"));
-    let result = upgrade::run(shared, number, config, spec, &progress).await;
+///
+/// systemd hears `RELOADING=1` first and `READY=1` whatever the outcome, refusals
+/// included: a `Type=notify-reload` unit's `systemctl reload` waits for that
+/// `READY=1`, and would otherwise hang until its timeout on a bad config.
+async fn upgrade_from_file(shared: &Shared, path: &Path, progress: &Progress) -> Result<Upgraded> {
+    systemd::reloading(&format!("upgrading with {}", path.display()));
+    let result = async {
+        let config = Config::load(path)?;
+        let notify_socket = shared.lock().unwrap().spec.notify_socket.clone();
+        let spec = Arc::new(WorkerSpec::from_config(&config, notify_socket)?);
+        let generation = upgrade::begin(shared, &config, progress)?;
+        let draining = upgrade::run(shared, generation, config, spec, progress).await?;
+        Ok(Upgraded {
+            generation,
+            draining,
+        })
+    }
+    .await;
     let serving = shared.lock().unwrap().serving();
     match &result {
-        Ok(()) => systemd::ready(&format!("generation {number} serving")),
+        Ok(upgraded) => systemd::ready(&format!("generation {} serving", upgraded.generation)),
         Err(e) => systemd::ready(&format!(
-            "upgrade to generation {number} failed ({e:#}); generation {serving} serving"
+            "upgrade refused or failed ({e:#}); generation {serving} serving"
         )),
     }
-    result.map(|()| number)
+    result
 }
 
 /// Checks, writes the handoff and execs `binary`; returns why not if it did not.

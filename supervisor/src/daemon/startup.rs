@@ -50,19 +50,19 @@ struct Parts {
 fn assemble(parts: Parts) -> Daemon {
     let notify_fd = parts.notify.raw_fd();
     tokio::spawn(parts.notify.serve(parts.registry.clone()));
-    let shared: Shared = Arc::new(Mutex::new(State {
-        config: parts.config,
-        dataplanes: parts.dataplanes,
-        generations: parts.generations,
-        next_generation: parts.next_generation,
-        upgrading_to: None,
-        spec: Arc::new(parts.spec),
-        workers: SlotContext {
+    let mut state = State::new(
+        parts.config,
+        parts.dataplanes,
+        Arc::new(parts.spec),
+        SlotContext {
             launcher: Arc::new(ForkExec),
             registry: parts.registry,
         },
-        xdp: parts.xdp,
-    }));
+        parts.xdp,
+    );
+    state.generations = parts.generations;
+    state.next_generation = parts.next_generation;
+    let shared: Shared = Arc::new(Mutex::new(state));
     Daemon {
         shared,
         control: parts.control,
@@ -138,8 +138,9 @@ pub(super) async fn fresh(config: &Config) -> Result<Daemon> {
     });
     let shared = &daemon.shared;
     let spec = shared.lock().unwrap().spec.clone();
-    let first = upgrade::begin(shared, config)?;
-    if let Err(e) = upgrade::run(shared, first, config.clone(), spec, &Progress::new(None)).await {
+    let progress = Progress::new(None);
+    let first = upgrade::begin(shared, config, &progress)?;
+    if let Err(e) = upgrade::run(shared, first, config.clone(), spec, &progress).await {
         unpin(&shared.lock().unwrap().dataplanes, &pin_dir);
         let _ = std::fs::remove_file(config.control_socket());
         return Err(e.context(format!(

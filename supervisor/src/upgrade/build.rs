@@ -3,13 +3,12 @@
 use std::{
     os::fd::{AsFd, AsRawFd},
     sync::Arc,
-    time::SystemTime,
 };
 
 use anyhow::{Result, bail};
 use supervisor_common::{GENERATION_SLOTS, Settings, cookie};
 
-use super::{Generation, GenerationListener, GenerationState, Progress, Shared};
+use super::{Generation, GenerationListener, Progress, Shared};
 use crate::{
     config::Config,
     worker::{SlotSockets, WorkerSlot, WorkerSpec},
@@ -28,17 +27,15 @@ pub(super) fn build(
     let mut state = shared.lock().unwrap();
     let state = &mut *state;
     let slot = number % GENERATION_SLOTS;
-    if state.generations.iter().any(|g| g.slot == slot) {
+    // `begin` chose a number whose slot is free; a slot in use here is a bug.
+    if state
+        .generations
+        .iter()
+        .any(|g| g.slot == slot && g.holds_slot())
+    {
         bail!("generation slot {slot} is still in use");
     }
-    state.generations.push(Generation {
-        number,
-        slot,
-        state: GenerationState::Starting,
-        started: SystemTime::now(),
-        listeners: Vec::new(),
-        workers: Vec::new(),
-    });
+    state.generations.push(Generation::starting(number, slot));
     let generation = state.generations.last_mut().expect("pushed above");
     for (listener, dataplane) in config.listeners.iter().zip(state.dataplanes.iter_mut()) {
         let count = config.sockets_for(listener);

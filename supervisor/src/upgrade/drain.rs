@@ -103,6 +103,10 @@ async fn wait_for_affinity_idle(
     let selected = |shared: &Shared| -> Option<(u64, Duration)> {
         let state = shared.lock().unwrap();
         let generation = state.generation(number)?;
+        if !generation.holds_slot() {
+            // Retired early: its flows moved on, nothing more will reach it.
+            return None;
+        }
         let mut total = 0;
         let mut idle = Duration::ZERO;
         for (listener, dataplane) in generation.listeners.iter().zip(state.dataplanes.iter()) {
@@ -194,6 +198,22 @@ async fn teardown_workers(shared: &Shared, number: u32) {
     }
 }
 
+/// Resolves once none of `generations` is alive any more (`--wait drained`).
+pub async fn wait_drained(shared: &Shared, generations: &[u32]) {
+    let mut retired = shared.lock().unwrap().retired.subscribe();
+    loop {
+        {
+            let state = shared.lock().unwrap();
+            if !generations.iter().any(|&n| state.generation(n).is_some()) {
+                return;
+            }
+        }
+        if retired.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Removes a failed new generation; the serving one is not touched.
 pub(super) async fn teardown(shared: &Shared, number: u32, progress: &Progress) {
     if let Some(generation) = shared
@@ -231,12 +251,14 @@ pub(super) fn retire(shared: &Shared, number: u32, progress: &Progress) {
     for dataplane in state.dataplanes.iter().take(generation.listeners.len()) {
         // Only once the generation is out of the control word (it always is here:
         // retired generations were flipped away from, failed ones never flipped to).
-        if dataplane.working().generation != number {
+        if generation.holds_slot() && dataplane.working().generation != number {
             dataplane.clear_slot(generation.slot);
         }
     }
     let was_draining = generation.state == GenerationState::Draining;
     drop(generation);
+    state.drains.remove(&number);
+    state.retired.send_modify(|count| *count += 1);
     if was_draining {
         progress.emit(format!("generation {number}: drained and removed"));
     }
@@ -246,7 +268,11 @@ pub(super) fn retire(shared: &Shared, number: u32, progress: &Progress) {
 /// are read, SIGKILL at the timeout, then sockets closed and arrays unpinned.
 pub async fn stop_all(shared: &Shared, drain_timeout: Duration, progress: &Progress) {
     let numbers: Vec<(u32, Policy)> = {
-        let state = shared.lock().unwrap();
+        let mut state = shared.lock().unwrap();
+        // The drains under way give way to this one, which covers every generation.
+        for (_, task) in state.drains.drain() {
+            task.abort();
+        }
         state
             .generations
             .iter()

@@ -2,11 +2,15 @@
 //! retires generations.
 //!
 //! ```text
-//!   begin ─► plan XDP ─► build ─► wait ready ─► flip ─► drain old ─► retire old ─► done
-//!              │           │           │
-//!              └───────────┴───────────┴──► tear down the new generation; the old one keeps serving
+//!   begin ─► plan XDP ─► build ─► wait ready ─► flip ─► done (the upgrade returns here)
+//!              │           │           │          └──► drain old ─► retire old   (a task per old generation)
+//!              └───────────┴───────────┴──► tear down the new generation; the old ones keep serving
 //! ```
 //!
+//! An upgrade is complete when the new generation serves. The generations it
+//! flipped away from drain on their own clocks (`flow_idle`, `drain_timeout`), in
+//! tasks of their own, so several can drain at once and the next deploy never
+//! waits for them ([`slots`] says how many, and what happens when none is free).
 //! The first generation at start-up takes the same path with nothing to drain.
 //! Every step that can fail happens before the flip, and the flip itself is one
 //! 8-byte store per listener, so a failed upgrade never touches what serves.
@@ -19,19 +23,22 @@ mod compat;
 mod drain;
 #[cfg(test)]
 mod fakes;
+mod slots;
 mod state;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use anyhow::Result;
 use supervisor_common::Control;
 
 pub use build::slot_sockets;
 pub use compat::check_compatible;
-pub use drain::stop_all;
-pub use state::{Generation, GenerationListener, GenerationState, Progress, Shared, State};
+pub use drain::{stop_all, wait_drained};
+pub use state::{
+    DrainClock, Generation, GenerationListener, GenerationState, Progress, Shared, State,
+};
 
 use crate::{
     config::Config, error::InputError, readiness, worker::Policy, worker::WorkerSpec,
@@ -49,30 +56,34 @@ impl Drop for UpgradeGuard {
     }
 }
 
-/// Reserves the right to upgrade. Refused while another upgrade (including its
-/// drain) runs, so at most three generations exist and slots never collide.
-pub fn begin(shared: &Shared, new_config: &Config) -> Result<u32, InputError> {
+/// Reserves the right to upgrade and a generation number whose slot is free.
+/// Refused while another upgrade is building (until its flip), and when every
+/// slot is taken under `on_no_free_slot = "refuse"`; with `"retire-oldest"` the
+/// oldest draining generation gives up its slot first (see [`slots`]).
+pub fn begin(shared: &Shared, new_config: &Config, progress: &Progress) -> Result<u32, InputError> {
     let mut state = shared.lock().unwrap();
     if let Some(target) = state.upgrading_to {
         return Err(InputError::new(format!(
-            "an upgrade to generation {target} is already in progress; try again when it has finished"
+            "an upgrade to generation {target} is already in progress; try again when it has flipped"
         )));
     }
     check_compatible(&state.config, new_config)?;
-    let number = state.next_generation;
-    state.next_generation += 1;
+    let number = slots::reserve(&mut state, new_config.service.on_no_free_slot, progress)?;
+    state.next_generation = number + 1;
     state.upgrading_to = Some(number);
     Ok(number)
 }
 
-/// Runs a whole upgrade to generation `number` (reserved by [`begin`]).
+/// Runs an upgrade to generation `number` (reserved by [`begin`]) up to the flip,
+/// and starts the drains of the generations it flipped away from. Returns the
+/// generations that drain now (older ones included).
 pub async fn run(
     shared: &Shared,
     number: u32,
     config: Config,
     spec: Arc<WorkerSpec>,
     progress: &Progress,
-) -> Result<()> {
+) -> Result<Vec<u32>> {
     let _guard = UpgradeGuard(shared.clone());
     progress.emit(format!("generation {number}: building"));
 
@@ -118,12 +129,32 @@ pub async fn run(
     let previous = flip(shared, number, &config, spec);
     progress.emit(format!("generation {number}: flipped, now serving"));
 
-    let drain_timeout = config.service.drain_timeout;
-    for old in previous {
-        drain::drain(shared, old, drain_timeout, progress).await;
-    }
-    progress.emit(format!("generation {number}: upgrade complete"));
-    Ok(())
+    let draining = {
+        let mut state = shared.lock().unwrap();
+        for old in previous {
+            let task = tokio::spawn({
+                let shared = shared.clone();
+                let progress = progress.clone();
+                let drain_timeout = config.service.drain_timeout;
+                async move { drain::drain(&shared, old, drain_timeout, &progress).await }
+            });
+            state.drains.insert(old, task.abort_handle());
+        }
+        state.draining()
+    };
+    progress.emit(match draining.len() {
+        0 => format!("generation {number}: upgrade complete"),
+        n => format!(
+            "generation {number}: upgrade complete; {n} older generation{} draining ({})",
+            if n == 1 { "" } else { "s" },
+            draining
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    });
+    Ok(draining)
 }
 
 /// The switch: one control-word store per listener. Returns the generations that
@@ -150,6 +181,8 @@ fn flip(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>) ->
     }
     state.config = config.clone();
     state.spec = spec;
+    let since = SystemTime::now();
+    let deadline = since + config.service.drain_timeout;
     let mut previous = Vec::new();
     for old in state
         .generations
@@ -157,6 +190,7 @@ fn flip(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>) ->
         .filter(|g| g.number != number && g.state == GenerationState::Serving)
     {
         old.state = GenerationState::Draining;
+        old.drain = Some(DrainClock { since, deadline });
         previous.push(old.number);
     }
     previous

@@ -1,5 +1,6 @@
 //! What the daemon knows about its generations, behind one lock.
 use std::{
+    collections::HashMap,
     os::fd::{AsFd, OwnedFd},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -7,7 +8,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use supervisor_common::{BalanceMode, Settings};
-use tokio::sync::mpsc;
+use tokio::{
+    sync::{mpsc, watch},
+    task::AbortHandle,
+};
 
 use crate::{
     config::Config,
@@ -70,13 +74,45 @@ pub struct Generation {
     pub slot: u32,
     pub state: GenerationState,
     pub started: SystemTime,
+    /// Since when it drains, and until when at most (set at the flip away from it).
+    pub drain: Option<DrainClock>,
+    /// It gave its slot to a newer generation (`on_no_free_slot = "retire-oldest"`):
+    /// the selector sends it nothing any more, its flows moved to the working
+    /// generation, and `slot` may already hold another generation.
+    pub slot_released: bool,
     /// One per listener, in config order. Filled as each listener is built, so a
     /// generation that fails half-way is torn down listener by listener.
     pub listeners: Vec<GenerationListener>,
     pub workers: Vec<WorkerSlot>,
 }
 
+/// When a generation started draining, and its `drain_timeout` deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainClock {
+    pub since: SystemTime,
+    pub deadline: SystemTime,
+}
+
 impl Generation {
+    /// A generation being built in `slot`.
+    pub fn starting(number: u32, slot: u32) -> Generation {
+        Generation {
+            number,
+            slot,
+            state: GenerationState::Starting,
+            started: SystemTime::now(),
+            drain: None,
+            slot_released: false,
+            listeners: Vec::new(),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Whether its slot in `GENERATIONS` is still its own.
+    pub fn holds_slot(&self) -> bool {
+        !self.slot_released
+    }
+
     /// Bytes queued and drops over all its sockets.
     pub fn queues(&self) -> SocketMemInfo {
         let mut total = SocketMemInfo::default();
@@ -107,9 +143,45 @@ pub struct State {
     pub workers: SlotContext,
     /// The XDP filter, when the config has `[xdp]`.
     pub xdp: Option<XdpFilter>,
+    /// The drain task of each draining generation. A stop aborts them and drains
+    /// everything itself.
+    pub drains: HashMap<u32, AbortHandle>,
+    /// Counts retired generations: `--wait drained` waits on it.
+    pub retired: watch::Sender<u64>,
 }
 
 impl State {
+    /// A state with no generation yet (or the ones a re-exec adopted).
+    pub fn new(
+        config: Config,
+        dataplanes: Vec<Box<dyn Dataplane>>,
+        spec: Arc<WorkerSpec>,
+        workers: SlotContext,
+        xdp: Option<XdpFilter>,
+    ) -> State {
+        State {
+            config,
+            dataplanes,
+            generations: Vec::new(),
+            next_generation: 1,
+            upgrading_to: None,
+            spec,
+            workers,
+            xdp,
+            drains: HashMap::new(),
+            retired: watch::channel(0).0,
+        }
+    }
+
+    /// The generations that drain now.
+    pub fn draining(&self) -> Vec<u32> {
+        self.generations
+            .iter()
+            .filter(|g| g.state == GenerationState::Draining)
+            .map(|g| g.number)
+            .collect()
+    }
+
     pub fn generation(&self, number: u32) -> Option<&Generation> {
         self.generations.iter().find(|g| g.number == number)
     }

@@ -34,12 +34,17 @@ struct Harness {
 
 /// A config with `listeners` listeners, 2 workers, and `service` lines added.
 fn config(listeners: usize, service: &str) -> Config {
+    config_with(listeners, service, "")
+}
+
+/// The same with `listen` lines added to every listener.
+fn config_with(listeners: usize, service: &str, listen: &str) -> Config {
     let mut text = format!(
         "[service]\nname = \"unit\"\ncommand = [\"/fake/worker\"]\nworkers = 2\n{service}\n"
     );
     for i in 0..listeners {
         text.push_str(&format!(
-            "[[listen]]\nname = \"l{i}\"\naddress = \"127.0.0.1:{}\"\n",
+            "[[listen]]\nname = \"l{i}\"\naddress = \"127.0.0.1:{}\"\n{listen}\n",
             40000 + i
         ));
     }
@@ -74,19 +79,16 @@ impl Harness {
                 Box::new(dataplane) as Box<dyn Dataplane>
             })
             .collect();
-        let shared = Arc::new(Mutex::new(State {
-            config: config.clone(),
+        let shared = Arc::new(Mutex::new(State::new(
+            config.clone(),
             dataplanes,
-            generations: Vec::new(),
-            next_generation: 1,
-            upgrading_to: None,
-            spec: spec(&config),
-            workers: SlotContext {
+            spec(&config),
+            SlotContext {
                 launcher: launcher.clone(),
                 registry,
             },
-            xdp: None,
-        }));
+            None,
+        )));
         Harness {
             shared,
             log,
@@ -96,17 +98,29 @@ impl Harness {
         }
     }
 
-    /// An upgrade as the daemon runs one (generation 1 at start-up included).
+    /// An upgrade as the daemon runs one (generation 1 at start-up included),
+    /// answered when the new generation serves; its older generations drain in
+    /// the background.
     async fn upgrade(&self) -> Result<u32> {
-        let number = begin(&self.shared, &self.config)?;
+        let progress = Progress::new(None);
+        let number = begin(&self.shared, &self.config, &progress)?;
         run(
             &self.shared,
             number,
             self.config.clone(),
             spec(&self.config),
-            &Progress::new(None),
+            &progress,
         )
         .await?;
+        Ok(number)
+    }
+
+    /// The same, then waits until the generations it flipped away from are gone
+    /// (`--wait drained`).
+    async fn upgrade_drained(&self) -> Result<u32> {
+        let number = self.upgrade().await?;
+        let draining = self.shared.lock().unwrap().draining();
+        super::wait_drained(&self.shared, &draining).await;
         Ok(number)
     }
 
@@ -170,7 +184,7 @@ impl Harness {
 async fn an_upgrade_flips_then_drains_and_retires_the_old_generation() {
     let h = Harness::new(config(2, ""));
     assert_eq!(h.upgrade().await.unwrap(), 1);
-    assert_eq!(h.upgrade().await.unwrap(), 2);
+    assert_eq!(h.upgrade_drained().await.unwrap(), 2);
     assert_eq!(h.states(), vec![(2, GenerationState::Serving)]);
     assert!(h.working(2));
     h.only_installed(2);
@@ -194,7 +208,7 @@ async fn a_later_listener_failing_to_bind_removes_what_earlier_ones_installed() 
     assert_eq!(h.running(), h.spawned(1));
     // The next upgrade finds the slot free.
     h.faults[2].fail_bind.store(false, Ordering::SeqCst);
-    assert_eq!(h.upgrade().await.unwrap(), 3);
+    assert_eq!(h.upgrade_drained().await.unwrap(), 3);
     h.only_installed(3);
 }
 
@@ -309,7 +323,7 @@ async fn a_stop_in_the_middle_of_an_upgrade_leaves_nothing_behind() {
     let shared = h.shared.clone();
     let config = h.config.clone();
     upgrades.spawn(async move {
-        let number = begin(&shared, &config).unwrap();
+        let number = begin(&shared, &config, &Progress::new(None)).unwrap();
         let _ = run(
             &shared,
             number,
@@ -357,7 +371,7 @@ async fn drain_timeout_kills_old_workers_that_ignore_the_drain_signal() {
     );
     h.upgrade().await.unwrap();
     let started = tokio::time::Instant::now();
-    h.upgrade().await.unwrap();
+    h.upgrade_drained().await.unwrap();
     assert!(started.elapsed() >= Duration::from_secs(4));
     for pid in h.spawned(1) {
         assert_eq!(
@@ -395,7 +409,7 @@ async fn a_crash_restart_racing_an_upgrade_is_drained_with_its_generation() {
             ..Script::GOOD
         },
     );
-    h.upgrade().await.unwrap();
+    h.upgrade_drained().await.unwrap();
     assert!(
         h.spawned(1).len() > 2,
         "generation 1 was restarted: {:?}",
@@ -420,7 +434,7 @@ async fn an_upgrade_while_one_runs_is_refused_and_changes_nothing() {
     let shared = h.shared.clone();
     let config = h.config.clone();
     let first = tokio::spawn(async move {
-        let number = begin(&shared, &config).unwrap();
+        let number = begin(&shared, &config, &Progress::new(None)).unwrap();
         run(
             &shared,
             number,
@@ -431,13 +445,19 @@ async fn an_upgrade_while_one_runs_is_refused_and_changes_nothing() {
         .await
     });
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let refused = begin(&h.shared, &h.config).unwrap_err();
+    let refused = begin(&h.shared, &h.config, &Progress::new(None)).unwrap_err();
     assert!(
         refused.to_string().contains("already in progress"),
         "{refused}"
     );
     first.await.unwrap().unwrap();
-    assert_eq!(h.states(), vec![(2, GenerationState::Serving)]);
+    assert_eq!(
+        h.states(),
+        vec![
+            (1, GenerationState::Draining),
+            (2, GenerationState::Serving)
+        ]
+    );
 }
 
 /// A worker slot whose owner goes away (the `WorkerSlot` dropped without Drain or
@@ -462,4 +482,146 @@ async fn an_orphaned_worker_gets_one_sigkill() {
         assert_eq!(h.signals_to(pid), vec![libc::SIGKILL], "worker {pid}");
     }
     assert!(h.running().is_empty());
+}
+
+/// Flow mode: a draining generation keeps its flows until it has been idle for
+/// `flow_idle` (10 s here; the fake selector's counters never move, so exactly
+/// that), within `drain_timeout`.
+fn flow_config(service: &str) -> Config {
+    config_with(
+        2,
+        &format!("drain_timeout = \"60s\"\n{service}"),
+        "balance = \"flow\"\nflow_idle = \"10s\"",
+    )
+}
+
+/// Upgrades 1.5 s apart: each returns at its flip, and every older generation
+/// drains on its own clock.
+#[tokio::test(start_paused = true)]
+async fn upgrades_return_at_the_flip_while_older_generations_drain() {
+    let h = Harness::new(flow_config(""));
+    h.upgrade().await.unwrap();
+    for number in 2..=4 {
+        let started = tokio::time::Instant::now();
+        assert_eq!(h.upgrade().await.unwrap(), number);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "upgrade {number} waited for a drain"
+        );
+        assert!(h.working(number));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    use GenerationState::{Draining, Serving};
+    assert_eq!(
+        h.states(),
+        vec![(1, Draining), (2, Draining), (3, Draining), (4, Serving)]
+    );
+    // Generation 1 was flipped away from ~4.5 s ago and 2 ~3 s ago: 1 drains
+    // first, at 10 s idle, and the others keep their flows meanwhile.
+    tokio::time::sleep(Duration::from_millis(6000)).await;
+    assert_eq!(h.states(), vec![(2, Draining), (3, Draining), (4, Serving)]);
+    for pid in h.spawned(1) {
+        assert_eq!(
+            h.signals_to(pid),
+            vec![libc::SIGTERM],
+            "generation 1 worker {pid}"
+        );
+    }
+    for pid in h.spawned(2).into_iter().chain(h.spawned(3)) {
+        assert!(
+            h.signals_to(pid).is_empty(),
+            "worker {pid} was signalled early"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.states(), vec![(4, Serving)]);
+    h.only_installed(4);
+    assert_eq!(h.running(), h.spawned(4));
+}
+
+/// Every slot taken (one serving, three draining): by default the oldest
+/// draining generation gives its slot up and the upgrade goes on.
+#[tokio::test(start_paused = true)]
+async fn with_no_free_slot_the_oldest_draining_generation_retires_early() {
+    let h = Harness::new(flow_config(""));
+    for _ in 1..=4 {
+        h.upgrade().await.unwrap();
+    }
+    let started = tokio::time::Instant::now();
+    assert_eq!(h.upgrade().await.unwrap(), 5);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Generation 5 took generation 1's slot (5 % 4 == 1)...
+    assert_eq!(h.log.lock().unwrap().installed[0].get(&1), Some(&5));
+    {
+        let state = h.shared.lock().unwrap();
+        let first = state.generation(1).expect("still draining its queues");
+        assert!(first.slot_released);
+    }
+    // ...and generation 1 drains what it holds and goes, long before flow_idle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    use GenerationState::{Draining, Serving};
+    assert_eq!(
+        h.states(),
+        vec![(2, Draining), (3, Draining), (4, Draining), (5, Serving)]
+    );
+    // Its retirement did not empty the slot generation 5 now holds.
+    assert_eq!(h.log.lock().unwrap().installed[0].get(&1), Some(&5));
+    assert!(h.working(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_free_slot_and_refuse_the_upgrade_is_refused_and_changes_nothing() {
+    let h = Harness::new(flow_config("on_no_free_slot = \"refuse\""));
+    for _ in 1..=4 {
+        h.upgrade().await.unwrap();
+    }
+    let before = h.states();
+    let refused = h.upgrade().await.unwrap_err();
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("every generation slot is taken"),
+        "{message}"
+    );
+    assert!(
+        message.contains("generations 1, 2, 3 are still draining"),
+        "{message}"
+    );
+    assert!(
+        refused.chain().any(|e| e.is::<crate::error::InputError>()),
+        "a refusal (exit 2)"
+    );
+    assert_eq!(h.states(), before);
+    assert!(h.working(4));
+    // Once one has drained, the next upgrade goes through.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(h.upgrade().await.unwrap(), 5);
+}
+
+/// A bad build deployed while two generations drain fails cleanly: the serving
+/// and the draining generations are untouched and keep their clocks.
+#[tokio::test(start_paused = true)]
+async fn a_failing_upgrade_while_two_generations_drain_touches_none_of_them() {
+    let h = Harness::new(flow_config("ready_timeout = \"1h\""));
+    for _ in 1..=3 {
+        h.upgrade().await.unwrap();
+    }
+    h.launcher.script(
+        4,
+        Script {
+            ready_after: None,
+            exit_after: Some((Duration::from_millis(10), ExitStatus::Exited(1))),
+            ..Script::GOOD
+        },
+    );
+    let message = format!("{:#}", h.upgrade().await.unwrap_err());
+    assert!(message.contains("before it was ready"), "{message}");
+    use GenerationState::{Draining, Serving};
+    assert_eq!(h.states(), vec![(1, Draining), (2, Draining), (3, Serving)]);
+    assert!(h.working(3));
+    for pid in h.spawned(1).into_iter().chain(h.spawned(2)) {
+        assert!(h.signals_to(pid).is_empty(), "worker {pid} was signalled");
+    }
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(h.states(), vec![(3, Serving)]);
+    h.only_installed(3);
 }

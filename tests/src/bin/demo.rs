@@ -274,11 +274,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Runs `supervisor upgrade`, printing its lines as they arrive. Returns whether it
-/// exited 0, and the phase lines.
+/// Runs `supervisor upgrade --wait drained` (the whole cycle, flip and drain,
+/// so the demo can show both), printing its lines as they arrive. Returns whether
+/// it exited 0, and the phase lines.
 fn upgrade_live(sup: &Supervisor<'_>) -> (bool, Vec<Phase>) {
     let mut child = sup
-        .cli(&["upgrade"])
+        .cli(&["upgrade", "--wait", "drained"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

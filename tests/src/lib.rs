@@ -15,6 +15,7 @@ pub mod netns;
 pub mod pins;
 pub mod plain;
 pub mod supervisor;
+mod sys;
 
 use std::ffi::OsStr;
 use std::fs;

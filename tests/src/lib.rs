@@ -12,6 +12,7 @@ pub mod echo;
 pub mod leaks;
 pub mod loadgen;
 pub mod netns;
+pub mod packet;
 pub mod pins;
 pub mod plain;
 pub mod supervisor;

@@ -1,6 +1,6 @@
 //! Every `unsafe` block of the test harness, the benchmark and the demo, behind safe
-//! functions. The rest of the crate (and every test and binary, which
-//! `#![deny(unsafe_code)]`) uses only these.
+//! functions. The crate root denies `unsafe_code` and allows it on this module only;
+//! every binary and end-to-end test denies it too, so they use only these.
 //!
 //! What is here, and why neither std, nix nor aya does it for us:
 //!
@@ -16,6 +16,10 @@
 //!   `SO_ATTACH_REUSEPORT_EBPF` / `SO_DETACH_REUSEPORT_BPF`. nix has no such socket
 //!   option, its `SetSockOpt` trait cannot be implemented without `unsafe` either, and
 //!   aya attaches `SK_REUSEPORT` programs only through its own program types.
+//!
+//! Everything else that used to be raw is a safe call: the load generator's
+//! `sendmmsg`/`recvmmsg` batches and the XDP tests' `AF_PACKET` sender (nix), the leak
+//! checks' `bpf()` lookups (aya), `sysconf` (nix).
 //!
 //! Each `unsafe` block states the invariant that makes it sound.
 

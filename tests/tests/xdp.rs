@@ -11,6 +11,8 @@
 //! AF_PACKET socket on `veth-b`, so every byte of the Ethernet, IP and UDP headers is
 //! ours to get wrong.
 
+#![deny(unsafe_code)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};

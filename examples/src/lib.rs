@@ -6,6 +6,8 @@
 //! so the worker, the tests and the load generator encode and decode it the
 //! same way.
 
+#![deny(unsafe_code)]
+
 /// The echo protocol (docs/echo-protocol.md).
 ///
 /// A reply is the request, byte for byte, followed by an 8-byte trailer that

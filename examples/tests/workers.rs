@@ -7,6 +7,8 @@
 //! `exec 3<&0 4>&1` moves them to fds 3 and 4 (dup2 clears close-on-exec),
 //! and `export LISTEN_PID=$$; exec worker` gives the worker the pid `$$`.
 
+#![deny(unsafe_code)]
+
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::os::linux::net::SocketAddrExt;

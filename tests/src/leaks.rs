@@ -1,18 +1,18 @@
 //! Counting what a process holds, to find leaks: its open fds by kind, the BPF maps
-//! and programs behind them (from `/proc/<pid>/fdinfo`), and, through the `bpf()`
-//! syscall, pinned maps, the slots of a pinned map-in-map and whether a map id
-//! still exists anywhere in the kernel.
+//! and programs behind them (from `/proc/<pid>/fdinfo`), and, through aya's `bpf()`
+//! calls, pinned maps, the slots of a pinned map-in-map and whether a map id still
+//! exists anywhere in the kernel.
 //!
 //! Per-process and per-pin counts rather than system-wide ones: other tests create
 //! maps with the same names in parallel.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+
+use aya::maps::{ArrayOfMaps, Map, MapData, MapError};
+use aya::sys::SyscallError;
 
 /// What one process has open.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -87,135 +87,68 @@ fn fd_kind(target: &str) -> String {
     }
 }
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-/// `union bpf_attr` is at most a few hundred bytes; the kernel accepts a shorter size as
-/// long as the bytes it does not know are zero.
-#[repr(C, align(8))]
-struct Attr([u8; 128]);
-
-impl Attr {
-    fn new() -> Attr {
-        Attr([0; 128])
-    }
-    fn put_u32(&mut self, offset: usize, v: u32) -> &mut Self {
-        self.0[offset..offset + 4].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn put_u64(&mut self, offset: usize, v: u64) -> &mut Self {
-        self.0[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-}
-
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a valid, zero-padded bpf_attr for `cmd`; pointers inside it point
-    // at memory the caller keeps alive for the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut Attr,
-            std::mem::size_of::<Attr>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn owned(fd: libc::c_long) -> OwnedFd {
-    // SAFETY: the kernel just returned this new fd to us.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
-}
-
-/// Opens a pinned BPF object.
-pub fn obj_get(pin: &Path) -> io::Result<OwnedFd> {
-    let path = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = Attr::new();
-    attr.put_u64(0, path.as_ptr() as u64);
-    bpf(BPF_OBJ_GET, &mut attr).map(owned)
-}
-
 /// The kernel's description of a map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapInfo {
     pub id: u32,
-    pub map_type: u32,
     pub max_entries: u32,
     pub name: String,
 }
 
-/// `BPF_OBJ_GET_INFO_BY_FD` on a map fd.
-pub fn map_info(fd: &OwnedFd) -> io::Result<MapInfo> {
-    use std::os::fd::AsRawFd;
-    // struct bpf_map_info starts: type, id, key_size, value_size, max_entries,
-    // map_flags (u32 each), name[16].
-    let mut info = [0u8; 88];
-    let mut attr = Attr::new();
-    attr.put_u32(0, fd.as_raw_fd() as u32)
-        .put_u32(4, info.len() as u32)
-        .put_u64(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
-    let name = &info[24..40];
-    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    Ok(MapInfo {
-        map_type: u32_at(0),
-        id: u32_at(4),
-        max_entries: u32_at(16),
-        name: String::from_utf8_lossy(&name[..end]).into_owned(),
-    })
+impl From<&aya::maps::MapInfo> for MapInfo {
+    fn from(info: &aya::maps::MapInfo) -> MapInfo {
+        MapInfo {
+            id: info.id(),
+            max_entries: info.max_entries(),
+            name: String::from_utf8_lossy(info.name()).into_owned(),
+        }
+    }
 }
 
-/// The info of a pinned map.
+/// The info of a pinned map (`BPF_OBJ_GET`, then `BPF_OBJ_GET_INFO_BY_FD`).
 pub fn pinned_map_info(pin: &Path) -> io::Result<MapInfo> {
-    map_info(&obj_get(pin)?)
+    let map = MapData::from_pin(pin).map_err(io_error)?;
+    Ok(MapInfo::from(&map.info().map_err(io_error)?))
 }
 
 /// Whether a map with this id still exists anywhere in the kernel (ids are not reused
 /// until the id space wraps, so a freed map's id stays unknown).
 pub fn map_id_exists(id: u32) -> io::Result<bool> {
-    let mut attr = Attr::new();
-    attr.put_u32(0, id);
-    match bpf(BPF_MAP_GET_FD_BY_ID, &mut attr) {
-        Ok(fd) => {
-            drop(owned(fd));
-            Ok(true)
+    match aya::maps::MapInfo::from_id(id) {
+        Ok(_) => Ok(true),
+        Err(MapError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(false)
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
+        Err(e) => Err(io_error(e)),
     }
 }
 
-/// The occupied slots of a pinned array of maps (`BPF_MAP_TYPE_ARRAY_OF_MAPS` with u32
-/// keys): `(slot, id of the inner map)`. A lookup from user space returns the inner
-/// map's id.
+/// The occupied slots of a pinned array of maps (`BPF_MAP_TYPE_ARRAY_OF_MAPS`):
+/// `(slot, id of the inner map)`.
 pub fn map_in_map_slots(pin: &Path) -> io::Result<Vec<(u32, u32)>> {
-    use std::os::fd::AsRawFd;
-    let fd = obj_get(pin)?;
-    let info = map_info(&fd)?;
+    let map = Map::from_map_data(MapData::from_pin(pin).map_err(io_error)?).map_err(io_error)?;
+    let array: ArrayOfMaps<MapData, MapData> = ArrayOfMaps::try_from(map).map_err(io_error)?;
     let mut slots = Vec::new();
-    for slot in 0..info.max_entries {
-        let key = slot;
-        let mut value = 0u32;
-        let mut attr = Attr::new();
-        attr.put_u32(0, fd.as_raw_fd() as u32)
-            .put_u64(8, &key as *const u32 as u64)
-            .put_u64(16, &mut value as *mut u32 as u64);
-        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-            Ok(_) => slots.push((slot, value)),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e),
+    for slot in 0..array.len() {
+        match array.get(&slot, 0) {
+            Ok(inner) => slots.push((slot, inner.info().map_err(io_error)?.id())),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(io_error(e)),
         }
     }
     Ok(slots)
+}
+
+/// An aya error as an `io::Error`, keeping the errno of a failed system call.
+fn io_error(e: MapError) -> io::Error {
+    match e {
+        MapError::SyscallError(SyscallError { call, io_error }) => {
+            io::Error::new(io_error.kind(), format!("{call}: {io_error}"))
+        }
+        e => io::Error::other(e),
+    }
 }
 
 /// Everything under `dir`, as paths relative to it, sorted (pins and directories).

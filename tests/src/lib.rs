@@ -7,14 +7,20 @@
 //! Everything here panics on setup failure instead of returning errors: a test that
 //! cannot set up its environment must fail loudly, never skip silently.
 
+#![deny(unsafe_code)]
+
 pub mod bench;
 pub mod echo;
 pub mod leaks;
 pub mod loadgen;
 pub mod netns;
+pub mod packet;
 pub mod pins;
 pub mod plain;
 pub mod supervisor;
+// The only module allowed `unsafe`; each block there states its invariant.
+#[allow(unsafe_code)]
+mod sys;
 pub mod systemd_container;
 
 use std::ffi::OsStr;

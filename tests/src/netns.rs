@@ -8,7 +8,7 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -144,18 +144,12 @@ impl TestNet {
     /// killed when the namespace is dropped.
     pub fn exec(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new(program);
-        let fd = self.fd.as_raw_fd();
         cmd.process_group(0);
-        // SAFETY: only async-signal-safe work between fork and exec: one setns syscall on
-        // an fd the parent keeps open (CLOEXEC only closes it at exec).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let netns = self
+            .fd
+            .try_clone()
+            .unwrap_or_else(|e| panic!("dup the fd of netns {}: {e}", self.name));
+        crate::sys::exec_in_netns(&mut cmd, netns);
         cmd
     }
 

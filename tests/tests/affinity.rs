@@ -2,6 +2,8 @@
 //! stateful example worker: it counts datagrams per client, so a client that
 //! lands on another worker sees its count start over.
 
+#![deny(unsafe_code)]
+
 use std::{
     net::{SocketAddr, UdpSocket},
     sync::{

@@ -2,6 +2,8 @@
 //! with `error:` that names what is wrong, exit code 2, and nothing left behind: no
 //! pins, no control socket, no process in the namespace.
 
+#![deny(unsafe_code)]
+
 use std::fs;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};

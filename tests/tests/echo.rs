@@ -1,6 +1,8 @@
 //! A generation of echo workers answers every datagram exactly once, whether the worker
 //! uses the worker SDK (Rust) or only speaks the socket-activation protocol (python).
 
+#![deny(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use supervisor_tests::{

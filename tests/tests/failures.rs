@@ -4,6 +4,8 @@
 //! is served; a second upgrade while one runs is refused; an invalid config on upgrade
 //! changes nothing.
 
+#![deny(unsafe_code)]
+
 use std::fs;
 use std::net::SocketAddr;
 use std::path::PathBuf;

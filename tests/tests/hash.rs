@@ -1,6 +1,8 @@
 //! `hash` balance mode: the 4-tuple decides the worker, so a flow sticks to one worker and
 //! several flows spread.
 
+#![deny(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use supervisor_tests::{

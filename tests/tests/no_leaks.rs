@@ -6,6 +6,8 @@
 //! socket arrays of the retired generations are followed by id, system-wide, until the
 //! kernel has freed them.
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;

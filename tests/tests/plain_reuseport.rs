@@ -2,6 +2,8 @@
 //! nothing but the kernel: they show what the supervisor has to improve on, and that the
 //! isolation the other tests rely on works.
 
+#![deny(unsafe_code)]
+
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 

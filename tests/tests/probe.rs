@@ -2,6 +2,8 @@
 //! answers a probe datagram, which the selector steers to that worker's own
 //! (not yet serving) socket.
 
+#![deny(unsafe_code)]
+
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use supervisor_tests::{

@@ -2,6 +2,8 @@
 //! supervisor build) while its workers keep serving: same pid, same workers, same
 //! sockets and pins, nothing lost, and everything still works afterwards.
 
+#![deny(unsafe_code)]
+
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};

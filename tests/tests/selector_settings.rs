@@ -3,6 +3,7 @@
 //! control word's one store. Before the fix they were one word for the whole
 //! selector, stored just before the control word, so for a moment the serving
 //! generation ran with the next one's `flow_idle` and `cookie_offset`.
+#![deny(unsafe_code)]
 use std::os::fd::AsFd;
 
 use supervisor::{dataplane::Dataplane, maps::ListenerDataplane};

@@ -1,6 +1,8 @@
 //! The point of the `random` balance mode: one sender's datagrams spread over every
 //! worker, where plain SO_REUSEPORT puts them all on one socket.
 
+#![deny(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use supervisor_tests::plain::{assert_one_socket_got_all, format_counts, run_plain_baseline};

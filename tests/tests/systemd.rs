@@ -2,6 +2,8 @@
 //! with `WatchdogSec=` sees it: this test plays systemd's part by owning the
 //! `NOTIFY_SOCKET` (this machine's PID 1 is not systemd).
 
+#![deny(unsafe_code)]
+
 use std::{
     os::unix::net::UnixDatagram,
     process::Stdio,

@@ -13,6 +13,7 @@
 //! - `backports_notify`: systemd 254 (scripts/systemd-rootfs.sh) with the same unit;
 //! - `backports_notify_reload`: systemd 254 with `udp-supervisor-notify-reload@.service`
 //!   (`Type=notify-reload`, `ReloadSignal=SIGHUP`).
+#![deny(unsafe_code)]
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -3,6 +3,8 @@
 //! with a read deadline (the Rust echo worker) or exit at once on SIGTERM (the python
 //! socket-activation worker); and SIGHUP to the daemon upgrades the same way.
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;

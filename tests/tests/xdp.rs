@@ -11,6 +11,8 @@
 //! AF_PACKET socket on `veth-b`, so every byte of the Ethernet, IP and UDP headers is
 //! ours to get wrong.
 
+#![deny(unsafe_code)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 use supervisor::error::InputError;
 use supervisor::xdp::{AttachMode, RateLimit, XdpConfig, XdpCounters, XdpFilter, XdpMode};
 use supervisor_tests::netns::ip;
+use supervisor_tests::packet::FrameSender;
 use supervisor_tests::{PinDir, TestNet, require_root};
 
 const PORT: u16 = 5300;
@@ -153,8 +156,7 @@ impl Lab {
 
     /// Sends raw Ethernet frames out of the client's veth (AF_PACKET).
     fn send_frames(&self, frames: &[Vec<u8>]) {
-        self.client
-            .run_in(|| raw_send("veth-b", self.server_mac, frames))
+        self.client.run_in(|| raw_send("veth-b", frames))
     }
 
     fn ipv4(&self, source: Ipv4Addr) -> Ipv4Packet {
@@ -417,46 +419,18 @@ fn udp_bytes(dst_port: u16, data: &[u8], length: Option<u16>) -> Vec<u8> {
     udp
 }
 
-/// Sends whole Ethernet frames out of `ifname` (in the calling thread's namespace).
-fn raw_send(ifname: &str, dst_mac: [u8; 6], frames: &[Vec<u8>]) {
-    let name = std::ffi::CString::new(ifname).unwrap();
-    // SAFETY: plain libc calls on a socket we own; the sockaddr_ll is fully
-    // initialised (zeroed, then filled) and outlives every call that reads it.
-    unsafe {
-        let ifindex = libc::if_nametoindex(name.as_ptr());
-        assert!(ifindex != 0, "no interface {ifname}");
-        // Protocol 0: this socket only sends, it receives nothing.
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&dst_mac);
-        for (i, frame) in frames.iter().enumerate() {
-            let sent = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(
-                sent,
-                frame.len() as isize,
-                "sendto: {}",
-                std::io::Error::last_os_error()
-            );
-            if i % 32 == 31 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+/// Sends whole Ethernet frames out of `ifname` (in the calling thread's namespace),
+/// pausing briefly every 32 frames so the veth's backlog never drops one.
+fn raw_send(ifname: &str, frames: &[Vec<u8>]) {
+    let sender =
+        FrameSender::open(ifname).unwrap_or_else(|e| panic!("AF_PACKET socket on {ifname}: {e}"));
+    for (i, frame) in frames.iter().enumerate() {
+        sender
+            .send(frame)
+            .unwrap_or_else(|e| panic!("send a frame out of {ifname}: {e}"));
+        if i % 32 == 31 {
+            std::thread::sleep(Duration::from_millis(1));
         }
-        libc::close(fd);
     }
 }
 

@@ -3,6 +3,8 @@
 //! filter's own behaviour, packet by packet, is tested in `xdp.rs` through the
 //! library.)
 
+#![deny(unsafe_code)]
+
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     time::Duration,

@@ -46,11 +46,14 @@
 //! All `unsafe` code lives in the private `sys` module; each block there says
 //! which invariant makes it sound.
 
+#![deny(unsafe_code)]
+
 mod drain;
 mod env;
 mod error;
 mod listen;
 mod notify;
+#[allow(unsafe_code)]
 mod sys;
 
 #[cfg(feature = "tokio")]

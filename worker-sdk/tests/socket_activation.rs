@@ -13,6 +13,8 @@
 //! No libtest harness (see Cargo.toml), so that the child's `main` is
 //! single-threaded like a real worker's and may clean up the environment.
 
+#![deny(unsafe_code)]
+
 use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};

@@ -15,6 +15,8 @@
 //! It is meant to be fast enough to benchmark the supervisor with: buffers
 //! are reused, nothing is allocated, logged or locked per datagram.
 
+#![deny(unsafe_code)]
+
 use std::net::{SocketAddr, UdpSocket};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -13,6 +13,9 @@
 //!   had from this client, this one included), then `cookie: u16` big-endian of
 //!   the socket that received it (from `SUPERVISOR_COOKIES`; 0 if none), which a
 //!   cookie-mode client puts into its next requests.
+
+#![deny(unsafe_code)]
+
 use std::{
     collections::HashMap,
     net::{SocketAddr, UdpSocket},

@@ -8,7 +8,7 @@
 //!
 //! The floor every selector pays (the cost of running any `SK_REUSEPORT` program at all)
 //! comes from an empty program the benchmark loads itself
-//! ([`super::sys::load_floor_program`]), attached to a plain reuseport group with
+//! ([`crate::sys::load_floor_program`]), attached to a plain reuseport group with
 //! [`attach_floor`] and measured the same way.
 
 use std::fs;
@@ -22,7 +22,7 @@ use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrStorage, bind, setsockopt, socket, sockopt,
 };
 
-use super::sys;
+use crate::sys;
 
 /// The selector's program name (`supervisor_common::program_names::SELECTOR`).
 pub const SELECTOR_NAME: &str = "select_socket";
@@ -146,7 +146,7 @@ fn group_member(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Loads the empty `SK_REUSEPORT` program ([`super::sys::load_floor_program`]: it
+/// Loads the empty `SK_REUSEPORT` program ([`crate::sys::load_floor_program`]: it
 /// selects nothing, so the kernel picks by its own hash, as with no program) and
 /// attaches it to the `SO_REUSEPORT` group bound to `addr` in the calling thread's
 /// network namespace, through a throw-away member that leaves again at once. Returns

@@ -130,7 +130,10 @@ fn snmp_field(text: &str, proto: &str, field: &str) -> Option<u64> {
 
 /// Clock ticks per second: the resolution of [`cpu_time`].
 pub fn clock_ticks() -> u64 {
-    super::sys::clock_ticks().unwrap_or(100)
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as u64,
+        _ => 100,
+    }
 }
 
 /// One line about the machine: CPUs, CPU model, kernel.

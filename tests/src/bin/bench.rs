@@ -15,6 +15,8 @@
 //! the XDP filter's discard rate and per-packet cost against discarding in user space,
 //! over a veth pair.
 
+#![deny(unsafe_code)]
+
 use std::any::Any;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};

@@ -10,6 +10,8 @@
 //! Run by `scripts/demo.sh` (which builds it), as root; it finds the `supervisor` and
 //! `echo-worker` binaries next to itself.
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

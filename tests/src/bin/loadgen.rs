@@ -4,6 +4,8 @@
 //! answered, by whom (generation/worker from the echo trailer), and what was lost or
 //! duplicated. Only point it at services you run on this machine.
 
+#![deny(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -1,15 +1,51 @@
-//! The benchmark's only `unsafe` code: the few system calls that neither nix nor aya
-//! wraps in the form the benchmark needs. Each block states the invariant that makes
-//! it sound; the rest of `bench` uses the safe functions below.
+//! Every `unsafe` block of the test harness, the benchmark and the demo, behind safe
+//! functions. The crate root denies `unsafe_code` and allows it on this module only;
+//! every binary and end-to-end test denies it too, so they use only these.
 //!
-//! - `bpf(BPF_PROG_LOAD)` of the empty `SK_REUSEPORT` program the selector's cost is
-//!   compared with, in [`load_floor_program`];
-//! - `SO_ATTACH_REUSEPORT_EBPF` and `SO_DETACH_REUSEPORT_BPF` on a member of a
-//!   reuseport group, in [`attach_reuseport_program`] and [`detach_reuseport_program`];
-//! - `sysconf(_SC_CLK_TCK)`, in [`clock_ticks`].
+//! What is here, and why neither std, nix nor aya does it for us:
+//!
+//! - [`exec_in_netns`]: joining a network namespace between fork and exec. std's only
+//!   hook there is `CommandExt::pre_exec`, which is `unsafe` because the closure runs in
+//!   a forked copy of a multi-threaded process; nix has `setns` but no safe way to run
+//!   it in the child.
+//! - [`load_floor_program`]: `bpf(BPF_PROG_LOAD)` of two raw instructions, the empty
+//!   `SK_REUSEPORT` program the benchmark compares the selector with. aya only loads
+//!   programs from an ELF object, and a second eBPF build for two instructions is not
+//!   worth it.
+//! - [`attach_reuseport_program`] and [`detach_reuseport_program`]:
+//!   `SO_ATTACH_REUSEPORT_EBPF` / `SO_DETACH_REUSEPORT_BPF`. nix has no such socket
+//!   option, its `SetSockOpt` trait cannot be implemented without `unsafe` either, and
+//!   aya attaches `SK_REUSEPORT` programs only through its own program types.
+//!
+//! Everything else that used to be raw is a safe call: the load generator's
+//! `sendmmsg`/`recvmmsg` batches and the XDP tests' `AF_PACKET` sender (nix), the leak
+//! checks' `bpf()` lookups (aya), `sysconf` (nix).
+//!
+//! Each `unsafe` block states the invariant that makes it sound.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::sched::{CloneFlags, setns};
+
+/// Makes the child of `cmd` join the network namespace `netns` between fork and exec,
+/// like `nsenter --net`. If that fails, spawning `cmd` fails with the error.
+///
+/// `netns` (an open `/run/netns/NAME`) moves into the command, so it stays open for as
+/// long as the command can be spawned; it is close-on-exec, so the program never sees it.
+pub fn exec_in_netns(cmd: &mut Command, netns: OwnedFd) {
+    let hook = move || setns(&netns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from);
+    // SAFETY: the hook runs in the forked child, where only async-signal-safe work is
+    // allowed (another thread of the parent may have held a lock, e.g. malloc's, at the
+    // fork). It does one setns(2) system call on an fd the closure owns (and so is open),
+    // and on failure builds an `io::Error` from the errno, which is a plain integer
+    // (`Repr::Os`), so it neither allocates nor locks.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
 
 /// `bpf(2)` command numbers and constants from the kernel's uapi `linux/bpf.h`.
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -50,9 +86,9 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
-/// The floor: an `SK_REUSEPORT` program that returns without selecting a socket, so
-/// the kernel picks by its own hash, as with no program at all. Its cost is what
-/// running any program costs (the call, and the statistics' two clock reads), and
+/// The benchmark's floor: an `SK_REUSEPORT` program that returns without selecting a
+/// socket, so the kernel picks by its own hash, as with no program at all. Its cost is
+/// what running any program costs (the call, and the statistics' two clock reads), and
 /// the selector's own work is its cost minus this one.
 ///
 /// It is two instructions, `r0 = SK_PASS; exit`: exactly what the compiler makes of
@@ -145,11 +181,4 @@ fn set_int_option(
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Clock ticks per second (`_SC_CLK_TCK`), or None if the system does not say.
-pub fn clock_ticks() -> Option<u64> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then_some(hz as u64)
 }

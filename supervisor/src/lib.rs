@@ -19,6 +19,7 @@
 //! | `reexec`    | replacing the supervisor's image in place |
 //! | `xdp`       | the XDP filter at the interface: attach/adopt via a pinned link, rulesets |
 //! | `bpffs`, `ebpf`, `error` | bpffs mounting, the embedded eBPF objects, exit codes |
+//! | `procfs`    | who else holds a socket or a lock (for refusals that name them) |
 //! | `sys`       | every `unsafe` block and raw syscall |
 // Unsafe code lives in `sys` alone, each block with its invariant beside it.
 #![deny(unsafe_code)]
@@ -33,6 +34,7 @@ pub mod error;
 pub mod maps;
 pub mod notify;
 pub mod process;
+pub mod procfs;
 pub mod readiness;
 pub mod reexec;
 pub mod sockets;

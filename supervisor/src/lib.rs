@@ -19,6 +19,7 @@
 //! | `reexec`    | replacing the supervisor's image in place |
 //! | `xdp`       | the XDP filter at the interface: attach/adopt via a pinned link, rulesets |
 //! | `bpffs`, `ebpf`, `error` | bpffs mounting, the embedded eBPF objects, exit codes |
+//! | `trust`     | the runtime directory, files written there, the daemon the CLI talks to |
 //! | `procfs`    | who else holds a socket or a lock (for refusals that name them) |
 //! | `sys`       | every `unsafe` block and raw syscall |
 // Unsafe code lives in `sys` alone, each block with its invariant beside it.
@@ -42,6 +43,7 @@ pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod systemd;
+pub mod trust;
 pub mod upgrade;
 pub mod worker;
 pub mod xdp;

@@ -30,14 +30,16 @@ pub struct Daemon {
     pub notify_fd: RawFd,
 }
 
-pub async fn run(config_path: &Path) -> Result<()> {
+/// Runs the daemon with `config`, loaded from `config_path` (before anything was
+/// logged: a bad file is one error line).
+pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     reexec::image_started();
     let daemon = match std::env::var_os(reexec::HANDOFF_ENV) {
         Some(handoff) => {
             let adopted = reexec::read(Path::new(&handoff))?;
-            startup::adopt(&Config::load(config_path)?, adopted)?
+            startup::adopt(&config, adopted)?
         }
-        None => startup::fresh(&Config::load(config_path)?).await?,
+        None => startup::fresh(&config).await?,
     };
     let serving = daemon.shared.lock().unwrap().serving();
     systemd::ready(&format!("generation {serving} serving"));

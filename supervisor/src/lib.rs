@@ -19,6 +19,7 @@
 //! | `reexec`    | replacing the supervisor's image in place |
 //! | `xdp`       | the XDP filter at the interface: attach/adopt via a pinned link, rulesets |
 //! | `bpffs`, `ebpf`, `error` | bpffs mounting, the embedded eBPF objects, exit codes |
+//! | `locks`     | one supervisor per service: the runtime directory's and the pins' locks |
 //! | `trust`     | the runtime directory, files written there, the daemon the CLI talks to |
 //! | `procfs`    | who else holds a socket or a lock (for refusals that name them) |
 //! | `sys`       | every `unsafe` block and raw syscall |
@@ -32,6 +33,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod ebpf;
 pub mod error;
+pub mod locks;
 pub mod maps;
 pub mod notify;
 pub mod process;

@@ -134,6 +134,10 @@ pub fn lock_pins(config: &Config) -> Result<HeldLock> {
             ))
             .into());
         }
+        // One made by an older version may be open to others, and whoever can
+        // open it can hold its lock.
+        file.set_permissions(fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
         Ok(file)
     })
     .map_err(|e| match e {

@@ -18,6 +18,22 @@ pub fn fail(error: &anyhow::Error) -> i32 {
     exit_code(error)
 }
 
+/// Whether `error` is the connection to the daemon breaking (the daemon died).
+fn connection_lost(error: &anyhow::Error) -> bool {
+    use std::io::ErrorKind;
+    error.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::UnexpectedEof
+            )
+        })
+    })
+}
+
 pub async fn upgrade(path: &Path, wait: UpgradeWait) -> i32 {
     // Refuse a bad file here already, with the same message the daemon would give.
     let config = match Config::load(path) {
@@ -26,6 +42,7 @@ pub async fn upgrade(path: &Path, wait: UpgradeWait) -> i32 {
     };
     let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut code = EXIT_FAILED;
+    let mut finished = false;
     let result = control::call(
         &config.control_socket(),
         &Request::Upgrade {
@@ -40,18 +57,28 @@ pub async fn upgrade(path: &Path, wait: UpgradeWait) -> i32 {
             Event::Done { message, .. } => {
                 println!("upgrade succeeded: {message}");
                 code = EXIT_OK;
+                finished = true;
             }
             Event::Error { exit_code, message } => {
                 eprintln!("error: upgrade failed: {message}");
                 code = exit_code;
+                finished = true;
             }
             Event::Status { .. } => {}
         },
     )
     .await;
     match result {
-        Ok(()) => code,
-        Err(e) => fail(&e),
+        Ok(()) if finished => code,
+        Err(e) if finished || exit_code(&e) == EXIT_BAD_INPUT || !connection_lost(&e) => fail(&e),
+        // The connection ended without a final answer: whatever happened to the
+        // upgrade, nobody can say from here.
+        _ => {
+            eprintln!(
+                "error: the supervisor went away before the upgrade finished; check supervisor status"
+            );
+            EXIT_FAILED
+        }
     }
 }
 
@@ -143,12 +170,21 @@ pub async fn stop(path: &Path) -> i32 {
         Err(e) => return fail(&e.into()),
     };
     let mut code = EXIT_BAD_INPUT;
-    let result = control::call(&config.control_socket(), &Request::Stop, |event| {
-        if let Event::Done { message, .. } = event {
-            println!("{message}");
-            code = EXIT_OK;
-        }
-    })
+    let result = control::call(
+        &config.control_socket(),
+        &Request::Stop,
+        |event| match event {
+            Event::Done { message, .. } => {
+                println!("{message}");
+                code = EXIT_OK;
+            }
+            Event::Error { exit_code, message } => {
+                eprintln!("error: {message}");
+                code = exit_code;
+            }
+            _ => {}
+        },
+    )
     .await;
     match result {
         Ok(()) => code,

@@ -18,6 +18,26 @@ use supervisor_common::{BalanceMode, MAX_SOCKETS};
 
 use crate::error::InputError;
 
+/// The longest `service.name` and `listen.name`: they name files, pins and the
+/// notify socket, whose lengths are bounded by the kernel.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The longest socket path: `sun_path` holds 108 bytes including the final NUL.
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+
+/// `service.ready_timeout`: a worker is given at least a millisecond and at most
+/// an hour to become ready.
+pub const READY_TIMEOUT_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(1), Duration::from_secs(3600));
+
+/// `service.drain_timeout`: 0 (kill the old generation at once) up to a day.
+pub const DRAIN_TIMEOUT_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// `listen.flow_idle`: the selector measures idle time in 10 ms ticks; more than a
+/// day would outlive any draining generation (`drain_timeout` is at most a day).
+pub const FLOW_IDLE_BOUNDS: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(24 * 3600));
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -211,6 +231,12 @@ fn probe_payload<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         None => text.into_bytes(),
         Some(hex) => {
             let digits: Vec<char> = hex.chars().filter(|c| !c.is_whitespace()).collect();
+            // from_str_radix alone would also take a sign: "+1" is no hex byte.
+            if let Some(bad) = digits.iter().find(|c| !c.is_ascii_hexdigit()) {
+                return Err(de::Error::custom(format!(
+                    "{bad:?} is not a hex digit in probe_payload"
+                )));
+            }
             if !digits.len().is_multiple_of(2) {
                 return Err(de::Error::custom(
                     "hex probe_payload needs an even number of digits",
@@ -253,6 +279,16 @@ fn balance<'de, D: Deserializer<'de>>(d: D) -> Result<Balance, D::Error> {
             "unknown balance mode {other:?}; expected \"random\", \"hash\", \"flow\" or \"cookie\""
         ))),
     }
+}
+
+/// "must be between 1ms and 1h (not 150000000000000days)".
+fn out_of_range(value: Duration, min: Duration, max: Duration) -> String {
+    format!(
+        "must be between {} and {} (not {})",
+        humantime::format_duration(min),
+        humantime::format_duration(max),
+        humantime::format_duration(value)
+    )
 }
 
 /// "4MiB", "512KiB", "8M", "65536": binary units (K/M/G and KiB/MiB/GiB both mean 1024-based).
@@ -356,17 +392,71 @@ impl Config {
                 ),
             );
         }
+        if name.len() > MAX_NAME_LEN {
+            return bad(
+                "service.name",
+                format!(
+                    "is {} characters long, more than {MAX_NAME_LEN} (it names pins, files and sockets)",
+                    name.len()
+                ),
+            );
+        }
         if self.service.command.is_empty() || self.service.command[0].is_empty() {
             return bad(
                 "service.command",
                 "must name a program: command = [\"/path/to/worker\", \"--flag\"]".into(),
             );
         }
+        if let Some(i) = self.service.command.iter().position(|a| a.contains('\0')) {
+            return bad(
+                &format!("service.command[{i}]"),
+                "contains a NUL character, which no argument can hold".into(),
+            );
+        }
         if self.service.workers == 0 {
             return bad("service.workers", "must be at least 1".into());
         }
-        if self.service.ready_timeout.is_zero() {
-            return bad("service.ready_timeout", "must be more than 0".into());
+        let (min, max) = READY_TIMEOUT_BOUNDS;
+        if !(min..=max).contains(&self.service.ready_timeout) {
+            return bad(
+                "service.ready_timeout",
+                out_of_range(self.service.ready_timeout, min, max),
+            );
+        }
+        if self.service.drain_timeout > DRAIN_TIMEOUT_MAX {
+            return bad(
+                "service.drain_timeout",
+                out_of_range(
+                    self.service.drain_timeout,
+                    Duration::ZERO,
+                    DRAIN_TIMEOUT_MAX,
+                ),
+            );
+        }
+        for (key, dir) in [
+            ("service.runtime_dir", &self.service.runtime_dir),
+            ("service.bpffs", &self.service.bpffs),
+        ] {
+            if !dir.is_absolute() {
+                return bad(
+                    key,
+                    format!("{:?} must be an absolute path", dir.display().to_string()),
+                );
+            }
+            if dir.as_os_str().as_encoded_bytes().contains(&0) {
+                return bad(key, "contains a NUL character".into());
+            }
+        }
+        let socket = self.control_socket();
+        let socket_len = socket.as_os_str().len();
+        if socket_len > MAX_SOCKET_PATH_LEN {
+            return bad(
+                "service.runtime_dir",
+                format!(
+                    "the control socket {} would be {socket_len} bytes long, more than the {MAX_SOCKET_PATH_LEN} a unix socket path can hold; use a shorter runtime_dir (or service.name)",
+                    socket.display()
+                ),
+            );
         }
         if self.listeners.is_empty() {
             return bad("listen", "at least one [[listen]] section is needed".into());
@@ -386,6 +476,15 @@ impl Config {
                     format!(
                         "{:?} must be non-empty and use only letters, digits, '-' and '_' (it is the LISTEN_FDNAMES entry and a pin directory)",
                         listener.name
+                    ),
+                );
+            }
+            if listener.name.len() > MAX_NAME_LEN {
+                return bad(
+                    &key("name"),
+                    format!(
+                        "is {} characters long, more than {MAX_NAME_LEN}",
+                        listener.name.len()
                     ),
                 );
             }
@@ -425,13 +524,11 @@ impl Config {
                     ),
                 );
             }
-            if listener.flow_idle < Duration::from_millis(100)
-                || listener.flow_idle.as_millis() > u128::from(u32::MAX)
-            {
+            let (min, max) = FLOW_IDLE_BOUNDS;
+            if !(min..=max).contains(&listener.flow_idle) {
                 return bad(
                     &key("flow_idle"),
-                    "must be between 100ms and 49 days (idle time is measured in 10ms ticks)"
-                        .into(),
+                    out_of_range(listener.flow_idle, min, max),
                 );
             }
             if !(16..=(1 << 24)).contains(&listener.flow_table_size) {
@@ -454,6 +551,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// How a message names one of this file's keys: `<file>: <key>`.
+    pub fn key(&self, key: &str) -> String {
+        format!("{}: {key}", self.path.display())
     }
 
     /// Sockets one generation creates for a listener.
@@ -485,6 +587,9 @@ impl Config {
             .join(format!("{}.lock", self.service.name))
     }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
@@ -565,6 +670,89 @@ address = "127.0.0.1:5300"
         let err = parse(&MINIMAL.replace("command =", "probe_payload = \"hex:0g\"\ncommand ="))
             .unwrap_err();
         assert!(err.to_string().contains("probe_payload"), "{err}");
+        let err = parse(&MINIMAL.replace("command =", "probe_payload = \"hex:+1+2\"\ncommand ="))
+            .unwrap_err();
+        assert!(err.to_string().contains("'+' is not a hex digit"), "{err}");
+    }
+
+    #[test]
+    fn names_and_paths_are_bounded() {
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        let err = parse(&MINIMAL.replacen("name = \"echo\"", &format!("name = \"{long}\""), 1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("svc.toml: service.name:"), "{err}");
+        let ok = "a".repeat(MAX_NAME_LEN);
+        parse(&MINIMAL.replacen("name = \"echo\"", &format!("name = \"{ok}\""), 1)).unwrap();
+
+        let with = |line: &str| MINIMAL.replace("command =", &format!("{line}\ncommand ="));
+        let err = parse(&with("runtime_dir = \"run\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("service.runtime_dir") && err.contains("absolute"),
+            "{err}"
+        );
+        let err = parse(&with("bpffs = \"bpf\"")).unwrap_err().to_string();
+        assert!(
+            err.contains("service.bpffs") && err.contains("absolute"),
+            "{err}"
+        );
+        // "/<95 x r>/echo.sock": 1 + 95 + 10 = 106 bytes fits, one more does not.
+        let dir = format!("/{}", "r".repeat(95));
+        parse(&with(&format!("runtime_dir = \"{dir}\""))).unwrap();
+        let err = parse(&with(&format!("runtime_dir = \"{dir}rr\"")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("service.runtime_dir") && err.contains("108"),
+            "{err}"
+        );
+        let err = parse(&MINIMAL.replace("\"/bin/true\"", "\"/bin/true\", \"a\\u0000b\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("service.command[1]"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        let with = |line: &str| MINIMAL.replace("command =", &format!("{line}\ncommand ="));
+        for (line, key) in [
+            (
+                "ready_timeout = \"150000000000000d\"",
+                "service.ready_timeout",
+            ),
+            ("ready_timeout = \"0s\"", "service.ready_timeout"),
+            ("ready_timeout = \"500us\"", "service.ready_timeout"),
+            ("ready_timeout = \"1h 1s\"", "service.ready_timeout"),
+            (
+                "drain_timeout = \"150000000000000d\"",
+                "service.drain_timeout",
+            ),
+            ("drain_timeout = \"25h\"", "service.drain_timeout"),
+        ] {
+            let err = parse(&with(line)).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("svc.toml: {key}: must be between")),
+                "{err}"
+            );
+        }
+        for line in [
+            "ready_timeout = \"1ms\"",
+            "ready_timeout = \"1h\"",
+            "drain_timeout = \"0s\"",
+            "drain_timeout = \"24h\"",
+        ] {
+            parse(&with(line)).unwrap();
+        }
+        let listen = |line: &str| format!("{MINIMAL}{line}\n");
+        for bad in ["99ms", "24h 1ms", "150000000000000d"] {
+            let err = parse(&listen(&format!("flow_idle = \"{bad}\"")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("svc.toml: listen[0].flow_idle:"), "{err}");
+        }
+        parse(&listen("flow_idle = \"24h\"")).unwrap();
     }
 
     #[test]

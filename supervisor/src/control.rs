@@ -263,6 +263,8 @@ pub async fn call(socket: &Path, request: &Request, mut on_event: impl FnMut(Eve
             socket.display()
         ))
     })?;
+    // Only a daemon of root's or ours is believed, and only one that will answer us.
+    crate::trust::check_daemon(stream.peer_cred()?.uid(), socket)?;
     let mut stream = BufReader::new(stream);
     let mut line = serde_json::to_string(request)?;
     line.push('\n');

@@ -19,6 +19,9 @@
 //! | `reexec`    | replacing the supervisor's image in place |
 //! | `xdp`       | the XDP filter at the interface: attach/adopt via a pinned link, rulesets |
 //! | `bpffs`, `ebpf`, `error` | bpffs mounting, the embedded eBPF objects, exit codes |
+//! | `locks`     | one supervisor per service: the runtime directory's and the pins' locks |
+//! | `trust`     | the runtime directory, files written there, the daemon the CLI talks to |
+//! | `procfs`    | who else holds a socket or a lock (for refusals that name them) |
 //! | `sys`       | every `unsafe` block and raw syscall |
 // Unsafe code lives in `sys` alone, each block with its invariant beside it.
 #![deny(unsafe_code)]
@@ -30,9 +33,11 @@ pub mod daemon;
 pub mod dataplane;
 pub mod ebpf;
 pub mod error;
+pub mod locks;
 pub mod maps;
 pub mod notify;
 pub mod process;
+pub mod procfs;
 pub mod readiness;
 pub mod reexec;
 pub mod sockets;
@@ -40,6 +45,7 @@ pub mod status;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod systemd;
+pub mod trust;
 pub mod upgrade;
 pub mod worker;
 pub mod xdp;

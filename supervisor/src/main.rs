@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use supervisor::daemon;
+use supervisor::{config::Config, daemon};
 
 mod cli;
 
@@ -58,6 +58,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `run` checks its config before it logs anything: a bad file is one error
+    // line, with no log lines before it.
+    let run_config = match &cli.command {
+        Command::Run { config } => match Config::load(config) {
+            Ok(loaded) => Some(loaded),
+            Err(e) => return ExitCode::from(cli::fail(&e.into()) as u8),
+        },
+        _ => None,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SUPERVISOR_LOG")
@@ -66,7 +76,6 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let cli = Cli::parse();
     // A launcher may hand us a blocked signal mask (systemd resets it, others do
     // not); the daemon must see SIGTERM, SIGINT, SIGHUP and SIGCHLD whatever it was.
     let mut wanted = nix::sys::signal::SigSet::empty();
@@ -86,10 +95,12 @@ fn main() -> ExitCode {
         .expect("building the tokio runtime");
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => match daemon::run(&config).await {
-                Ok(()) => 0,
-                Err(e) => cli::fail(&e),
-            },
+            Command::Run { config } => {
+                match daemon::run(&config, run_config.expect("loaded above for `run`")).await {
+                    Ok(()) => 0,
+                    Err(e) => cli::fail(&e),
+                }
+            }
             Command::Upgrade { config, wait } => cli::upgrade(&config, wait).await,
             Command::Status { config, json } => cli::status(&config, json).await,
             Command::Stop { config } => cli::stop(&config).await,

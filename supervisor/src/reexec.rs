@@ -41,6 +41,9 @@ pub struct Handoff {
     pub config_path: PathBuf,
     pub next_generation: u32,
     pub lock_fd: RawFd,
+    /// The pin directory's lock (see `locks`); absent from an older image's handoff.
+    #[serde(default)]
+    pub pin_lock_fd: Option<RawFd>,
     pub notify_fd: RawFd,
     pub notify_name: String,
     pub control_fd: RawFd,
@@ -87,6 +90,7 @@ pub struct WorkerHandoff {
 /// The fds of the daemon's own that must survive the exec.
 pub struct DaemonFds {
     pub lock: RawFd,
+    pub pin_lock: RawFd,
     pub notify: RawFd,
     pub control: RawFd,
 }
@@ -114,7 +118,7 @@ pub fn prepare(
     if generation.state != GenerationState::Serving {
         bail!("generation {} is not serving", generation.number);
     }
-    let mut keep = vec![fds.lock, fds.notify, fds.control];
+    let mut keep = vec![fds.lock, fds.pin_lock, fds.notify, fds.control];
     let listeners = generation
         .listeners
         .iter()
@@ -148,6 +152,7 @@ pub fn prepare(
         config_path: config_path.to_path_buf(),
         next_generation: state.next_generation,
         lock_fd: fds.lock,
+        pin_lock_fd: Some(fds.pin_lock),
         notify_fd: fds.notify,
         notify_name: state.spec.notify_socket.clone(),
         control_fd: fds.control,
@@ -175,7 +180,8 @@ pub fn prepare(
         .service
         .runtime_dir
         .join(format!("{}.handoff.json", state.config.service.name));
-    std::fs::write(&path, serde_json::to_vec_pretty(&handoff)?)
+    // A new file of our own: never written through whatever is at the path.
+    crate::trust::write_new_private_file(&path, &serde_json::to_vec_pretty(&handoff)?)
         .with_context(|| format!("writing {}", path.display()))?;
     for &fd in &keep {
         set_cloexec(fd, false)?;
@@ -206,17 +212,18 @@ pub fn exec(binary: &Path, config_path: &Path, handoff: &Path) -> std::io::Error
 pub struct Adopted {
     pub handoff: Handoff,
     pub lock: OwnedFd,
+    pub pin_lock: Option<OwnedFd>,
     pub notify: OwnedFd,
     pub control: OwnedFd,
     pub sockets: Vec<Vec<OwnedFd>>,
 }
 
 pub fn read(path: &Path) -> Result<Adopted> {
-    let handoff: Handoff = serde_json::from_slice(
-        &std::fs::read(path)
-            .with_context(|| format!("reading the re-exec handoff {}", path.display()))?,
-    )
-    .context("malformed re-exec handoff")?;
+    let mut text = Vec::new();
+    crate::trust::open_no_follow(path)
+        .and_then(|mut file| std::io::Read::read_to_end(&mut file, &mut text))
+        .with_context(|| format!("reading the re-exec handoff {}", path.display()))?;
+    let handoff: Handoff = serde_json::from_slice(&text).context("malformed re-exec handoff")?;
     let _ = std::fs::remove_file(path);
     let take = |fd: RawFd| -> Result<OwnedFd> {
         let owned = sys::take_inherited_fd(fd).with_context(|| format!("inherited fd {fd}"))?;
@@ -231,6 +238,7 @@ pub fn read(path: &Path) -> Result<Adopted> {
         .collect::<Result<Vec<_>>>()?;
     Ok(Adopted {
         lock: take(handoff.lock_fd)?,
+        pin_lock: handoff.pin_lock_fd.map(take).transpose()?,
         notify: take(handoff.notify_fd)?,
         control: take(handoff.control_fd)?,
         sockets,

@@ -11,13 +11,16 @@ use nix::{
     },
 };
 
-use crate::error::InputError;
+use crate::{error::InputError, procfs};
 
 /// Creates one bound reuseport socket for `address`.
 ///
 /// The socket is blocking and has `FD_CLOEXEC`: it reaches a worker only through
 /// the explicit dup2 in `sys::spawn_worker`, which clears the flag for that copy.
 pub fn bind_reuseport(address: SocketAddr, receive_buffer: u64, listener: &str) -> Result<OwnedFd> {
+    // A socket of someone else's in the group would share its traffic, and the
+    // selector attached to the group below would replace their program.
+    check_address(address, listener)?;
     let family = if address.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -63,4 +66,74 @@ pub fn bind_reuseport(address: SocketAddr, receive_buffer: u64, listener: &str) 
         }
     })?;
     Ok(fd)
+}
+
+/// Refuses `address` if a UDP socket that is not the supervisor's own is bound on
+/// it: with `SO_REUSEPORT` (and the same uid) ours would join its group, the two
+/// services would take each other's traffic, and attaching our selector would
+/// replace its program. Sockets on the wildcard address of the family and the
+/// same port count too (one of the two would take the other's datagrams), as does
+/// any socket on the port when `address` is the wildcard.
+///
+/// The supervisor's own sockets are those it holds itself (every generation's,
+/// for the generation's whole life), and those held only by workers of a
+/// supervisor of this service (they carry `SUPERVISOR_GENERATION` and this
+/// listener in `LISTEN_FDNAMES`): after a crash the dead supervisor's workers may
+/// still be draining, and the restart replaces their selector as its own.
+pub fn check_address(address: SocketAddr, listener: &str) -> Result<()> {
+    if address.port() == 0 {
+        return Ok(());
+    }
+    let table = procfs::udp_sockets(address.is_ipv6())
+        .map_err(|e| anyhow::anyhow!("reading the kernel's UDP socket table: {e}"))?;
+    let overlapping: Vec<_> = table
+        .into_iter()
+        .filter(|s| {
+            s.local.port() == address.port()
+                && (s.local.ip() == address.ip()
+                    || s.local.ip().is_unspecified()
+                    || address.ip().is_unspecified())
+        })
+        .collect();
+    if overlapping.is_empty() {
+        return Ok(());
+    }
+    let ours = procfs::socket_inodes("self");
+    let mut foreign = Vec::new();
+    for socket in overlapping.iter().filter(|s| !ours.contains(&s.inode)) {
+        let holders = procfs::socket_holders(socket.inode);
+        if !holders.is_empty() && holders.iter().all(|&pid| is_worker_of(pid, listener)) {
+            continue;
+        }
+        let who = if holders.is_empty() {
+            format!(
+                "a process this supervisor cannot see (uid {}, socket inode {})",
+                socket.uid, socket.inode
+            )
+        } else {
+            holders
+                .iter()
+                .map(|&pid| procfs::describe(pid))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        foreign.push(format!("{} held by {who}", socket.local));
+    }
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.dedup();
+    Err(InputError::new(format!(
+        "listener {listener:?}: address {address} is already in use by another program: {}; \
+         two services on one address would take each other's traffic",
+        foreign.join("; ")
+    ))
+    .into())
+}
+
+/// Whether `pid` is a worker a supervisor started with `listener`'s sockets.
+fn is_worker_of(pid: i32, listener: &str) -> bool {
+    procfs::environment_value(pid, "SUPERVISOR_GENERATION").is_some()
+        && procfs::environment_value(pid, "LISTEN_FDNAMES")
+            .is_some_and(|names| names.split(':').any(|name| name == listener))
 }

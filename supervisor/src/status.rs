@@ -275,6 +275,9 @@ pub fn render(status: &Status) -> String {
                 "  worker {} pid {pid} {} restarts {}",
                 w.index, w.state, w.restarts
             );
+            if let Some(exit) = &w.last_exit {
+                let _ = write!(out, " (last exit: {exit})");
+            }
             if let Some(text) = &w.status {
                 let _ = write!(out, " status {text:?}");
             }

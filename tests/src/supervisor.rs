@@ -230,10 +230,28 @@ impl<'n> Supervisor<'n> {
 
     /// Starts the daemon without waiting for it (for tests of failing starts).
     pub fn spawn(net: &'n TestNet, config: ServiceConfig) -> Supervisor<'n> {
+        Supervisor::spawn_wrapped(net, config, &[])
+    }
+
+    /// [`Supervisor::spawn`] through `wrapper`: `WRAPPER... supervisor run --config F`
+    /// (a shell that sets a umask, say, and execs the rest of its arguments, so the
+    /// daemon keeps the wrapper's pid).
+    pub fn spawn_wrapped(
+        net: &'n TestNet,
+        config: ServiceConfig,
+        wrapper: &[&str],
+    ) -> Supervisor<'n> {
         let work = TempDir::new("sup-work");
         let config_path = work.path().join(format!("{}.toml", config.name));
         fs::write(&config_path, config.to_toml()).expect("write config");
-        let mut cmd = net.exec(bin_path("supervisor"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = net.exec(program);
+                c.args(rest).arg(bin_path("supervisor"));
+                c
+            }
+            None => net.exec(bin_path("supervisor")),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -267,6 +285,23 @@ impl<'n> Supervisor<'n> {
     pub fn set_config(&mut self, config: ServiceConfig) {
         fs::write(&self.config_path, config.to_toml()).expect("write config");
         self.config = config;
+    }
+
+    /// Waits (up to `timeout`) for the daemon to exit by itself, e.g. after a
+    /// signal the test sent it; returns how it exited.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("supervisor already stopped");
+        match wait_timeout(&mut child, timeout) {
+            Some(status) => status,
+            None => {
+                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                let _ = child.wait();
+                panic!(
+                    "supervisor did not exit within {timeout:?}\n{}",
+                    self.logs_for_panic()
+                );
+            }
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -12,6 +12,10 @@
 //!   `SK_REUSEPORT` program the benchmark compares the selector with. aya only loads
 //!   programs from an ELF object, and a second eBPF build for two instructions is not
 //!   worth it.
+//! - [`set_thread_credentials`]: `setgroups`/`setresgid`/`setresuid` for the calling
+//!   thread only, through the raw syscalls: libc's and nix's wrappers apply them to
+//!   every thread of the process (glibc's setxid broadcast), and the harness must
+//!   stay root while one thread acts as another user.
 //! - [`attach_reuseport_program`] and [`detach_reuseport_program`]:
 //!   `SO_ATTACH_REUSEPORT_EBPF` / `SO_DETACH_REUSEPORT_BPF`. nix has no such socket
 //!   option, its `SetSockOpt` trait cannot be implemented without `unsafe` either, and
@@ -181,4 +185,24 @@ fn set_int_option(
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Switches the calling thread's (and only its) credentials to `uid`/`gid`, with no
+/// supplementary groups, for good. The kernel keeps credentials per thread, so
+/// sockets this thread binds or listens on carry `uid`.
+pub fn set_thread_credentials(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: plain syscalls with integer arguments (and a null list for setgroups
+    // with size 0); they change only the calling thread's credentials.
+    let results = unsafe {
+        [
+            libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+            libc::syscall(libc::SYS_setresgid, gid, gid, gid),
+            libc::syscall(libc::SYS_setresuid, uid, uid, uid),
+        ]
+    };
+    if results.iter().all(|&r| r == 0) {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

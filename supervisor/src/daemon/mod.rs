@@ -11,33 +11,35 @@
 mod event_loop;
 mod startup;
 
-use std::{fs::File, os::fd::RawFd, path::Path};
+use std::{os::fd::RawFd, path::Path};
 
 use anyhow::Result;
-use nix::fcntl::Flock;
 use tokio::net::UnixListener;
 
-use crate::{config::Config, reexec, systemd, upgrade::Shared};
+use crate::{config::Config, locks::ServiceLocks, reexec, systemd, upgrade::Shared};
 
 /// A running supervisor's own resources, whichever way they were obtained.
 pub struct Daemon {
     pub shared: Shared,
     /// The control socket's listener.
     pub control: UnixListener,
-    /// The service lock, held for the daemon's life.
-    pub lock: Flock<File>,
+    /// The service's locks (runtime directory and pins), held for the daemon's
+    /// life; dropping them at a clean stop removes the lock file.
+    pub lock: ServiceLocks,
     /// The notify socket's fd (kept open across a re-exec).
     pub notify_fd: RawFd,
 }
 
-pub async fn run(config_path: &Path) -> Result<()> {
+/// Runs the daemon with `config`, loaded from `config_path` (before anything was
+/// logged: a bad file is one error line).
+pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     reexec::image_started();
     let daemon = match std::env::var_os(reexec::HANDOFF_ENV) {
         Some(handoff) => {
             let adopted = reexec::read(Path::new(&handoff))?;
-            startup::adopt(&Config::load(config_path)?, adopted)?
+            startup::adopt(&config, adopted)?
         }
-        None => startup::fresh(&Config::load(config_path)?).await?,
+        None => startup::fresh(&config).await?,
     };
     let serving = daemon.shared.lock().unwrap().serving();
     systemd::ready(&format!("generation {serving} serving"));

@@ -2,17 +2,16 @@
 //! from the previous image by a re-exec. Both end in [`assemble`].
 //!
 //! A fresh start checks everything an operator can get wrong before it changes
-//! anything (config, privileges, the port, the command), and undoes what it did if
-//! a later step fails: a refused start leaves no pins, sockets or processes.
+//! anything (config, the runtime directory, the locks, privileges, the port, the
+//! command), and undoes what it did if a later step fails ([`Undo`]): a refused or
+//! failed start leaves no pins, mount, sockets, lock file or processes.
 use std::{
-    fs::File,
     os::fd::RawFd,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use anyhow::Result;
-use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixListener;
 
 use super::Daemon;
@@ -21,12 +20,12 @@ use crate::{
     config::Config,
     control,
     dataplane::Dataplane,
-    error::InputError,
+    locks::{self, HeldLock, ServiceLocks},
     maps::ListenerDataplane,
     notify::{NotifySocket, Registry},
     process::ForkExec,
     reexec::{self, Adopted},
-    systemd,
+    sockets, systemd, trust,
     upgrade::{self, Generation, Progress, Shared, State},
     worker::{SlotContext, WorkerSpec},
     xdp::{self, XdpFilter},
@@ -35,7 +34,7 @@ use crate::{
 /// What both start-up paths produce.
 struct Parts {
     config: Config,
-    lock: Flock<File>,
+    lock: ServiceLocks,
     dataplanes: Vec<Box<dyn Dataplane>>,
     xdp: Option<XdpFilter>,
     notify: NotifySocket,
@@ -71,64 +70,133 @@ fn assemble(parts: Parts) -> Daemon {
     }
 }
 
+/// What a fresh start changed so far, undone in reverse if it fails: the first
+/// generation's teardown has already stopped its workers by then.
+#[derive(Default)]
+struct Undo {
+    runtime_dirs: Vec<PathBuf>,
+    runtime_lock: Option<HeldLock>,
+    bpffs: Option<bpffs::Prepared>,
+    pin_lock: Option<HeldLock>,
+    pin_dir: PathBuf,
+    dataplanes: Vec<Box<dyn Dataplane>>,
+    /// The XDP filter when this start attached it (an adopted one stays).
+    xdp_attached: Option<XdpFilter>,
+    control_socket: Option<PathBuf>,
+    /// Once assembled, the dataplanes and the filter live in the state.
+    shared: Option<(Shared, bool)>,
+}
+
+impl Undo {
+    fn run(mut self) {
+        if let Some((shared, xdp_attached)) = self.shared.take() {
+            let mut state = shared.lock().unwrap();
+            self.dataplanes = std::mem::take(&mut state.dataplanes);
+            let filter = state.xdp.take();
+            if xdp_attached {
+                self.xdp_attached = filter;
+            }
+        }
+        if let Some(filter) = self.xdp_attached.take() {
+            let interface = filter.interface().to_string();
+            if let Err(e) = filter.remove() {
+                tracing::warn!("removing the XDP filter this start attached to {interface}: {e:#}");
+            }
+        }
+        if let Some(path) = &self.control_socket {
+            let _ = std::fs::remove_file(path);
+        }
+        // Pins go while the pin lock is held, the mount once they are gone, the
+        // lock file while its lock is held, the runtime directory once it is empty.
+        unpin(&self.dataplanes, &self.pin_dir);
+        drop(self.pin_lock.take());
+        if let Some(prepared) = self.bpffs.take() {
+            prepared.undo();
+        }
+        drop(self.runtime_lock.take());
+        trust::remove_dirs(&self.runtime_dirs);
+    }
+}
+
 /// A fresh start: everything created here, then generation 1 built by the same
 /// state machine as every upgrade.
 pub(super) async fn fresh(config: &Config) -> Result<Daemon> {
-    let service = config.service.name.clone();
-    std::fs::create_dir_all(&config.service.runtime_dir).map_err(|e| {
-        InputError::new(format!(
-            "cannot create runtime_dir {}: {e}",
-            config.service.runtime_dir.display()
-        ))
-    })?;
-    let lock = lock(config)?;
     // Checked before anything is created: a missing command or user is bad input.
     WorkerSpec::from_config(config, String::new())?;
-    bpffs::ensure(&config.service.bpffs)?;
+    let mut undo = Undo {
+        pin_dir: config.pin_dir(),
+        ..Undo::default()
+    };
+    match start(config, &mut undo).await {
+        Ok(daemon) => Ok(daemon),
+        Err(e) => {
+            undo.run();
+            Err(e)
+        }
+    }
+}
+
+async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
+    let service = config.service.name.clone();
+    undo.runtime_dirs = trust::prepare_runtime_dir(
+        &config.service.runtime_dir,
+        &config.key("service.runtime_dir"),
+    )?;
+    undo.runtime_lock = Some(locks::lock_runtime(config)?);
+    undo.bpffs = Some(bpffs::prepare(
+        &config.service.bpffs,
+        &config.key("service.bpffs"),
+    )?);
+    undo.pin_lock = Some(locks::lock_pins(config)?);
+    // Before anything is pinned or attached: an address another program holds.
+    for listener in &config.listeners {
+        sockets::check_address(listener.address, &listener.name)?;
+    }
 
     let pin_dir = config.pin_dir();
-    let mut dataplanes: Vec<Box<dyn Dataplane>> = Vec::new();
-    let resources = (|| -> Result<_> {
-        for listener in &config.listeners {
-            // A listener that fails to load removes its own pins.
-            dataplanes.push(Box::new(ListenerDataplane::load(
-                &listener.name,
-                &pin_dir.join(&listener.name),
-                listener.flow_table_size,
-            )?));
-        }
-        // The XDP filter: adopted from a previous run when its link is pinned,
-        // attached otherwise; a stale one of ours is removed when the config has
-        // no [xdp].
-        let xdp = match &config.xdp {
-            Some(xdp) => Some(XdpFilter::start(
-                xdp,
-                &pin_dir,
-                &config.listener_addresses(),
-            )?),
-            None => {
-                xdp::remove_stale(&pin_dir)?;
+    for listener in &config.listeners {
+        // A listener that fails to load removes its own pins.
+        undo.dataplanes.push(Box::new(ListenerDataplane::load(
+            &listener.name,
+            &pin_dir.join(&listener.name),
+            listener.flow_table_size,
+        )?));
+    }
+    // The XDP filter: adopted from a previous run when its link is pinned,
+    // attached otherwise; a stale one of ours is removed when the config has no
+    // [xdp]. One this start attached is removed again if the start fails.
+    let mut xdp_attached = false;
+    let xdp = match &config.xdp {
+        Some(xdp) => {
+            let before = pinned_xdp_link(&pin_dir, &xdp.interface);
+            let filter = XdpFilter::start(xdp, &pin_dir, &config.listener_addresses())?;
+            xdp_attached = before != Some(filter.link_id());
+            if xdp_attached {
+                undo.xdp_attached = Some(filter);
                 None
+            } else {
+                Some(filter)
             }
-        };
-        let notify = NotifySocket::bind(&service)?;
-        let control = control::bind(&config.control_socket())?;
-        let spec = WorkerSpec::from_config(config, notify.env_value.clone())?;
-        Ok((xdp, notify, control, spec))
-    })();
-    let (xdp, notify, control, spec) = match resources {
-        Ok(resources) => resources,
-        Err(e) => {
-            unpin(&dataplanes, &pin_dir);
-            return Err(e);
+        }
+        None => {
+            xdp::remove_stale(&pin_dir)?;
+            None
         }
     };
+    // An unpredictable name: another user who could guess it could bind it first.
+    let notify = NotifySocket::bind(&format!("{service}/{}", random_token()?))?;
+    undo.control_socket = Some(config.control_socket());
+    let control = control::bind(&config.control_socket())?;
+    let spec = WorkerSpec::from_config(config, notify.env_value.clone())?;
 
     let daemon = assemble(Parts {
         config: config.clone(),
-        lock,
-        dataplanes,
-        xdp,
+        lock: ServiceLocks {
+            runtime: undo.runtime_lock.take().expect("taken above"),
+            pins: undo.pin_lock.take().expect("taken above"),
+        },
+        dataplanes: std::mem::take(&mut undo.dataplanes),
+        xdp: xdp.or(undo.xdp_attached.take()),
         notify,
         control,
         spec,
@@ -136,13 +204,19 @@ pub(super) async fn fresh(config: &Config) -> Result<Daemon> {
         generations: Vec::new(),
         next_generation: 1,
     });
-    let shared = &daemon.shared;
+    let shared = daemon.shared.clone();
+    undo.shared = Some((shared.clone(), xdp_attached));
     let spec = shared.lock().unwrap().spec.clone();
-    let progress = Progress::new(None);
-    let first = upgrade::begin(shared, config, &progress)?;
-    if let Err(e) = upgrade::run(shared, first, config.clone(), spec, &progress).await {
-        unpin(&shared.lock().unwrap().dataplanes, &pin_dir);
-        let _ = std::fs::remove_file(config.control_socket());
+    let first = async {
+        let progress = Progress::new(None);
+        let number = upgrade::begin(&shared, config, &progress)?;
+        upgrade::run(&shared, number, config.clone(), spec, &progress).await
+    };
+    if let Err(e) = first.await {
+        // The locks stay held until the undo is done.
+        let Daemon { lock, .. } = daemon;
+        undo.runtime_lock = Some(lock.runtime);
+        undo.pin_lock = Some(lock.pins);
         return Err(e.context(format!(
             "service {service}: the first generation did not start"
         )));
@@ -150,10 +224,40 @@ pub(super) async fn fresh(config: &Config) -> Result<Daemon> {
     Ok(daemon)
 }
 
+/// The id of the XDP link pinned for `interface`, if one is there and opens.
+fn pinned_xdp_link(pin_dir: &Path, interface: &str) -> Option<u32> {
+    use supervisor_common::xdp::pin_names;
+    let path = pin_dir
+        .join(pin_names::XDP_DIR)
+        .join(interface)
+        .join(pin_names::LINK);
+    let link = aya::programs::links::PinnedLink::from_pin(&path).ok()?;
+    aya::programs::links::FdLink::from(link)
+        .info()
+        .ok()
+        .map(|info| info.id())
+}
+
+/// 48 random bits from the kernel, in hex.
+fn random_token() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 6];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| anyhow::anyhow!("reading /dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// The start of a re-exec'd image: everything taken over, nothing started.
 pub(super) fn adopt(config: &Config, adopted: Adopted) -> Result<Daemon> {
-    let lock = Flock::lock(File::from(adopted.lock), FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| anyhow::anyhow!("re-taking the service lock: {e}"))?;
+    let lock = ServiceLocks {
+        runtime: locks::adopt(adopted.lock, config.lock_file(), true)?,
+        pins: match adopted.pin_lock {
+            Some(fd) => locks::adopt(fd, config.pin_dir(), false)?,
+            // Handed over by an image that did not hold it: taken now.
+            None => locks::lock_pins(config)?,
+        },
+    };
     let pin_dir = config.pin_dir();
     let dataplanes = config
         .listeners
@@ -221,35 +325,16 @@ pub(super) fn unpin(dataplanes: &[Box<dyn Dataplane>], pin_dir: &Path) {
     let _ = std::fs::remove_dir(pin_dir);
 }
 
-/// One supervisor per service: an exclusive, non-blocking flock on
-/// `<runtime_dir>/<service>.lock`, released by the kernel when we die.
-fn lock(config: &Config) -> Result<Flock<File>> {
-    let path = config.lock_file();
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| InputError::new(format!("cannot open lock file {}: {e}", path.display())))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        InputError::new(format!(
-            "another supervisor is already running service {:?} (lock {} is held: {e})",
-            config.service.name,
-            path.display()
-        ))
-        .into()
-    })
-}
-
 /// The fd numbers a re-exec hands over (see `reexec`).
 pub(super) fn handoff_fds(
-    daemon_lock: &Flock<File>,
+    locks: &ServiceLocks,
     notify: RawFd,
     control: &UnixListener,
 ) -> reexec::DaemonFds {
     use std::os::fd::AsRawFd;
     reexec::DaemonFds {
-        lock: daemon_lock.as_raw_fd(),
+        lock: locks.runtime.raw_fd(),
+        pin_lock: locks.pins.raw_fd(),
         notify,
         control: control.as_raw_fd(),
     }

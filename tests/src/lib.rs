@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod echo;
+pub mod hostile;
 pub mod leaks;
 pub mod loadgen;
 pub mod netns;

@@ -78,6 +78,8 @@ pub struct ServiceConfig {
     pub bpffs: PathBuf,
     /// Raw TOML appended as is (e.g. an `[xdp]` table).
     pub extra_toml: String,
+    /// More `[service]` keys, written as given (e.g. `user`, `no_new_privs`).
+    pub service_extra: toml::Table,
 }
 
 impl ServiceConfig {
@@ -109,6 +111,7 @@ impl ServiceConfig {
             runtime_dir: runtime_dir.to_path_buf(),
             bpffs: pins.path().to_path_buf(),
             extra_toml: String::new(),
+            service_extra: toml::Table::new(),
         }
     }
 
@@ -134,6 +137,11 @@ impl ServiceConfig {
     }
     pub fn sockets_per_worker(mut self, n: u32) -> Self {
         self.sockets_per_worker = Some(n);
+        self
+    }
+    /// Sets a `[service]` key the fields above do not cover.
+    pub fn service_key(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.service_extra.insert(key.into(), value.into());
         self
     }
 
@@ -171,6 +179,7 @@ impl ServiceConfig {
             "bpffs".into(),
             T::String(self.bpffs.to_string_lossy().into_owned()),
         );
+        service.extend(self.service_extra.clone());
 
         let mut listen = Table::new();
         listen.insert("name".into(), T::String(self.listen_name.clone()));
@@ -224,10 +233,35 @@ impl<'n> Supervisor<'n> {
 
     /// Starts the daemon without waiting for it (for tests of failing starts).
     pub fn spawn(net: &'n TestNet, config: ServiceConfig) -> Supervisor<'n> {
+        Supervisor::spawn_wrapped(net, config, &[])
+    }
+
+    /// Starts the daemon through `wrapper` (a program and its arguments, which must
+    /// end by exec'ing the supervisor command line appended to them, so the daemon
+    /// keeps the wrapper's pid), and waits until a generation serves. For a daemon
+    /// started with something extra: open fds, resource limits.
+    pub fn start_wrapped(
+        net: &'n TestNet,
+        config: ServiceConfig,
+        wrapper: &[&str],
+    ) -> Supervisor<'n> {
+        let mut sup = Supervisor::spawn_wrapped(net, config, wrapper);
+        sup.wait_serving(START_TIMEOUT);
+        sup
+    }
+
+    fn spawn_wrapped(net: &'n TestNet, config: ServiceConfig, wrapper: &[&str]) -> Supervisor<'n> {
         let work = TempDir::new("sup-work");
         let config_path = work.path().join(format!("{}.toml", config.name));
         fs::write(&config_path, config.to_toml()).expect("write config");
-        let mut cmd = net.exec(bin_path("supervisor"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = net.exec(program);
+                c.args(rest).arg(bin_path("supervisor"));
+                c
+            }
+            None => net.exec(bin_path("supervisor")),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -649,7 +683,10 @@ mod tests {
             runtime_dir: "/tmp/rt".into(),
             bpffs: "/sys/fs/bpf/x".into(),
             extra_toml: "[xdp]\ninterface = \"veth-a\"".into(),
-        };
+            service_extra: toml::Table::new(),
+        }
+        .service_key("user", "nobody")
+        .service_key("no_new_privs", false);
         let text = c.to_toml();
         assert!(text.starts_with("[service]\n"), "{text}");
         let v: toml::Table = toml::from_str(&text).expect("valid TOML");
@@ -660,6 +697,8 @@ mod tests {
         assert_eq!(s["ready_timeout"].as_str(), Some("10s"));
         assert_eq!(s["drain_signal"].as_str(), Some("SIGINT"));
         assert_eq!(s["bpffs"].as_str(), Some("/sys/fs/bpf/x"));
+        assert_eq!(s["user"].as_str(), Some("nobody"));
+        assert_eq!(s["no_new_privs"].as_bool(), Some(false));
         let l = &v["listen"][0];
         assert_eq!(l["address"].as_str(), Some("127.0.0.1:5300"));
         assert_eq!(l["balance"].as_str(), Some("hash"));

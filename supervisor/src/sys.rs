@@ -107,7 +107,9 @@ pub struct Spawned {
 /// must not reach workers before the supervisor drains them), asks for SIGTERM when
 /// the supervisor dies (no orphan keeps a socket of a dead supervisor), resets
 /// signal dispositions and mask, places the sockets at 3.. without `FD_CLOEXEC`,
-/// drops privileges if asked, writes `LISTEN_PID`, and execs.
+/// marks every fd above them close-on-exec (whatever the supervisor's launcher
+/// left open reaches no worker), drops privileges if asked, writes `LISTEN_PID`,
+/// and execs.
 ///
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the process: the
 /// caller must fork from a thread that lives as long as the supervisor (the daemon
@@ -139,9 +141,11 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
     };
 
     // SAFETY: after fork the child calls only async-signal-safe functions (setpgid,
-    // prctl, getppid, sigprocmask, sigaction via signal, fcntl, dup2, setgroups,
-    // setgid, setuid, getpid, write, execve, _exit) and touches only memory that
-    // was allocated before the fork; it never returns from this block.
+    // prctl, getppid, sigprocmask, sigaction via signal, fcntl, dup2, the raw
+    // close_range and prlimit64 syscalls, setgroups, setgid,
+    // setuid, getpid, write, execve, _exit) and touches only memory that was
+    // allocated before the fork or lives on its own stack; it never returns from
+    // this block.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
@@ -201,6 +205,13 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
                     fail(report);
                 }
             }
+            // Everything above the sockets closes at exec: the supervisor's own
+            // fds are close-on-exec already, but what its launcher left open
+            // (a file, a lock) is not. The staging copies and `report` are
+            // close-on-exec too.
+            if !cloexec_from(3 + fd_count) {
+                fail(report);
+            }
             if let Some((uid, gid)) = prepared.credentials
                 && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
@@ -256,6 +267,58 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
     }
     let pidfd = pidfd_open(pid)?;
     Ok(Spawned { pid, pidfd })
+}
+
+/// Marks every fd from `first` on close-on-exec, without allocating (for the child
+/// after fork): `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)` (Linux 5.11), else
+/// `fcntl` on each fd number up to the soft `RLIMIT_NOFILE`. False on failure,
+/// with errno set.
+///
+/// # Safety
+/// Only async-signal-safe syscalls; the caller must be able to live with every fd
+/// from `first` on closing at exec.
+unsafe fn cloexec_from(first: RawFd) -> bool {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if ret == 0 {
+        return true;
+    }
+    // SAFETY: errno is thread-local and this thread's.
+    let errno = unsafe { *libc::__errno_location() };
+    if errno != libc::ENOSYS && errno != libc::EINVAL {
+        return false;
+    }
+    let mut limit = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit64 on ourselves (pid 0) writes the current limits into `limit`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null::<libc::rlimit64>(),
+            &mut limit as *mut libc::rlimit64,
+        )
+    };
+    if ret != 0 {
+        return false;
+    }
+    let end = limit.rlim_cur.min(libc::c_int::MAX as u64) as RawFd;
+    for fd in first..end {
+        // SAFETY: fcntl with integer arguments; EBADF for fds that are not open.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    true
 }
 
 /// Writes `pid` as decimal digits followed by NUL at `dst`, without allocating.
@@ -637,6 +700,47 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         assert_eq!(status, ExitStatus::Exited(0));
+    }
+
+    /// Waits for the child behind `spawned` and returns how it ended.
+    fn wait(spawned: &Spawned) -> ExitStatus {
+        loop {
+            if let Some(status) = pidfd_try_wait(spawned.pidfd.as_fd()).unwrap() {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// An fd the supervisor inherited without close-on-exec (as from a careless
+    /// launcher) does not reach the worker; its sockets do.
+    #[test]
+    fn spawn_passes_only_the_sockets() {
+        // Above the fds the child's sockets go to (3..), as a launcher's fd 7 is.
+        let file = std::fs::File::open("/etc/hostname").unwrap();
+        // SAFETY: fcntl with integer arguments; F_DUPFD gives no FD_CLOEXEC.
+        let leaked = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD, 100) };
+        assert!(leaked >= 100, "{}", io::Error::last_os_error());
+        // SAFETY: a new fd that nothing else owns.
+        let _leaked = unsafe { OwnedFd::from_raw_fd(leaked) };
+        let socket = std::fs::File::open("/dev/null").unwrap();
+        // Exit codes say which check failed.
+        let script = "ls -l /proc/$$/fd/ | grep -q /etc/hostname && exit 3; \
+             test \"$(readlink /proc/$$/fd/3)\" = /dev/null || exit 4;"
+            .to_string();
+        let mut check = PreparedExec::new(
+            "/bin/sh",
+            &["sh".into(), "-c".into(), script],
+            &[],
+            false,
+            vec![socket.as_raw_fd()],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            wait(&spawn_worker(&mut check).unwrap()),
+            ExitStatus::Exited(0)
+        );
     }
 
     /// A worker owed more sockets than any fixed-size table would hold still gets

@@ -1,12 +1,14 @@
 //! What a worker can do to the supervisor and to the host, and what it cannot
-//! (issue 12): a worker that floods the notify socket does not grow the daemon.
+//! (issue 12): a worker that floods the notify socket does not grow the daemon;
+//! fds the supervisor's launcher left open do not reach workers.
 //!
 //! Bounds are on memory and fd counts, with wide margins, never on time.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use supervisor_tests::hostile::{python3_for_any_user, reset_peak_rss, status_kib};
+use supervisor_tests::hostile::{open_fds, python3_for_any_user, reset_peak_rss, status_kib};
+use supervisor_tests::supervisor::worker_pids;
 use supervisor_tests::{PinDir, ServiceConfig, Supervisor, TempDir, TestNet, require_root};
 
 const ADDR: &str = "127.0.0.1:5300";
@@ -167,6 +169,58 @@ fn notify_flood_does_not_grow_the_supervisor() {
     });
     sup.upgrade_ok();
     sup.wait_settled(2, Duration::from_secs(30));
+    sup.stop();
+    w.pins.assert_empty_after_stop();
+}
+
+/// Issue 12, item 8: fds the supervisor's launcher left open (a file and a
+/// flock'd lock, without close-on-exec) do not reach the workers: a worker has
+/// 0, 1, 2 and its sockets, nothing else.
+#[test]
+fn workers_get_only_standard_streams_and_their_sockets() {
+    let w = World::new();
+    let lock_dir = TempDir::new("sup-lock");
+    let lock = lock_dir.path().join("held.lock");
+    let script = format!(
+        "exec 7</etc/hostname 8>>{lock} && flock 8 && exec \"$@\"",
+        lock = lock.display()
+    );
+    let config = w
+        .config("fds", vec!["/bin/sleep".into(), "3600".into()], 2)
+        .sockets_per_worker(2)
+        .ready(supervisor_tests::ReadyMode::Exec);
+    let mut sup = Supervisor::start_wrapped(&w.net, config, &["bash", "-c", &script, "bash"]);
+    let status = sup.wait_settled(1, Duration::from_secs(30));
+
+    // The launcher's fds did reach the supervisor, or this test would prove nothing.
+    let daemon_fds = open_fds(sup.pid().unwrap());
+    for (fd, target) in [
+        (7, "/etc/hostname".to_string()),
+        (8, lock.display().to_string()),
+    ] {
+        assert!(
+            daemon_fds.contains(&(fd, target.clone())),
+            "the supervisor should have inherited fd {fd} -> {target}: {daemon_fds:?}"
+        );
+    }
+
+    let pids = worker_pids(&status, 1);
+    assert_eq!(pids.len(), 2, "{status}");
+    for pid in pids {
+        let fds = open_fds(pid as u32);
+        let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+        assert_eq!(
+            numbers,
+            vec![0, 1, 2, 3, 4],
+            "worker {pid} must have fds 0-2 and its 2 sockets, nothing else: {fds:?}"
+        );
+        for (fd, target) in &fds[3..] {
+            assert!(
+                target.starts_with("socket:"),
+                "worker {pid}: fd {fd} is {target}, not a socket"
+            );
+        }
+    }
     sup.stop();
     w.pins.assert_empty_after_stop();
 }

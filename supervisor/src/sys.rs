@@ -40,6 +40,9 @@ pub struct PreparedExec {
     /// one entry per fd, allocated here because the child may not allocate.
     staging: Vec<RawFd>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
+    /// `PR_SET_NO_NEW_PRIVS` in the child; with `credentials`, also an empty
+    /// capability bounding set.
+    no_new_privs: bool,
 }
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
@@ -56,6 +59,7 @@ impl PreparedExec {
         with_listen_pid: bool,
         fds: Vec<RawFd>,
         credentials: Option<(u32, u32)>,
+        no_new_privs: bool,
     ) -> io::Result<Self> {
         let cstring = |s: &str| {
             CString::new(s).map_err(|_| {
@@ -90,6 +94,7 @@ impl PreparedExec {
             staging: vec![-1; fds.len()],
             fds,
             credentials,
+            no_new_privs,
         })
     }
 }
@@ -110,6 +115,12 @@ pub struct Spawned {
 /// marks every fd above them close-on-exec (whatever the supervisor's launcher
 /// left open reaches no worker), drops privileges if asked, writes `LISTEN_PID`,
 /// and execs.
+///
+/// Privileges: with credentials, the inheritable and ambient capability sets are
+/// cleared and, if `no_new_privs`, the bounding set emptied, all while still root
+/// (dropping bounding caps needs `CAP_SETPCAP`); then groups, gid, uid. With
+/// `no_new_privs`, `PR_SET_NO_NEW_PRIVS` last: no setuid bit or file capability
+/// gives the worker anything at exec.
 ///
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the process: the
 /// caller must fork from a thread that lives as long as the supervisor (the daemon
@@ -142,7 +153,7 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
 
     // SAFETY: after fork the child calls only async-signal-safe functions (setpgid,
     // prctl, getppid, sigprocmask, sigaction via signal, fcntl, dup2, the raw
-    // close_range and prlimit64 syscalls, setgroups, setgid,
+    // close_range, prlimit64, capget and capset syscalls, setgroups, setgid,
     // setuid, getpid, write, execve, _exit) and touches only memory that was
     // allocated before the fork or lives on its own stack; it never returns from
     // this block.
@@ -213,10 +224,15 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
                 fail(report);
             }
             if let Some((uid, gid)) = prepared.credentials
-                && (libc::setgroups(0, std::ptr::null()) != 0
+                && (!clear_inheritable_and_ambient()
+                    || (prepared.no_new_privs && !empty_bounding_set())
+                    || libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
                     || libc::setuid(uid) != 0)
             {
+                fail(report);
+            }
+            if prepared.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 fail(report);
             }
             if let Some(buf) = listen_pid_buf {
@@ -317,6 +333,99 @@ unsafe fn cloexec_from(first: RawFd) -> bool {
     for fd in first..end {
         // SAFETY: fcntl with integer arguments; EBADF for fds that are not open.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    true
+}
+
+/// `capget`/`capset`'s header and data (`_LINUX_CAPABILITY_VERSION_3`: two
+/// data structs, for capabilities 0-31 and 32-63).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Empties this thread's inheritable capability set (keeping effective and
+/// permitted, which the uid change below clears) and its ambient set. Without
+/// allocating (for the child after fork). False on failure, with errno set.
+///
+/// # Safety
+/// Only async-signal-safe syscalls.
+unsafe fn clear_inheritable_and_ambient() -> bool {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and data are valid for the kernel to read and write (two
+    // data structs, as version 3 requires).
+    if unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return false;
+    }
+    for d in &mut data {
+        d.inheritable = 0;
+    }
+    // SAFETY: as above; capset only reads them.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    } != 0
+    {
+        return false;
+    }
+    // SAFETY: prctl with integer arguments. EINVAL: a kernel without ambient
+    // capabilities (before 4.3), which has none to clear.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    // SAFETY: errno is thread-local and this thread's.
+    ret == 0 || unsafe { *libc::__errno_location() } == libc::EINVAL
+}
+
+/// Drops every capability from this thread's bounding set (`PR_CAPBSET_DROP`
+/// from 0 up to the first number the kernel does not know), so that nothing
+/// exec'd later can gain one. Needs `CAP_SETPCAP`. Without allocating. False on
+/// failure, with errno set.
+///
+/// # Safety
+/// Only async-signal-safe syscalls.
+unsafe fn empty_bounding_set() -> bool {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            // SAFETY: errno is thread-local and this thread's.
+            return unsafe { *libc::__errno_location() } == libc::EINVAL && cap > 0;
+        }
     }
     true
 }
@@ -671,6 +780,7 @@ mod tests {
             true,
             vec![],
             None,
+            false,
         )
         .unwrap();
         let err = spawn_worker(&mut missing)
@@ -690,6 +800,7 @@ mod tests {
             true,
             vec![],
             None,
+            false,
         )
         .unwrap();
         let spawned = spawn_worker(&mut check).unwrap();
@@ -713,9 +824,9 @@ mod tests {
     }
 
     /// An fd the supervisor inherited without close-on-exec (as from a careless
-    /// launcher) does not reach the worker; its sockets do.
+    /// launcher) does not reach the worker; its sockets do; `no_new_privs` is set.
     #[test]
-    fn spawn_passes_only_the_sockets() {
+    fn spawn_passes_only_the_sockets_and_sets_no_new_privs() {
         // Above the fds the child's sockets go to (3..), as a launcher's fd 7 is.
         let file = std::fs::File::open("/etc/hostname").unwrap();
         // SAFETY: fcntl with integer arguments; F_DUPFD gives no FD_CLOEXEC.
@@ -726,7 +837,8 @@ mod tests {
         let socket = std::fs::File::open("/dev/null").unwrap();
         // Exit codes say which check failed.
         let script = "ls -l /proc/$$/fd/ | grep -q /etc/hostname && exit 3; \
-             test \"$(readlink /proc/$$/fd/3)\" = /dev/null || exit 4;"
+             test \"$(readlink /proc/$$/fd/3)\" = /dev/null || exit 4; \
+             grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/$$/status || exit 5"
             .to_string();
         let mut check = PreparedExec::new(
             "/bin/sh",
@@ -735,6 +847,26 @@ mod tests {
             false,
             vec![socket.as_raw_fd()],
             None,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            wait(&spawn_worker(&mut check).unwrap()),
+            ExitStatus::Exited(0)
+        );
+        // And without no_new_privs, the flag stays off.
+        let mut check = PreparedExec::new(
+            "/bin/sh",
+            &[
+                "sh".into(),
+                "-c".into(),
+                "grep -q '^NoNewPrivs:[[:space:]]*0$' /proc/$$/status".into(),
+            ],
+            &[],
+            false,
+            vec![],
+            None,
+            false,
         )
         .unwrap();
         assert_eq!(
@@ -764,6 +896,7 @@ mod tests {
             false,
             fds,
             None,
+            false,
         )
         .unwrap();
         let spawned = spawn_worker(&mut check).unwrap();

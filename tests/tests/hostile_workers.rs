@@ -1,13 +1,16 @@
 //! What a worker can do to the supervisor and to the host, and what it cannot
 //! (issue 12): a worker that floods the notify socket does not grow the daemon;
-//! fds the supervisor's launcher left open do not reach workers.
+//! fds the supervisor's launcher left open do not reach workers; a worker running
+//! as `user` has no capabilities, an empty bounding set and `no_new_privs`.
 //!
 //! Bounds are on memory and fd counts, with wide margins, never on time.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use supervisor_tests::hostile::{open_fds, python3_for_any_user, reset_peak_rss, status_kib};
+use supervisor_tests::hostile::{
+    open_fds, proc_status, python3_for_any_user, reset_peak_rss, status_kib,
+};
 use supervisor_tests::supervisor::worker_pids;
 use supervisor_tests::{PinDir, ServiceConfig, Supervisor, TempDir, TestNet, require_root};
 
@@ -221,6 +224,94 @@ fn workers_get_only_standard_streams_and_their_sockets() {
             );
         }
     }
+    sup.stop();
+    w.pins.assert_empty_after_stop();
+}
+
+/// `(CapBnd, CapEff, CapPrm, CapInh, CapAmb, NoNewPrivs, real uid)` of `pid`.
+fn privileges(pid: i32) -> [String; 7] {
+    let status = proc_status(pid as u32);
+    let field = |k: &str| {
+        status
+            .get(k)
+            .unwrap_or_else(|| panic!("no {k} in /proc/{pid}/status"))
+            .clone()
+    };
+    let uid = field("Uid").split_whitespace().next().unwrap().to_string();
+    [
+        field("CapBnd"),
+        field("CapEff"),
+        field("CapPrm"),
+        field("CapInh"),
+        field("CapAmb"),
+        field("NoNewPrivs"),
+        uid,
+    ]
+}
+
+const NO_CAPS: &str = "0000000000000000";
+
+/// Issue 12, item 10: a worker running as `user` has no capabilities, an empty
+/// bounding set and `no_new_privs`; `no_new_privs = false` gives setuid helpers
+/// back (no flag, bounding set kept); root workers (no `user`) keep root's
+/// capabilities but get `no_new_privs` by default.
+#[test]
+fn workers_cannot_regain_privileges() {
+    let w = World::new();
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody")
+        .uid
+        .as_raw()
+        .to_string();
+    let sleep = vec!["/bin/sleep".to_string(), "3600".to_string()];
+    let base = w
+        .config("privs", sleep, 1)
+        .ready(supervisor_tests::ReadyMode::Exec);
+    let mut sup = Supervisor::start(&w.net, base.clone().service_key("user", "nobody"));
+    let full = proc_status(sup.pid().unwrap())["CapBnd"].clone();
+    assert_ne!(
+        full, NO_CAPS,
+        "the supervisor itself keeps its bounding set"
+    );
+
+    let worker = |sup: &mut Supervisor<'_>, generation: u32| {
+        let status = sup.wait_settled(generation, Duration::from_secs(30));
+        let pids = worker_pids(&status, generation);
+        assert_eq!(pids.len(), 1, "{status}");
+        privileges(pids[0])
+    };
+
+    // user = "nobody", default no_new_privs = true.
+    let [bnd, eff, prm, inh, amb, nnp, uid] = worker(&mut sup, 1);
+    assert_eq!(uid, nobody);
+    assert_eq!(
+        [bnd.as_str(), &eff, &prm, &inh, &amb, &nnp],
+        [NO_CAPS, NO_CAPS, NO_CAPS, NO_CAPS, NO_CAPS, "1"],
+        "a worker running as nobody: CapBnd, CapEff, CapPrm, CapInh, CapAmb, NoNewPrivs"
+    );
+
+    // no_new_privs = false: setuid helpers work again.
+    sup.set_config(
+        base.clone()
+            .service_key("user", "nobody")
+            .service_key("no_new_privs", false),
+    );
+    sup.upgrade_ok();
+    let [bnd, eff, _, _, _, nnp, uid] = worker(&mut sup, 2);
+    assert_eq!(uid, nobody);
+    assert_eq!([bnd.as_str(), &eff, &nnp], [full.as_str(), NO_CAPS, "0"]);
+
+    // No user: root with root's capabilities, but no_new_privs by default.
+    sup.set_config(base);
+    sup.upgrade_ok();
+    let [bnd, eff, _, _, _, nnp, uid] = worker(&mut sup, 3);
+    assert_eq!(uid, "0");
+    assert_eq!(
+        [bnd.as_str(), &eff, &nnp],
+        [full.as_str(), full.as_str(), "1"]
+    );
+
     sup.stop();
     w.pins.assert_empty_after_stop();
 }

@@ -229,6 +229,7 @@ async fn run_slot(
                 env: &env,
                 fds: &sockets.fds,
                 credentials: spec.credentials,
+                no_new_privs: spec.no_new_privs,
             }),
         };
         let mut process = match spawned {

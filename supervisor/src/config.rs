@@ -61,6 +61,10 @@ pub struct ServiceConfig {
     pub workers: u32,
     #[serde(default)]
     pub user: Option<String>,
+    /// Workers cannot gain privileges through exec: `PR_SET_NO_NEW_PRIVS`, and
+    /// with `user` an empty capability bounding set (docs/config.md).
+    #[serde(default = "defaults::no_new_privs")]
+    pub no_new_privs: bool,
     #[serde(default)]
     pub ready: ReadyMode,
     #[serde(default = "defaults::ready_timeout", with = "duration")]
@@ -162,6 +166,9 @@ mod defaults {
 
     pub fn workers() -> u32 {
         1
+    }
+    pub fn no_new_privs() -> bool {
+        true
     }
     pub fn ready_timeout() -> Duration {
         Duration::from_secs(10)

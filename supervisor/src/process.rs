@@ -29,6 +29,8 @@ pub struct ExecRequest<'a> {
     pub fds: &'a [RawFd],
     /// `(uid, gid)` to drop to before exec.
     pub credentials: Option<(u32, u32)>,
+    /// `PR_SET_NO_NEW_PRIVS`, and with `credentials` an empty bounding set.
+    pub no_new_privs: bool,
 }
 
 /// The future [`Process::exited`] returns.
@@ -64,6 +66,7 @@ impl Launcher for ForkExec {
             true,
             request.fds.to_vec(),
             request.credentials,
+            request.no_new_privs,
         )?;
         let spawned = sys::spawn_worker(&mut prepared)?;
         PidfdProcess::boxed(spawned.pid, spawned.pidfd)

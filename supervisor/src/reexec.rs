@@ -56,8 +56,15 @@ pub struct SpecHandoff {
     pub program: String,
     pub argv: Vec<String>,
     pub credentials: Option<(u32, u32)>,
+    /// Absent in a handoff from an image that predates the key: its default.
+    #[serde(default = "no_new_privs_default")]
+    pub no_new_privs: bool,
     pub ready: ReadyMode,
     pub drain_signal: String,
+}
+
+fn no_new_privs_default() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -160,6 +167,7 @@ pub fn prepare(
             program: state.spec.program.clone(),
             argv: state.spec.argv.clone(),
             credentials: state.spec.credentials,
+            no_new_privs: state.spec.no_new_privs,
             ready: state.spec.ready,
             drain_signal: state.spec.drain_signal.as_str().to_string(),
         },
@@ -312,6 +320,7 @@ pub fn spec(handoff: &Handoff, inherited_env: Vec<(String, String)>) -> Result<W
         inherited_env,
         notify_socket: handoff.notify_name.clone(),
         credentials: handoff.spec.credentials,
+        no_new_privs: handoff.spec.no_new_privs,
         ready: handoff.spec.ready,
         drain_signal: handoff
             .spec

@@ -40,6 +40,9 @@ pub struct PreparedExec {
     /// one entry per fd, allocated here because the child may not allocate.
     staging: Vec<RawFd>,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
+    /// `PR_SET_NO_NEW_PRIVS` in the child; with `credentials`, also an empty
+    /// capability bounding set.
+    no_new_privs: bool,
 }
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
@@ -56,6 +59,7 @@ impl PreparedExec {
         with_listen_pid: bool,
         fds: Vec<RawFd>,
         credentials: Option<(u32, u32)>,
+        no_new_privs: bool,
     ) -> io::Result<Self> {
         let cstring = |s: &str| {
             CString::new(s).map_err(|_| {
@@ -90,6 +94,7 @@ impl PreparedExec {
             staging: vec![-1; fds.len()],
             fds,
             credentials,
+            no_new_privs,
         })
     }
 }
@@ -107,7 +112,15 @@ pub struct Spawned {
 /// must not reach workers before the supervisor drains them), asks for SIGTERM when
 /// the supervisor dies (no orphan keeps a socket of a dead supervisor), resets
 /// signal dispositions and mask, places the sockets at 3.. without `FD_CLOEXEC`,
-/// drops privileges if asked, writes `LISTEN_PID`, and execs.
+/// marks every fd above them close-on-exec (whatever the supervisor's launcher
+/// left open reaches no worker), drops privileges if asked, writes `LISTEN_PID`,
+/// and execs.
+///
+/// Privileges: with credentials, the inheritable and ambient capability sets are
+/// cleared and, if `no_new_privs`, the bounding set emptied, all while still root
+/// (dropping bounding caps needs `CAP_SETPCAP`); then groups, gid, uid. With
+/// `no_new_privs`, `PR_SET_NO_NEW_PRIVS` last: no setuid bit or file capability
+/// gives the worker anything at exec.
 ///
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the process: the
 /// caller must fork from a thread that lives as long as the supervisor (the daemon
@@ -139,9 +152,11 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
     };
 
     // SAFETY: after fork the child calls only async-signal-safe functions (setpgid,
-    // prctl, getppid, sigprocmask, sigaction via signal, fcntl, dup2, setgroups,
-    // setgid, setuid, getpid, write, execve, _exit) and touches only memory that
-    // was allocated before the fork; it never returns from this block.
+    // prctl, getppid, sigprocmask, sigaction via signal, fcntl, dup2, the raw
+    // close_range, prlimit64, capget and capset syscalls, setgroups, setgid,
+    // setuid, getpid, write, execve, _exit) and touches only memory that was
+    // allocated before the fork or lives on its own stack; it never returns from
+    // this block.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io::Error::last_os_error());
@@ -201,11 +216,23 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
                     fail(report);
                 }
             }
+            // Everything above the sockets closes at exec: the supervisor's own
+            // fds are close-on-exec already, but what its launcher left open
+            // (a file, a lock) is not. The staging copies and `report` are
+            // close-on-exec too.
+            if !cloexec_from(3 + fd_count) {
+                fail(report);
+            }
             if let Some((uid, gid)) = prepared.credentials
-                && (libc::setgroups(0, std::ptr::null()) != 0
+                && (!clear_inheritable_and_ambient()
+                    || (prepared.no_new_privs && !empty_bounding_set())
+                    || libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
                     || libc::setuid(uid) != 0)
             {
+                fail(report);
+            }
+            if prepared.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 fail(report);
             }
             if let Some(buf) = listen_pid_buf {
@@ -256,6 +283,151 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
     }
     let pidfd = pidfd_open(pid)?;
     Ok(Spawned { pid, pidfd })
+}
+
+/// Marks every fd from `first` on close-on-exec, without allocating (for the child
+/// after fork): `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)` (Linux 5.11), else
+/// `fcntl` on each fd number up to the soft `RLIMIT_NOFILE`. False on failure,
+/// with errno set.
+///
+/// # Safety
+/// Only async-signal-safe syscalls; the caller must be able to live with every fd
+/// from `first` on closing at exec.
+unsafe fn cloexec_from(first: RawFd) -> bool {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: plain syscall with integer arguments.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if ret == 0 {
+        return true;
+    }
+    // SAFETY: errno is thread-local and this thread's.
+    let errno = unsafe { *libc::__errno_location() };
+    if errno != libc::ENOSYS && errno != libc::EINVAL {
+        return false;
+    }
+    let mut limit = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit64 on ourselves (pid 0) writes the current limits into `limit`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null::<libc::rlimit64>(),
+            &mut limit as *mut libc::rlimit64,
+        )
+    };
+    if ret != 0 {
+        return false;
+    }
+    let end = limit.rlim_cur.min(libc::c_int::MAX as u64) as RawFd;
+    for fd in first..end {
+        // SAFETY: fcntl with integer arguments; EBADF for fds that are not open.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    true
+}
+
+/// `capget`/`capset`'s header and data (`_LINUX_CAPABILITY_VERSION_3`: two
+/// data structs, for capabilities 0-31 and 32-63).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Empties this thread's inheritable capability set (keeping effective and
+/// permitted, which the uid change below clears) and its ambient set. Without
+/// allocating (for the child after fork). False on failure, with errno set.
+///
+/// # Safety
+/// Only async-signal-safe syscalls.
+unsafe fn clear_inheritable_and_ambient() -> bool {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and data are valid for the kernel to read and write (two
+    // data structs, as version 3 requires).
+    if unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return false;
+    }
+    for d in &mut data {
+        d.inheritable = 0;
+    }
+    // SAFETY: as above; capset only reads them.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    } != 0
+    {
+        return false;
+    }
+    // SAFETY: prctl with integer arguments. EINVAL: a kernel without ambient
+    // capabilities (before 4.3), which has none to clear.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    // SAFETY: errno is thread-local and this thread's.
+    ret == 0 || unsafe { *libc::__errno_location() } == libc::EINVAL
+}
+
+/// Drops every capability from this thread's bounding set (`PR_CAPBSET_DROP`
+/// from 0 up to the first number the kernel does not know), so that nothing
+/// exec'd later can gain one. Needs `CAP_SETPCAP`. Without allocating. False on
+/// failure, with errno set.
+///
+/// # Safety
+/// Only async-signal-safe syscalls.
+unsafe fn empty_bounding_set() -> bool {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            // SAFETY: errno is thread-local and this thread's.
+            return unsafe { *libc::__errno_location() } == libc::EINVAL && cap > 0;
+        }
+    }
+    true
 }
 
 /// Writes `pid` as decimal digits followed by NUL at `dst`, without allocating.
@@ -608,6 +780,7 @@ mod tests {
             true,
             vec![],
             None,
+            false,
         )
         .unwrap();
         let err = spawn_worker(&mut missing)
@@ -627,6 +800,7 @@ mod tests {
             true,
             vec![],
             None,
+            false,
         )
         .unwrap();
         let spawned = spawn_worker(&mut check).unwrap();
@@ -637,6 +811,68 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         };
         assert_eq!(status, ExitStatus::Exited(0));
+    }
+
+    /// Waits for the child behind `spawned` and returns how it ended.
+    fn wait(spawned: &Spawned) -> ExitStatus {
+        loop {
+            if let Some(status) = pidfd_try_wait(spawned.pidfd.as_fd()).unwrap() {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// An fd the supervisor inherited without close-on-exec (as from a careless
+    /// launcher) does not reach the worker; its sockets do; `no_new_privs` is set.
+    #[test]
+    fn spawn_passes_only_the_sockets_and_sets_no_new_privs() {
+        // Above the fds the child's sockets go to (3..), as a launcher's fd 7 is.
+        let file = std::fs::File::open("/etc/hostname").unwrap();
+        // SAFETY: fcntl with integer arguments; F_DUPFD gives no FD_CLOEXEC.
+        let leaked = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD, 100) };
+        assert!(leaked >= 100, "{}", io::Error::last_os_error());
+        // SAFETY: a new fd that nothing else owns.
+        let _leaked = unsafe { OwnedFd::from_raw_fd(leaked) };
+        let socket = std::fs::File::open("/dev/null").unwrap();
+        // Exit codes say which check failed.
+        let script = "ls -l /proc/$$/fd/ | grep -q /etc/hostname && exit 3; \
+             test \"$(readlink /proc/$$/fd/3)\" = /dev/null || exit 4; \
+             grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/$$/status || exit 5"
+            .to_string();
+        let mut check = PreparedExec::new(
+            "/bin/sh",
+            &["sh".into(), "-c".into(), script],
+            &[],
+            false,
+            vec![socket.as_raw_fd()],
+            None,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            wait(&spawn_worker(&mut check).unwrap()),
+            ExitStatus::Exited(0)
+        );
+        // And without no_new_privs, the flag stays off.
+        let mut check = PreparedExec::new(
+            "/bin/sh",
+            &[
+                "sh".into(),
+                "-c".into(),
+                "grep -q '^NoNewPrivs:[[:space:]]*0$' /proc/$$/status".into(),
+            ],
+            &[],
+            false,
+            vec![],
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            wait(&spawn_worker(&mut check).unwrap()),
+            ExitStatus::Exited(0)
+        );
     }
 
     /// A worker owed more sockets than any fixed-size table would hold still gets
@@ -660,6 +896,7 @@ mod tests {
             false,
             fds,
             None,
+            false,
         )
         .unwrap();
         let spawned = spawn_worker(&mut check).unwrap();

@@ -78,8 +78,8 @@ pub struct ServiceConfig {
     pub bpffs: PathBuf,
     /// Raw TOML appended as is (e.g. an `[xdp]` table).
     pub extra_toml: String,
-    /// `service.on_no_free_slot` (`"retire-oldest"` or `"refuse"`).
-    pub on_no_free_slot: Option<String>,
+    /// More `[service]` keys, written as given (e.g. `user`, `no_new_privs`).
+    pub service_extra: toml::Table,
 }
 
 impl ServiceConfig {
@@ -111,7 +111,7 @@ impl ServiceConfig {
             runtime_dir: runtime_dir.to_path_buf(),
             bpffs: pins.path().to_path_buf(),
             extra_toml: String::new(),
-            on_no_free_slot: None,
+            service_extra: toml::Table::new(),
         }
     }
 
@@ -137,6 +137,11 @@ impl ServiceConfig {
     }
     pub fn sockets_per_worker(mut self, n: u32) -> Self {
         self.sockets_per_worker = Some(n);
+        self
+    }
+    /// Sets a `[service]` key the fields above do not cover.
+    pub fn service_key(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.service_extra.insert(key.into(), value.into());
         self
     }
 
@@ -166,9 +171,6 @@ impl ServiceConfig {
         if let Some(d) = self.drain_timeout {
             service.insert("drain_timeout".into(), T::String(format_duration(d)));
         }
-        if let Some(policy) = &self.on_no_free_slot {
-            service.insert("on_no_free_slot".into(), T::String(policy.clone()));
-        }
         service.insert(
             "runtime_dir".into(),
             T::String(self.runtime_dir.to_string_lossy().into_owned()),
@@ -177,6 +179,7 @@ impl ServiceConfig {
             "bpffs".into(),
             T::String(self.bpffs.to_string_lossy().into_owned()),
         );
+        service.extend(self.service_extra.clone());
 
         let mut listen = Table::new();
         listen.insert("name".into(), T::String(self.listen_name.clone()));
@@ -233,9 +236,22 @@ impl<'n> Supervisor<'n> {
         Supervisor::spawn_wrapped(net, config, &[])
     }
 
+    /// Starts the daemon through `wrapper` (see [`Supervisor::spawn_wrapped`]) and
+    /// waits until a generation serves. For a daemon started with something extra:
+    /// open fds, resource limits.
+    pub fn start_wrapped(
+        net: &'n TestNet,
+        config: ServiceConfig,
+        wrapper: &[&str],
+    ) -> Supervisor<'n> {
+        let mut sup = Supervisor::spawn_wrapped(net, config, wrapper);
+        sup.wait_serving(START_TIMEOUT);
+        sup
+    }
+
     /// [`Supervisor::spawn`] through `wrapper`: `WRAPPER... supervisor run --config F`
-    /// (a shell that sets a umask, say, and execs the rest of its arguments, so the
-    /// daemon keeps the wrapper's pid).
+    /// (a shell that sets a umask, opens fds or lowers limits, say, and execs the
+    /// rest of its arguments, so the daemon keeps the wrapper's pid).
     pub fn spawn_wrapped(
         net: &'n TestNet,
         config: ServiceConfig,
@@ -705,8 +721,10 @@ mod tests {
             runtime_dir: "/tmp/rt".into(),
             bpffs: "/sys/fs/bpf/x".into(),
             extra_toml: "[xdp]\ninterface = \"veth-a\"".into(),
-            on_no_free_slot: None,
-        };
+            service_extra: toml::Table::new(),
+        }
+        .service_key("user", "nobody")
+        .service_key("no_new_privs", false);
         let text = c.to_toml();
         assert!(text.starts_with("[service]\n"), "{text}");
         let v: toml::Table = toml::from_str(&text).expect("valid TOML");
@@ -717,6 +735,8 @@ mod tests {
         assert_eq!(s["ready_timeout"].as_str(), Some("10s"));
         assert_eq!(s["drain_signal"].as_str(), Some("SIGINT"));
         assert_eq!(s["bpffs"].as_str(), Some("/sys/fs/bpf/x"));
+        assert_eq!(s["user"].as_str(), Some("nobody"));
+        assert_eq!(s["no_new_privs"].as_bool(), Some(false));
         let l = &v["listen"][0];
         assert_eq!(l["address"].as_str(), Some("127.0.0.1:5300"));
         assert_eq!(l["balance"].as_str(), Some("hash"));

@@ -425,9 +425,7 @@ fn upgrades_return_at_the_flip_and_draining_generations_keep_their_clients() {
             }
             // Three draining, one serving: every slot is taken.
             thread::sleep(Duration::from_millis(500));
-            let mut refusing = config.clone();
-            refusing.on_no_free_slot = Some("refuse".into());
-            supervisor.set_config(refusing);
+            supervisor.set_config(config.clone().service_key("on_no_free_slot", "refuse"));
             let refused = supervisor.upgrade_at_flip();
             let stderr = String::from_utf8_lossy(&refused.stderr).into_owned();
             assert_eq!(refused.status.code(), Some(2), "{stderr}");

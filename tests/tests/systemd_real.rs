@@ -102,7 +102,7 @@ fn config(command: Vec<String>, workers: u32) -> ServiceConfig {
         runtime_dir: RUNTIME_DIR.into(),
         bpffs: BPFFS.into(),
         extra_toml: String::new(),
-        on_no_free_slot: None,
+        service_extra: Default::default(),
     }
 }
 

@@ -29,6 +29,10 @@ use crate::{
 
 /// Without a `flow` listener, how often the loop checks whether one appeared.
 const CLOCK_IDLE_CHECK: Duration = Duration::from_millis(500);
+/// How long the control socket is not accepted from after an accept error.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per this long about failed accepts (and about refused peers).
+const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the event loop until a stop, then drains everything and cleans up.
 pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
@@ -98,6 +102,14 @@ async fn event_loop(
     let clock = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(clock);
     let mut clock_ticking = true;
+    // Control connections: bounded (see `control::Connections`), and accept
+    // errors pause accepting instead of spinning on them.
+    let connections = control::Connections::default();
+    let mut accept_paused = false;
+    let accept_resume = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(accept_resume);
+    let mut accept_errors = control::RateLimitedLog::new(ACCEPT_ERROR_LOG_EVERY);
+    let mut refusals = control::RateLimitedLog::new(ACCEPT_ERROR_LOG_EVERY);
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: draining and stopping"); break; }
@@ -127,23 +139,41 @@ async fn event_loop(
                     let _ = refused.send(why);
                 }
             },
-            accepted = control.accept() => {
+            accepted = control.accept(), if !accept_paused => {
                 let (stream, _) = match accepted {
                     Ok(conn) => conn,
-                    Err(e) => { tracing::warn!("control socket: {e}"); continue; }
+                    Err(e) => {
+                        // Out of fds (EMFILE), say: the connection stays in the
+                        // backlog and accept() would fail again at once. Pause.
+                        if let Some(suppressed) = accept_errors.allow() {
+                            tracing::warn!(
+                                "control socket: accept failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?} ({suppressed} more such errors not logged)"
+                            );
+                        }
+                        accept_paused = true;
+                        accept_resume.as_mut().reset(tokio::time::Instant::now() + ACCEPT_BACKOFF);
+                        continue;
+                    }
                 };
                 if !control::peer_allowed(&stream) {
-                    tracing::warn!("control connection from a user that may not control this supervisor: refused");
+                    if let Some(suppressed) = refusals.allow() {
+                        tracing::warn!("control connection from a user that may not control this supervisor: refused ({suppressed} more not logged)");
+                    }
                     continue;
                 }
+                let Ok(admitted) = connections.admit() else {
+                    control::refuse(&stream);
+                    continue;
+                };
                 let shared = shared.clone();
                 let commands_tx = commands_tx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = control::serve_connection(&shared, stream, commands_tx).await {
+                    if let Err(e) = control::serve_connection(&shared, stream, commands_tx, admitted).await {
                         tracing::warn!("control connection: {e:#}");
                     }
                 });
             }
+            _ = &mut accept_resume, if accept_paused => accept_paused = false,
             _ = &mut clock => {
                 let state = shared.lock().unwrap();
                 let flow = state.config.listeners.iter().any(|l| l.balance.0 == BalanceMode::Flow);

@@ -58,6 +58,7 @@ fn spec(config: &Config) -> Arc<WorkerSpec> {
         inherited_env: Vec::new(),
         notify_socket: "@fake".into(),
         credentials: None,
+        no_new_privs: true,
         ready: config.service.ready,
         drain_signal: Signal::SIGTERM,
     })

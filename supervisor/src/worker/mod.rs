@@ -229,6 +229,7 @@ async fn run_slot(
                 env: &env,
                 fds: &sockets.fds,
                 credentials: spec.credentials,
+                no_new_privs: spec.no_new_privs,
             }),
         };
         let mut process = match spawned {
@@ -320,7 +321,7 @@ async fn watch_process(
     spec: &WorkerSpec,
     status: &watch::Sender<WorkerStatus>,
     policy: &mut watch::Receiver<Policy>,
-    messages: &mut tokio::sync::mpsc::UnboundedReceiver<crate::notify::NotifyMessage>,
+    messages: &mut crate::notify::Inbox,
 ) -> std::io::Result<crate::process::ExitStatus> {
     let signal = |process: &dyn Process, signal: i32| {
         if let Err(e) = process.signal(signal) {
@@ -349,14 +350,20 @@ async fn watch_process(
         let pid = process.pid();
         tokio::select! {
             exit = process.exited() => return exit,
-            Some(message) = messages.recv() => {
-                status.send_modify(|s| {
-                    if message.ready && s.state == WorkerPhase::Starting {
+            // The merge of everything the worker said since the last turn (not a
+            // queue: a flooding worker costs one state, see `notify`).
+            said = messages.changed() => {
+                status.send_if_modified(|s| {
+                    let mut changed = false;
+                    if said.ready && s.state == WorkerPhase::Starting {
                         s.state = WorkerPhase::Ready;
+                        changed = true;
                     }
-                    if let Some(text) = message.status {
-                        s.status = Some(text);
+                    if said.status.is_some() && s.status != said.status {
+                        s.status = said.status;
+                        changed = true;
                     }
+                    changed
                 });
             }
             changed = policy.changed(), if !orphaned => {

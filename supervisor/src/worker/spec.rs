@@ -21,6 +21,8 @@ pub struct WorkerSpec {
     pub inherited_env: Vec<(String, String)>,
     pub notify_socket: String,
     pub credentials: Option<(u32, u32)>,
+    /// `service.no_new_privs`: workers cannot gain privileges through exec.
+    pub no_new_privs: bool,
     pub ready: ReadyMode,
     pub drain_signal: Signal,
 }
@@ -66,6 +68,7 @@ impl WorkerSpec {
             inherited_env,
             notify_socket,
             credentials,
+            no_new_privs: config.service.no_new_privs,
             ready: config.service.ready,
             drain_signal: config.service.drain_signal,
         })

@@ -338,6 +338,28 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// A batch of 4 clients, one datagram every 20 ms until `stop`: never idle for
+/// `flow_idle` (2 s), so each keeps the generation it started on.
+fn talking_clients<'scope>(
+    scope: &'scope thread::Scope<'scope, '_>,
+    target: SocketAddr,
+    stop: &Arc<AtomicBool>,
+) -> Vec<thread::ScopedJoinHandle<'scope, ClientLog>> {
+    (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            scope.spawn(move || client(target, 100_000, Duration::from_millis(20), false, stop))
+        })
+        .collect()
+}
+
+fn join_batches(batches: Vec<Vec<thread::ScopedJoinHandle<'_, ClientLog>>>) -> Vec<Vec<ClientLog>> {
+    batches
+        .into_iter()
+        .map(|batch| batch.into_iter().map(|h| h.join().unwrap()).collect())
+        .collect()
+}
+
 /// The generations of `status`, with their states.
 fn generation_states(status: &serde_json::Value) -> Vec<(u64, String)> {
     status["generations"]
@@ -387,23 +409,11 @@ fn upgrades_return_at_the_flip_and_draining_generations_keep_their_clients() {
     let mut supervisor = Supervisor::start(&net, config.clone());
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (batches, outputs, moved_batch) = net.run_in(|| {
+    let batches = net.run_in(|| {
         thread::scope(|scope| {
             let _stop_on_panic = StopOnDrop(stop.clone());
-            // A batch of 4 clients, one datagram every 20 ms until told to stop:
-            // never idle for flow_idle (2 s).
-            let batch = || -> Vec<_> {
-                (0..4)
-                    .map(|_| {
-                        let stop = stop.clone();
-                        scope.spawn(move || {
-                            client(target, 100_000, Duration::from_millis(20), false, stop)
-                        })
-                    })
-                    .collect()
-            };
+            let batch = || talking_clients(scope, target, &stop);
             let mut batches = vec![batch()];
-            let mut outputs = Vec::new();
             for generation in 2..=4u64 {
                 thread::sleep(Duration::from_millis(1500));
                 let stdout = upgrade_at_flip_ok(&supervisor);
@@ -420,7 +430,6 @@ fn upgrades_return_at_the_flip_and_draining_generations_keep_their_clients() {
                     )),
                     "{stdout}"
                 );
-                outputs.push(stdout);
                 batches.push(batch());
             }
             // Three draining, one serving: every slot is taken.
@@ -450,17 +459,11 @@ fn upgrades_return_at_the_flip_and_draining_generations_keep_their_clients() {
                 "{stdout}"
             );
             assert!(stdout.contains("its 4 flows move"), "{stdout}");
-            outputs.push(stdout);
             thread::sleep(Duration::from_millis(1000));
             stop.store(true, Ordering::Relaxed);
-            let batches: Vec<Vec<ClientLog>> = batches
-                .into_iter()
-                .map(|b| b.into_iter().map(|h| h.join().unwrap()).collect())
-                .collect();
-            (batches, outputs, 0)
+            join_batches(batches)
         })
     });
-    let _ = (outputs, moved_batch);
     for (index, batch) in batches.iter().enumerate() {
         let generation = index as u32 + 1;
         for (i, log) in batch.iter().enumerate() {
@@ -502,16 +505,7 @@ fn a_failing_upgrade_while_two_generations_drain_leaves_them_alone() {
     let batches = net.run_in(|| {
         thread::scope(|scope| {
             let _stop_on_panic = StopOnDrop(stop.clone());
-            let batch = || -> Vec<_> {
-                (0..4)
-                    .map(|_| {
-                        let stop = stop.clone();
-                        scope.spawn(move || {
-                            client(target, 100_000, Duration::from_millis(20), false, stop)
-                        })
-                    })
-                    .collect()
-            };
+            let batch = || talking_clients(scope, target, &stop);
             let mut batches = vec![batch()];
             for _ in 2..=3 {
                 thread::sleep(Duration::from_millis(500));
@@ -532,10 +526,7 @@ fn a_failing_upgrade_while_two_generations_drain_leaves_them_alone() {
             );
             thread::sleep(Duration::from_millis(500));
             stop.store(true, Ordering::Relaxed);
-            batches
-                .into_iter()
-                .map(|b| b.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>())
-                .collect::<Vec<_>>()
+            join_batches(batches)
         })
     });
     for (index, batch) in batches.iter().enumerate() {

@@ -193,12 +193,12 @@ fn register_state(registry: &mut Registry, status: &Status) {
     );
     registry.register(
         "socket_fallback",
-        "Of those, sent by the fallback path (no usable control word or flow)",
+        "Counted on socket 0 only: datagrams for which the slot had no socket array, so the kernel chose",
         fallback,
     );
     registry.register(
         "socket_errors",
-        "Datagrams the selector could not send to this socket",
+        "The selector chose this socket but the kernel refused it (it had left the group)",
         errors,
     );
     registry.register(
@@ -239,10 +239,14 @@ fn register_state(registry: &mut Registry, status: &Status) {
         ("flow_hits", "Datagrams of a known flow", counters()),
         (
             "flow_new",
-            "New flows entered in the flow table",
+            "Flows seen for the first time (or again after expiring) and recorded",
             counters(),
         ),
-        ("flow_expired", "Idle flows replaced", counters()),
+        (
+            "flow_expired",
+            "Known flows idle longer than flow_idle, sent to the working generation",
+            counters(),
+        ),
         (
             "flow_evictions",
             "Flow-table entries evicted by the LRU to make room",
@@ -250,7 +254,7 @@ fn register_state(registry: &mut Registry, status: &Status) {
         ),
         (
             "flow_socket_gone",
-            "Flows whose socket was gone, re-selected",
+            "Known flows whose socket or generation was gone, sent to the working generation",
             counters(),
         ),
         (

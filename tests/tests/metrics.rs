@@ -16,7 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use supervisor_tests::supervisor::{serving_generation, single_error_line, supervisor_command};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use supervisor_tests::supervisor::{
+    serving_generation, single_error_line, supervisor_command, worker_pids,
+};
 use supervisor_tests::{
     BackgroundLoad, LoadConfig, PinDir, ServiceConfig, Supervisor, TempDir, TestNet,
     output_with_timeout, python3_path, require_root,
@@ -316,6 +320,29 @@ fn scrapes_during_upgrades_under_load_match_the_load() {
         "one queue per socket of the serving generation"
     );
     assert!(one(&end, "supervisor_process_cpu_seconds_total", &[]) > 0.0);
+
+    // An upgrade the daemon refuses (a listener renamed needs a restart) counts as
+    // refused; the CLI says so with exit code 2.
+    let good = sup.config().clone();
+    let mut renamed = good.clone();
+    renamed.listen_name = "renamed".into();
+    sup.set_config(renamed);
+    let out = sup.upgrade();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    sup.set_config(good);
+    let after = scrape(&net);
+    assert_eq!(
+        one(
+            &after,
+            "supervisor_upgrades_total",
+            &[("result", "refused")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        one(&after, "supervisor_upgrades_total", &[("result", "ok")]),
+        UPGRADES as f64
+    );
     sup.stop();
     pins.assert_empty_after_stop();
 }
@@ -413,6 +440,23 @@ fn a_ready_worker_that_reads_nothing_is_reported_stalled() {
     );
     assert!(warnings[0].contains("WARN"), "{}", warnings[0]);
     assert!(warnings[0].contains("worker 0"), "{}", warnings[0]);
+
+    // Killed, the worker is restarted on the same sockets: counted by reason.
+    let pid = worker_pids(&status, 1)[0];
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    sup.wait_status("the worker restarted", Duration::from_secs(15), |v| {
+        serving_generation(v)
+            .is_some_and(|g| g["workers"][0]["restarts"] == 1 && g["workers"][0]["pid"].is_i64())
+    });
+    let metrics = scrape(&net);
+    assert_eq!(
+        one(
+            &metrics,
+            "supervisor_worker_restarts_total",
+            &[("reason", "signaled")]
+        ),
+        1.0
+    );
     sup.stop();
     pins.assert_empty_after_stop();
 }

@@ -524,3 +524,49 @@ fn a_bad_metrics_listen_refuses_the_start() {
     let line = refused(&net, &pins, runtime.path(), &config);
     assert!(line.contains("192.0.2.1:9464"), "{line}");
 }
+
+#[test]
+fn a_reexeced_image_serves_metrics_again() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let addr: SocketAddr = ADDR.parse().unwrap();
+    let mut config = ServiceConfig::echo(2, addr, &pins, runtime.path());
+    config.extra_toml = metrics_toml();
+    let mut sup = Supervisor::start(&net, config);
+    sup.wait_settled(1, SETTLE);
+    assert_eq!(
+        one(
+            &scrape(&net),
+            "supervisor_generations",
+            &[("state", "serving")]
+        ),
+        1.0
+    );
+    let binary = supervisor_tests::bin_path("supervisor");
+    let out = output_with_timeout(
+        &mut sup.cli(&["reexec", "--binary", &binary.to_string_lossy()]),
+        CLI_TIMEOUT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    // The new image bound the address again (the old one's socket closed at exec).
+    let after = scrape(&net);
+    assert_eq!(
+        one(&after, "supervisor_generations", &[("state", "serving")]),
+        1.0
+    );
+    assert_eq!(
+        matching(
+            &after,
+            "supervisor_socket_selected_total",
+            &[("generation", "1")]
+        )
+        .count(),
+        2
+    );
+    let (_, stderr) = sup.logs();
+    assert!(!stderr.contains("serving without metrics"), "{stderr}");
+    sup.stop();
+    pins.assert_empty_after_stop();
+}

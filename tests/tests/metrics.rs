@@ -570,3 +570,62 @@ fn a_reexeced_image_serves_metrics_again() {
     sup.stop();
     pins.assert_empty_after_stop();
 }
+
+#[test]
+fn the_endpoint_bounds_what_a_client_can_cost() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let addr: SocketAddr = ADDR.parse().unwrap();
+    let mut config = ServiceConfig::echo(1, addr, &pins, runtime.path());
+    config.extra_toml = metrics_toml();
+    let mut sup = Supervisor::start(&net, config);
+    net.run_in(|| {
+        // A request head larger than 8 KiB: refused, closed.
+        let mut c = TcpStream::connect(METRICS).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!(
+            "GET /metrics HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(9000)
+        );
+        let _ = c.write_all(head.as_bytes());
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+
+        // A client that sends nothing is closed after the request timeout (5 s).
+        let mut idle = TcpStream::connect(METRICS).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 16];
+        let n = idle.read(&mut buf).unwrap_or(0);
+        let took = start.elapsed();
+        assert_eq!(n, 0, "nothing to answer, closed");
+        assert!(
+            took >= Duration::from_secs(4) && took < Duration::from_secs(12),
+            "closed after {took:?}"
+        );
+
+        // One request, one answer, closed: HTTP/1.1 with Content-Length.
+        let mut c = TcpStream::connect(METRICS).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(head.contains("Connection: close"), "{head}");
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    });
+    sup.stop();
+    pins.assert_empty_after_stop();
+}

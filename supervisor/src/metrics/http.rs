@@ -126,11 +126,11 @@ async fn answer(mut stream: TcpStream, shared: &Shared) {
                 Ok(n) => n,
             };
             head.extend_from_slice(&buf[..n]);
-            if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                return true;
-            }
             if head.len() > MAX_REQUEST {
                 return false;
+            }
+            if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                return true;
             }
         }
     })

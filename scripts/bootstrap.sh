@@ -73,6 +73,20 @@ fi
 # (about two minutes, debootstrap from the host's own mirror), then cached.
 bash "$(dirname "$0")/systemd-rootfs.sh" >/dev/null
 
+# tests/tests/metrics.rs scrapes /metrics with curl and Python's urllib, and parses
+# it with the OpenMetrics parser of PyPI's prometheus-client.
+if ! command -v curl >/dev/null; then
+    log "installing curl"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq curl >/dev/null
+fi
+if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
+    log "installing the python prometheus-client (for the metrics tests)"
+    python3 -m pip install -q prometheus-client 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages prometheus-client
+fi
+
 # bpffs: the supervisor mounts it itself when missing; the tests need it too.
 if ! mountpoint -q /sys/fs/bpf; then
     mount -t bpf bpf /sys/fs/bpf

@@ -47,9 +47,38 @@ pub struct Config {
     /// The XDP filter at the interface (`crate::xdp`), if any.
     #[serde(default)]
     pub xdp: Option<crate::xdp::XdpConfig>,
+    /// The Prometheus endpoint (`crate::metrics`), off without `[metrics]`.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// The file it was read from, for messages.
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// `[metrics]`: where `GET /metrics` is served (docs/metrics.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `"127.0.0.1:9464"`, `"[::1]:9464"`: an IP address and a port, no host name.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    pub fn address(&self) -> Result<std::net::SocketAddr, String> {
+        let address: std::net::SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "{:?} is not an address and port such as \"127.0.0.1:9464\" or \"[::1]:9464\"",
+                self.listen
+            )
+        })?;
+        if address.port() == 0 {
+            return Err(format!(
+                "{:?}: port 0 would pick a random port; name one",
+                self.listen
+            ));
+        }
+        Ok(address)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -385,6 +414,11 @@ impl Config {
                 self.path.display()
             )))
         };
+        if let Some(metrics) = &self.metrics
+            && let Err(why) = metrics.address()
+        {
+            return bad("metrics.listen", why);
+        }
         let name = &self.service.name;
         if name.is_empty()
             || !name

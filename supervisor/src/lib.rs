@@ -35,6 +35,7 @@ pub mod ebpf;
 pub mod error;
 pub mod locks;
 pub mod maps;
+pub mod metrics;
 pub mod notify;
 pub mod process;
 pub mod procfs;

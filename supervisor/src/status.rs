@@ -57,6 +57,9 @@ pub struct GenerationStatus {
     /// it nothing, and its per-socket selector counters are no longer its own.
     #[serde(default)]
     pub slot_released: bool,
+    /// A socket of this (serving) generation is stalled (see `metrics::stall`).
+    #[serde(default)]
+    pub stalled: bool,
     pub workers: Vec<WorkerStatusOut>,
     pub listeners: Vec<ListenerStatus>,
 }
@@ -94,6 +97,10 @@ pub struct SocketStatus {
     pub fallback: u64,
     pub queue_bytes: u32,
     pub drops: u32,
+    /// Its queue stayed non-empty and never went down for 3 s while its
+    /// generation served: its worker reads nothing (see `metrics::stall`).
+    #[serde(default)]
+    pub stalled: bool,
 }
 
 pub fn collect(state: &State) -> Status {
@@ -120,7 +127,8 @@ pub fn collect(state: &State) -> Status {
                 .listeners
                 .iter()
                 .zip(state.dataplanes.iter())
-                .map(|(listener, dataplane)| {
+                .enumerate()
+                .map(|(listener_index, (listener, dataplane))| {
                     let working = dataplane.working();
                     ListenerStatus {
                         name: listener.name.clone(),
@@ -157,13 +165,21 @@ pub fn collect(state: &State) -> Status {
                                     fallback: counters.fallback,
                                     queue_bytes: mem.queued_bytes,
                                     drops: mem.drops,
+                                    stalled: crate::metrics::stall::is_stalled((
+                                        generation.number,
+                                        listener_index,
+                                        index as u32,
+                                    )),
                                 }
                             })
                             .collect(),
                     }
                 })
-                .collect();
+                .collect::<Vec<ListenerStatus>>();
             GenerationStatus {
+                stalled: listeners
+                    .iter()
+                    .any(|l| l.sockets.iter().any(|s| s.stalled)),
                 generation: generation.number,
                 state: generation.state,
                 slot: generation.slot,
@@ -249,6 +265,9 @@ pub fn render(status: &Status) -> String {
             "generation {} {} (slot {})",
             generation.generation, generation.state, generation.slot
         );
+        if generation.stalled {
+            let _ = write!(out, " STALLED: a socket's queue is not being read");
+        }
         if let (Some(since), Some(deadline)) = (
             generation.draining_since_unix_ms,
             generation.drain_deadline_unix_ms,
@@ -303,8 +322,15 @@ pub fn render(status: &Status) -> String {
             for s in &l.sockets {
                 let _ = writeln!(
                     out,
-                    "    {:>6} {:>6} {:>10} {:>7} {:>8} {:>7} {:>6}",
-                    s.index, s.worker, s.selected, s.errors, s.fallback, s.queue_bytes, s.drops
+                    "    {:>6} {:>6} {:>10} {:>7} {:>8} {:>7} {:>6}{}",
+                    s.index,
+                    s.worker,
+                    s.selected,
+                    s.errors,
+                    s.fallback,
+                    s.queue_bytes,
+                    s.drops,
+                    if s.stalled { "  stalled" } else { "" }
                 );
             }
         }

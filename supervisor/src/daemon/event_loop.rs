@@ -41,7 +41,13 @@ pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
         control,
         lock,
         notify_fd,
+        metrics,
     } = daemon;
+    // `/metrics` and the stall watch run on this runtime beside the event loop;
+    // the endpoint keeps answering while everything drains at the end.
+    let metrics_server =
+        metrics.map(|listener| tokio::spawn(crate::metrics::http::serve(listener, shared.clone())));
+    let stall_watch = tokio::spawn(crate::metrics::stall::watch(shared.clone()));
     let (service, pin_dir, control_path, drain_timeout) = {
         let state = shared.lock().unwrap();
         (
@@ -66,6 +72,7 @@ pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
     // reservation); a generation one left half-built is still `Starting`, and
     // stop_all kills rather than drains those.
     upgrades.shutdown().await;
+    stall_watch.abort();
     let drain_timeout = shared
         .lock()
         .unwrap()
@@ -77,6 +84,9 @@ pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
     upgrade::stop_all(&shared, drain_timeout, &Progress::new(None)).await;
     startup::unpin(&shared.lock().unwrap().dataplanes, &pin_dir);
     let _ = std::fs::remove_file(&control_path);
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     tracing::info!("service {service}: stopped");
     drop(lock);
     result
@@ -258,6 +268,11 @@ async fn upgrade_from_file(shared: &Shared, path: &Path, progress: &Progress) ->
         })
     }
     .await;
+    crate::metrics::upgrade_result(match &result {
+        Ok(_) => "ok",
+        Err(e) if crate::error::exit_code(e) == crate::error::EXIT_BAD_INPUT => "refused",
+        Err(_) => "failed",
+    });
     let serving = shared.lock().unwrap().serving();
     match &result {
         Ok(upgraded) => systemd::ready(&format!("generation {} serving", upgraded.generation)),

@@ -28,6 +28,8 @@ pub struct Daemon {
     pub lock: ServiceLocks,
     /// The notify socket's fd (kept open across a re-exec).
     pub notify_fd: RawFd,
+    /// The `/metrics` listener, with `[metrics]` (bound again by a re-exec'd image).
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// Runs the daemon with `config`, loaded from `config_path` (before anything was

@@ -20,6 +20,7 @@ use crate::{
     config::Config,
     control,
     dataplane::Dataplane,
+    error::InputError,
     locks::{self, HeldLock, ServiceLocks},
     maps::ListenerDataplane,
     notify::{NotifySocket, Registry},
@@ -43,6 +44,7 @@ struct Parts {
     registry: Registry,
     generations: Vec<Generation>,
     next_generation: u32,
+    metrics: Option<std::net::TcpListener>,
 }
 
 /// Starts the notify reader and puts the state together.
@@ -67,6 +69,7 @@ fn assemble(parts: Parts) -> Daemon {
         control: parts.control,
         lock: parts.lock,
         notify_fd,
+        metrics: parts.metrics,
     }
 }
 
@@ -152,6 +155,9 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
     for listener in &config.listeners {
         sockets::check_address(listener.address, &listener.name)?;
     }
+    // The metrics port, before anything is pinned: taken or unusable is bad
+    // input, and the undo has only the directory and the locks to remove.
+    let metrics = bind_metrics(config)?;
 
     let pin_dir = config.pin_dir();
     for listener in &config.listeners {
@@ -203,6 +209,7 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
         registry: Registry::default(),
         generations: Vec::new(),
         next_generation: 1,
+        metrics,
     });
     let shared = daemon.shared.clone();
     undo.shared = Some((shared.clone(), xdp_attached));
@@ -222,6 +229,20 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
         )));
     }
     Ok(daemon)
+}
+
+/// Binds `[metrics] listen`, if configured; a failure names the key.
+fn bind_metrics(config: &Config) -> Result<Option<std::net::TcpListener>> {
+    let Some(metrics) = &config.metrics else {
+        return Ok(None);
+    };
+    let key = config.key("metrics.listen");
+    let address = metrics
+        .address()
+        .map_err(|why| InputError::new(format!("{key}: {why}")))?;
+    crate::metrics::http::bind(address)
+        .map(Some)
+        .map_err(|e| InputError::new(format!("{key}: cannot listen on {address}: {e}")).into())
 }
 
 /// The id of the XDP link pinned for `interface`, if one is there and opens.
@@ -302,9 +323,16 @@ pub(super) fn adopt(config: &Config, adopted: Adopted) -> Result<Daemon> {
         generation.number,
         generation.workers.len()
     );
+    // The previous image's listener closed at exec (close-on-exec). Failing to
+    // bind it again must not stop a service that runs: said, and served without.
+    let metrics = bind_metrics(config).unwrap_or_else(|e| {
+        tracing::error!("{e:#}; serving without metrics");
+        None
+    });
     Ok(assemble(Parts {
         config: config.clone(),
         lock,
+        metrics,
         dataplanes,
         xdp,
         notify,

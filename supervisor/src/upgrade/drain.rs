@@ -24,7 +24,8 @@ pub(super) async fn drain(
     drain_timeout: Duration,
     progress: &Progress,
 ) {
-    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + drain_timeout;
     tokio::time::sleep(QUEUE_POLL).await;
     // Flows may hold the old generation for most of drain_timeout, but not all of
     // it: its workers still need time to empty their queues and exit.
@@ -63,6 +64,7 @@ pub(super) async fn drain(
         teardown_workers(shared, number).await;
     }
     retire(shared, number, progress);
+    crate::metrics::upgrade_phase("drain", started.elapsed());
 }
 
 /// Waits until generation `number`'s receive queues read empty

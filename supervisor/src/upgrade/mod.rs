@@ -100,17 +100,23 @@ pub async fn run(
             return Err(e);
         }
     };
+    let phase = std::time::Instant::now();
     if let Err(e) = build::build(shared, number, &config, spec.clone(), progress) {
         progress.emit(format!("generation {number}: failed: {e:#}"));
         drain::teardown(shared, number, progress).await;
         return Err(e);
     }
+    crate::metrics::upgrade_phase("build", phase.elapsed());
+    let phase = std::time::Instant::now();
     if let Err(e) = readiness::wait(shared, number, &config, progress).await {
         progress.emit(format!("generation {number}: failed: {e:#}"));
         drain::teardown(shared, number, progress).await;
         return Err(e);
     }
 
+    crate::metrics::upgrade_phase("ready", phase.elapsed());
+    // The flip phase: the XDP switch (its grace period included) and the stores.
+    let phase = std::time::Instant::now();
     // Waited here, with no lock held: the event loop keeps running meanwhile.
     let readers = xdp_change.readers_gone().await;
     let applied = {
@@ -127,6 +133,7 @@ pub async fn run(
         }
     }
     let previous = flip(shared, number, &config, spec);
+    crate::metrics::upgrade_phase("flip", phase.elapsed());
     progress.emit(format!("generation {number}: flipped, now serving"));
 
     let draining = {

@@ -244,6 +244,7 @@ async fn run_slot(
                     s.state = WorkerPhase::Restarting;
                     s.last_exit = Some(why);
                 });
+                crate::metrics::worker_restart("exec_failed");
                 if !sleep_unless_stopped(&mut policy, backoff).await {
                     return finish(None);
                 }
@@ -272,6 +273,10 @@ async fn run_slot(
         let exit =
             watch_process(process.as_mut(), &spec, &status, &mut policy, &mut messages).await;
         context.registry.unregister(pid);
+        let restart_reason = match &exit {
+            Ok(crate::process::ExitStatus::Signaled(_)) => "signaled",
+            _ => "exited",
+        };
         let exit_text = match exit {
             Ok(exit) => exit.to_string(),
             Err(e) => {
@@ -305,6 +310,7 @@ async fn run_slot(
                     s.state = WorkerPhase::Restarting;
                     s.restarts += 1;
                 });
+                crate::metrics::worker_restart(restart_reason);
                 if !sleep_unless_stopped(&mut policy, backoff).await {
                     return finish(None);
                 }

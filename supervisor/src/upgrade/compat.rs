@@ -44,6 +44,15 @@ pub fn check_compatible(current: &Config, new: &Config) -> Result<(), InputError
             new.path.display()
         )));
     }
+    let metrics = |c: &Config| c.metrics.as_ref().map(|m| m.listen.clone());
+    if metrics(current) != metrics(new) {
+        return Err(InputError::new(format!(
+            "{}: metrics.listen changed from {:?} to {:?}; the endpoint is bound at start, so that needs a supervisor restart",
+            new.path.display(),
+            metrics(current),
+            metrics(new)
+        )));
+    }
     Ok(())
 }
 
@@ -85,6 +94,16 @@ mod tests {
             message.contains("flow_table_size cannot change"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_metrics_endpoint_needs_a_restart() {
+        let current = config("", "address = \"127.0.0.1:53\"");
+        let text = "[service]\nname = \"svc\"\ncommand = [\"/bin/true\"]\n[metrics]\nlisten = \"127.0.0.1:9464\"\n[[listen]]\nname = \"dns\"\naddress = \"127.0.0.1:53\"\n";
+        let new = Config::parse(text, Path::new("new.toml")).unwrap();
+        let message = check_compatible(&current, &new).unwrap_err().to_string();
+        assert!(message.contains("metrics.listen changed"), "{message}");
+        check_compatible(&new, &new).unwrap();
     }
 
     #[test]

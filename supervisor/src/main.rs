@@ -24,6 +24,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Check a config as `run` would (file, command, user, runtime dir, bpffs,
+    /// listener addresses, privileges) without changing anything; exit 0 or 2.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Ask the running supervisor for a new generation (re-reading the config).
     /// Prints each phase; exits 0 only when the new generation serves.
     Upgrade {
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
             Ok(loaded) => Some(loaded),
             Err(e) => return ExitCode::from(cli::fail(&e.into()) as u8),
         },
+        Command::Check { config } => return ExitCode::from(cli::check(config) as u8),
         _ => None,
     };
     tracing_subscriber::fmt()
@@ -105,6 +112,7 @@ fn main() -> ExitCode {
             Command::Status { config, json } => cli::status(&config, json).await,
             Command::Stop { config } => cli::stop(&config).await,
             Command::Reexec { config, binary } => cli::reexec(&config, binary).await,
+            Command::Check { .. } => unreachable!("answered before the runtime starts"),
         }
     });
     ExitCode::from(code as u8)

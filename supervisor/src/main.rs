@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use supervisor::{config::Config, daemon};
 
 mod cli;
+mod logging;
 
 #[derive(Parser)]
 #[command(
@@ -75,14 +76,11 @@ fn main() -> ExitCode {
         Command::Check { config } => return ExitCode::from(cli::check(config) as u8),
         _ => None,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SUPERVISOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    // Journal, text or JSON lines: see logging.rs.
+    if let Err(e) = logging::init() {
+        eprintln!("error: {e}");
+        return ExitCode::from(supervisor::error::EXIT_BAD_INPUT as u8);
+    }
     // A launcher may hand us a blocked signal mask (systemd resets it, others do
     // not); the daemon must see SIGTERM, SIGINT, SIGHUP and SIGCHLD whatever it was.
     let mut wanted = nix::sys::signal::SigSet::empty();

@@ -116,7 +116,15 @@ pub fn init() -> Result<(), String> {
                 .with(
                     layer
                         .with_syslog_identifier("supervisor".into())
-                        .with_field_prefix(Some("SUPERVISOR".into())),
+                        .with_field_prefix(Some("SUPERVISOR".into()))
+                        // The crate maps INFO to notice (5) and DEBUG to info (6);
+                        // syslog's meaning, as the `<N>` fallback below and
+                        // `journalctl -p` expect: INFO is info (6), DEBUG debug (7).
+                        .with_priority_mappings(tracing_journald::PriorityMappings {
+                            info: tracing_journald::Priority::Informational,
+                            debug: tracing_journald::Priority::Debug,
+                            ..tracing_journald::PriorityMappings::new()
+                        }),
                 )
                 .init(),
             // stderr is the journal: priorities as sd-daemon(3) prefixes, no time

@@ -116,6 +116,19 @@ pub fn flock_holders(dev: u64, inode: u64) -> Vec<i32> {
 
 /// `1: FLOCK  ADVISORY  WRITE 1234 fe:00:5538084 0 EOF` (device numbers in hex);
 /// waiters (`1: -> FLOCK ...`) hold nothing and are left out.
+/// Whether anyone holds an flock on the file `dev`/`inode` in `/proc/locks`'s
+/// `text` (`None`: nobody), and who (pids as this process sees them; a holder in
+/// another pid namespace may show as 0, and is still a holder).
+pub fn flock_holders_in(text: &str, dev: u64, inode: u64) -> Option<Vec<i32>> {
+    let pids = parse_locks(
+        text,
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        inode,
+    );
+    (!pids.is_empty()).then_some(pids)
+}
+
 fn parse_locks(text: &str, major: u64, minor: u64, inode: u64) -> Vec<i32> {
     text.lines()
         .filter_map(|line| {

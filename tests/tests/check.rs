@@ -100,15 +100,16 @@ impl World {
         (lines[0].to_string(), run_line)
     }
 
-    /// Same code, same line.
-    fn same_refusal(&self, case: &str, wrapper: &[&str], config: &Path) {
+    /// Same code, same line (returned).
+    fn same_refusal(&self, case: &str, wrapper: &[&str], config: &Path) -> String {
         let (check, run) = self.both_refuse(case, wrapper, config);
         assert_eq!(check, run, "{case}: check and run disagree");
+        check
     }
 
-    fn same_refusal_of(&self, case: &str, config: &ServiceConfig) {
+    fn same_refusal_of(&self, case: &str, config: &ServiceConfig) -> String {
         let path = self.write("case.toml", &config.to_toml());
-        self.same_refusal(case, &[], &path);
+        self.same_refusal(case, &[], &path)
     }
 }
 
@@ -299,4 +300,30 @@ fn check_of_a_good_config_changes_nothing() {
     let out = w.supervisor(&[], &["check"], &path);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(before, snapshot(&w, &dirs), "check changed the system");
+}
+
+/// While the service runs, `run` would be refused (the service's lock is held),
+/// and so is `check`, with the same line, told from /proc/locks without touching the
+/// lock; the running service is not disturbed. The same service from another
+/// runtime dir meets the pin directory's lock.
+#[test]
+fn check_while_the_service_runs_is_refused_as_run_is() {
+    let w = World::new();
+    let mut sup = supervisor_tests::Supervisor::start(&w.net, w.config());
+    let before = sup.wait_settled(1, RUN_TIMEOUT);
+    let path = w.write("live.toml", &w.config().to_toml());
+    let line = w.same_refusal("service already running", &[], &path);
+    assert!(line.contains("already running"), "{line}");
+    let other_runtime = TempDir::new("sup-run2");
+    let mut second = w.config();
+    second.runtime_dir = other_runtime.path().to_path_buf();
+    w.same_refusal_of("same service from another runtime dir", &second);
+    assert_eq!(fs::read_dir(other_runtime.path()).unwrap().count(), 0);
+    let after = sup.status_json();
+    assert_eq!(
+        supervisor_tests::supervisor::worker_pids(&before, 1),
+        supervisor_tests::supervisor::worker_pids(&after, 1)
+    );
+    sup.stop();
+    w.pins.assert_empty_after_stop();
 }

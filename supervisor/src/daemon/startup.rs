@@ -138,18 +138,20 @@ pub(super) async fn fresh(config: &Config) -> Result<Daemon> {
 
 /// What [`fresh`] refuses before it changes anything, decided without changing
 /// anything (`supervisor check`): the worker command and user, the runtime
-/// directory's trust, the bpffs path (and a mount it would need), listener
-/// addresses held by another program, and the privileges bpf() needs. Same order,
-/// same messages. Not checked: the locks (taking one creates its file; a check
-/// while the service runs is meant to pass) and what only the kernel can tell (the
-/// selector loading, the XDP attach, the first generation starting).
+/// directory's trust, another supervisor holding the service's locks (read from
+/// /proc/locks: no lock file is created or locked), the bpffs path (and a mount it
+/// would need), listener addresses held by another program, and the privileges
+/// bpf() needs. Same order, same messages. Not checked: what only trying can tell
+/// (the selector loading, the XDP attach, the first generation starting).
 pub(super) fn validate(config: &Config) -> Result<()> {
     WorkerSpec::from_config(config, String::new())?;
     trust::check_runtime_dir_path(
         &config.service.runtime_dir,
         &config.key("service.runtime_dir"),
     )?;
+    locks::check_runtime_lock(config)?;
     bpffs::check(&config.service.bpffs, &config.key("service.bpffs"))?;
+    locks::check_pin_lock(config)?;
     for listener in &config.listeners {
         sockets::check_address(listener.address, &listener.name)?;
     }

@@ -16,6 +16,10 @@ use crate::error::InputError;
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+/// capabilities(7) bit numbers.
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_BPF: u32 = 39;
+
 /// Where every tool expects bpffs.
 const STANDARD: &str = "/sys/fs/bpf";
 
@@ -48,6 +52,8 @@ pub struct Prepared {
     mounted: Option<PathBuf>,
     /// Created directories, outermost first.
     created: Vec<PathBuf>,
+    /// [`check`]: decide as [`prepare`] would, change nothing.
+    dry_run: bool,
 }
 
 impl Prepared {
@@ -78,6 +84,17 @@ pub fn prepare(dir: &Path, key: &str) -> Result<Prepared> {
             Err(e)
         }
     }
+}
+
+/// What [`prepare`] refuses, decided without creating or mounting anything
+/// (`supervisor check`), with the same messages. A mount it would need is refused
+/// here when this process lacks CAP_SYS_ADMIN, as the mount itself would be.
+pub fn check(dir: &Path, key: &str) -> Result<()> {
+    let mut prepared = Prepared {
+        dry_run: true,
+        ..Prepared::default()
+    };
+    prepare_into(dir, key, &mut prepared)
 }
 
 fn prepare_into(dir: &Path, key: &str, prepared: &mut Prepared) -> Result<()> {
@@ -122,6 +139,10 @@ fn prepare_into(dir: &Path, key: &str, prepared: &mut Prepared) -> Result<()> {
         }
     }
     create_dirs(dir, key, prepared)?;
+    if prepared.dry_run && !dir.exists() {
+        // Would be created on the bpffs found or mounted above.
+        return Ok(());
+    }
     if !is_bpffs(dir) {
         return Err(refuse(format!(
             "{} is not on a BPF filesystem",
@@ -133,6 +154,9 @@ fn prepare_into(dir: &Path, key: &str, prepared: &mut Prepared) -> Result<()> {
 
 /// Creates `dir` and its missing parents, recording each one created.
 fn create_dirs(dir: &Path, key: &str, prepared: &mut Prepared) -> Result<()> {
+    if prepared.dry_run {
+        return Ok(());
+    }
     let missing: Vec<&Path> = dir.ancestors().take_while(|p| !p.exists()).collect();
     for path in missing.into_iter().rev() {
         std::fs::create_dir(path).map_err(|e| {
@@ -144,6 +168,20 @@ fn create_dirs(dir: &Path, key: &str, prepared: &mut Prepared) -> Result<()> {
 }
 
 fn mount_bpffs(mount_point: &Path, key: &str, prepared: &mut Prepared) -> Result<()> {
+    let failed = |e: nix::errno::Errno| {
+        InputError::new(format!(
+            "{key}: bpffs is not mounted at {} and mounting it failed: {e} (needs CAP_SYS_ADMIN, or mount it first: mount -t bpf bpf {})",
+            mount_point.display(),
+            mount_point.display()
+        ))
+    };
+    if prepared.dry_run {
+        // mount(2) without CAP_SYS_ADMIN fails with EPERM.
+        return match crate::procfs::has_effective_capability(CAP_SYS_ADMIN) {
+            true => Ok(()),
+            false => Err(failed(nix::errno::Errno::EPERM).into()),
+        };
+    }
     // Root only, as systemd mounts /sys/fs/bpf (a new bpffs is 1777 otherwise).
     mount(
         Some("bpf"),
@@ -152,13 +190,7 @@ fn mount_bpffs(mount_point: &Path, key: &str, prepared: &mut Prepared) -> Result
         MsFlags::empty(),
         Some("mode=0700"),
     )
-    .map_err(|e| {
-        InputError::new(format!(
-            "{key}: bpffs is not mounted at {} and mounting it failed: {e} (needs CAP_SYS_ADMIN, or mount it first: mount -t bpf bpf {})",
-            mount_point.display(),
-            mount_point.display()
-        ))
-    })?;
+    .map_err(failed)?;
     prepared.mounted = Some(mount_point.to_path_buf());
     tracing::info!("mounted bpffs at {}", mount_point.display());
     Ok(())

@@ -18,6 +18,27 @@ pub fn fail(error: &anyhow::Error) -> i32 {
     exit_code(error)
 }
 
+/// `supervisor check`: what `run` would refuse, refused with the same line and
+/// exit code, without changing anything (no directory, mount, pin, socket or lock
+/// file); one `ok` line on stdout otherwise. Nothing is logged either way.
+pub fn check(path: &Path) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    if let Err(e) = supervisor::daemon::check(&config) {
+        return fail(&e);
+    }
+    let listeners = config.listeners.len();
+    println!(
+        "config {}: ok (service {}, {listeners} listener{})",
+        path.display(),
+        config.service.name,
+        if listeners == 1 { "" } else { "s" }
+    );
+    EXIT_OK
+}
+
 /// Whether `error` is the connection to the daemon breaking (the daemon died).
 fn connection_lost(error: &anyhow::Error) -> bool {
     use std::io::ErrorKind;

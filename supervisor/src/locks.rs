@@ -92,15 +92,58 @@ pub fn lock_runtime(config: &Config) -> Result<HeldLock> {
             })
     })
     .map_err(|e| match e {
-        LockError::Held(pids) => InputError::new(format!(
-            "another supervisor is already running service {:?}: {} holds the lock {}",
-            config.service.name,
-            holders(&pids),
-            path.display()
-        ))
-        .into(),
+        LockError::Held(pids) => runtime_held(config, &path, &pids),
         LockError::Other(e) => e,
     })
+}
+
+fn runtime_held(config: &Config, path: &Path, pids: &[i32]) -> anyhow::Error {
+    InputError::new(format!(
+        "another supervisor is already running service {:?}: {} holds the lock {}",
+        config.service.name,
+        holders(pids),
+        path.display()
+    ))
+    .into()
+}
+
+fn pins_held(config: &Config, dir: &Path, pids: &[i32]) -> anyhow::Error {
+    InputError::new(format!(
+        "service {:?}'s pins in {} are in use by another supervisor ({}), probably one with another runtime_dir; \
+         two supervisors of one service would delete each other's pins",
+        config.service.name,
+        dir.display(),
+        holders(pids)
+    ))
+    .into()
+}
+
+/// Who holds an flock on `path`, from /proc/locks: nothing is opened, created or
+/// locked (`supervisor check`). `None` when `path` is missing or nobody holds one.
+fn held_by(path: &Path) -> Option<Vec<i32>> {
+    let meta = fs::symlink_metadata(path).ok()?;
+    let text = fs::read_to_string("/proc/locks").ok()?;
+    let pids = procfs::flock_holders_in(&text, meta.dev(), meta.ino())?;
+    Some(pids)
+}
+
+/// What [`lock_runtime`] refuses (another supervisor holds the service's lock),
+/// told without touching the lock file.
+pub fn check_runtime_lock(config: &Config) -> Result<()> {
+    let path = config.lock_file();
+    match held_by(&path) {
+        Some(pids) => Err(runtime_held(config, &path, &pids)),
+        None => Ok(()),
+    }
+}
+
+/// What [`lock_pins`] refuses, told without creating or locking the pin directory.
+pub fn check_pin_lock(config: &Config) -> Result<()> {
+    let dir = config.pin_dir();
+    match held_by(&dir) {
+        Some(pids) => Err(pins_held(config, &dir, &pids)),
+        None => Ok(()),
+    }
 }
 
 /// Locks the pin directory `<bpffs>/<service>/`, creating it (mode 0700) if it is
@@ -141,14 +184,7 @@ pub fn lock_pins(config: &Config) -> Result<HeldLock> {
         Ok(file)
     })
     .map_err(|e| match e {
-        LockError::Held(pids) => InputError::new(format!(
-            "service {:?}'s pins in {} are in use by another supervisor ({}), probably one with another runtime_dir; \
-             two supervisors of one service would delete each other's pins",
-            config.service.name,
-            dir.display(),
-            holders(&pids)
-        ))
-        .into(),
+        LockError::Held(pids) => pins_held(config, &dir, &pids),
         LockError::Other(e) => e,
     })
 }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use supervisor::{config::Config, daemon};
 
 mod cli;
+mod logging;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,12 @@ struct Cli {
 enum Command {
     /// Run the supervisor in the foreground. SIGHUP upgrades, SIGTERM drains and exits.
     Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config as `run` would (file, command, user, runtime dir, bpffs,
+    /// listener addresses, privileges) without changing anything; exit 0 or 2.
+    Check {
         #[arg(long)]
         config: PathBuf,
     },
@@ -66,16 +73,14 @@ fn main() -> ExitCode {
             Ok(loaded) => Some(loaded),
             Err(e) => return ExitCode::from(cli::fail(&e.into()) as u8),
         },
+        Command::Check { config } => return ExitCode::from(cli::check(config) as u8),
         _ => None,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SUPERVISOR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    // Journal, text or JSON lines: see logging.rs.
+    if let Err(e) = logging::init() {
+        eprintln!("error: {e}");
+        return ExitCode::from(supervisor::error::EXIT_BAD_INPUT as u8);
+    }
     // A launcher may hand us a blocked signal mask (systemd resets it, others do
     // not); the daemon must see SIGTERM, SIGINT, SIGHUP and SIGCHLD whatever it was.
     let mut wanted = nix::sys::signal::SigSet::empty();
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
             Command::Status { config, json } => cli::status(&config, json).await,
             Command::Stop { config } => cli::stop(&config).await,
             Command::Reexec { config, binary } => cli::reexec(&config, binary).await,
+            Command::Check { .. } => unreachable!("answered before the runtime starts"),
         }
     });
     ExitCode::from(code as u8)

@@ -116,6 +116,19 @@ pub fn flock_holders(dev: u64, inode: u64) -> Vec<i32> {
 
 /// `1: FLOCK  ADVISORY  WRITE 1234 fe:00:5538084 0 EOF` (device numbers in hex);
 /// waiters (`1: -> FLOCK ...`) hold nothing and are left out.
+/// Whether anyone holds an flock on the file `dev`/`inode` in `/proc/locks`'s
+/// `text` (`None`: nobody), and who (pids as this process sees them; a holder in
+/// another pid namespace may show as 0, and is still a holder).
+pub fn flock_holders_in(text: &str, dev: u64, inode: u64) -> Option<Vec<i32>> {
+    let pids = parse_locks(
+        text,
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev),
+        inode,
+    );
+    (!pids.is_empty()).then_some(pids)
+}
+
 fn parse_locks(text: &str, major: u64, minor: u64, inode: u64) -> Vec<i32> {
     text.lines()
         .filter_map(|line| {
@@ -136,6 +149,20 @@ fn parse_locks(text: &str, major: u64, minor: u64, inode: u64) -> Vec<i32> {
 }
 
 /// `pid 1234 (/usr/bin/echo-worker --flag)`: a process as messages name it.
+/// Whether this process has capability bit `cap` in its effective set (`CapEff`
+/// in `/proc/self/status`); false when that cannot be read.
+pub fn has_effective_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|text| parse_cap_eff(&text))
+        .is_some_and(|set| cap < 64 && set & (1u64 << cap) != 0)
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 pub fn describe(pid: i32) -> String {
     let command = fs::read(format!("/proc/{pid}/cmdline"))
         .ok()
@@ -181,6 +208,13 @@ pub fn environment_value(pid: i32, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_the_effective_capabilities() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\nCapBnd:\t0\n";
+        assert_eq!(parse_cap_eff(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+    }
 
     #[test]
     fn parses_the_udp_tables() {

@@ -28,27 +28,7 @@ const STICKY: u32 = 0o1000;
 /// remove.
 pub fn prepare_runtime_dir(dir: &Path, key: &str) -> Result<Vec<PathBuf>, InputError> {
     let refuse = |why: String| InputError::new(format!("{key}: {why}"));
-    // Everything on the way must be trusted before anything is created below it.
-    let mut walked = PathBuf::new();
-    for component in dir.components() {
-        walked.push(component);
-        let Ok(link) = fs::symlink_metadata(&walked) else {
-            break;
-        };
-        if link.file_type().is_symlink() && !trusted(link.uid()) {
-            return Err(refuse(format!(
-                "{} is a symlink owned by uid {}, another user: they decide where it leads",
-                walked.display(),
-                link.uid()
-            )));
-        }
-        if walked == dir {
-            break;
-        }
-        let meta = fs::metadata(&walked)
-            .map_err(|e| refuse(format!("cannot inspect {}: {e}", walked.display())))?;
-        check_ancestor(&walked, &meta).map_err(refuse)?;
-    }
+    check_runtime_dir_ancestors(dir, key)?;
     let mut created = Vec::new();
     let missing: Vec<&Path> = dir
         .ancestors()
@@ -73,6 +53,45 @@ pub fn prepare_runtime_dir(dir: &Path, key: &str) -> Result<Vec<PathBuf>, InputE
         return Err(refuse(why));
     }
     Ok(created)
+}
+
+/// What [`prepare_runtime_dir`] refuses, checked without creating anything
+/// (`supervisor check`): the same messages; a missing directory is fine when the
+/// directories above it are trusted (`run` would create it).
+pub fn check_runtime_dir_path(dir: &Path, key: &str) -> Result<(), InputError> {
+    check_runtime_dir_ancestors(dir, key)?;
+    match fs::metadata(dir) {
+        Ok(meta) => {
+            check_runtime_dir(dir, &meta).map_err(|why| InputError::new(format!("{key}: {why}")))
+        }
+        Err(_) => Ok(()),
+    }
+}
+
+/// Everything on the way to `dir` must be trusted before anything is created below it.
+fn check_runtime_dir_ancestors(dir: &Path, key: &str) -> Result<(), InputError> {
+    let refuse = |why: String| InputError::new(format!("{key}: {why}"));
+    let mut walked = PathBuf::new();
+    for component in dir.components() {
+        walked.push(component);
+        let Ok(link) = fs::symlink_metadata(&walked) else {
+            break;
+        };
+        if link.file_type().is_symlink() && !trusted(link.uid()) {
+            return Err(refuse(format!(
+                "{} is a symlink owned by uid {}, another user: they decide where it leads",
+                walked.display(),
+                link.uid()
+            )));
+        }
+        if walked == dir {
+            break;
+        }
+        let meta = fs::metadata(&walked)
+            .map_err(|e| refuse(format!("cannot inspect {}: {e}", walked.display())))?;
+        check_ancestor(&walked, &meta).map_err(refuse)?;
+    }
+    Ok(())
 }
 
 /// A directory above the runtime directory: owned by a trusted user, and if

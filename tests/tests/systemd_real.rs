@@ -779,3 +779,78 @@ fn notify_reload_unit_needs_systemd_253() {
     }
     ct.shutdown();
 }
+
+/// Issue 16: under systemd the supervisor logs to the journal with structured fields
+/// (worker lines carry the generation and the worker's pid), and the unit's
+/// `ExecStartPre=supervisor check` refuses a bad config before `run` starts, with the
+/// one error line in the journal. This machine's systemd only (the fields do not
+/// depend on its version).
+#[test]
+fn journal_fields_and_the_start_pre_check() {
+    let mut svc = Service::install(HOST_NOTIFY, &echo_config(), "");
+    assert!(
+        svc.show("ExecStartPre").contains("check"),
+        "the unit has no ExecStartPre= check: {}",
+        svc.show("ExecStartPre")
+    );
+    svc.systemctl_ok("start");
+    let main = main_pid(&svc);
+    let mut cmd = svc.ct.command("journalctl");
+    cmd.args(["-b", "--no-pager", "-o", "json", "-u", &svc.unit]);
+    let journal = String::from_utf8_lossy(&svc.ct.output(&mut cmd).stdout).into_owned();
+    let entries: Vec<Value> = journal
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let ours: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["_PID"].as_str() == Some(&main.to_string()))
+        .collect();
+    let started: Vec<&&Value> = ours
+        .iter()
+        .filter(|e| e["SUPERVISOR_WORKER_PID"].is_string())
+        .filter(|e| e["MESSAGE"].as_str().is_some_and(|m| m.contains("started")))
+        .collect();
+    assert!(
+        !started.is_empty(),
+        "no journal entry of the supervisor (pid {main}) with SUPERVISOR_WORKER_PID:\n{journal}"
+    );
+    for entry in &started {
+        assert_eq!(
+            entry["SUPERVISOR_GENERATION"].as_str(),
+            Some("1"),
+            "{entry}"
+        );
+        assert_eq!(entry["PRIORITY"].as_str(), Some("6"), "{entry}");
+        assert_eq!(
+            entry["SYSLOG_IDENTIFIER"].as_str(),
+            Some("supervisor"),
+            "{entry}"
+        );
+    }
+    assert!(
+        entries.iter().any(|e| e["MESSAGE"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(&format!("config {CONFIG_PATH}: ok")))),
+        "the check's ok line is not in the journal:\n{journal}"
+    );
+    svc.systemctl_ok("stop");
+    svc.assert_stopped_clean();
+
+    // A bad config: refused by the check, `run` never starts.
+    let bad = echo_config()
+        .to_toml()
+        .replacen("[service]\n", "[service]\nwrokers = 2\n", 1);
+    svc.ct.write_file(CONFIG_PATH, bad);
+    let (ok, text) = svc.systemctl("start");
+    assert!(!ok, "a bad config started: {text}");
+    let journal = svc.ct.journal(Some(&svc.unit));
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.contains(&format!("error: {CONFIG_PATH}:2: at `wrokers`"))),
+        "the check's error line is not in the journal:\n{journal}"
+    );
+    assert!(svc.pins().is_empty(), "pins: {:?}", svc.pins());
+    svc.finish();
+}

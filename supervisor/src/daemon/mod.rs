@@ -32,6 +32,12 @@ pub struct Daemon {
     pub metrics: Option<std::net::TcpListener>,
 }
 
+/// `supervisor check`: refuses what [`run`] would refuse before it changes
+/// anything, with the same message, and changes nothing itself.
+pub fn check(config: &Config) -> Result<()> {
+    startup::validate(config)
+}
+
 /// Runs the daemon with `config`, loaded from `config_path` (before anything was
 /// logged: a bad file is one error line).
 pub async fn run(config_path: &Path, config: Config) -> Result<()> {

@@ -139,6 +139,37 @@ pub(super) async fn fresh(config: &Config) -> Result<Daemon> {
     }
 }
 
+/// What [`fresh`] refuses before it changes anything, decided without changing
+/// anything (`supervisor check`): the worker command and user, the runtime
+/// directory's trust, another supervisor holding the service's locks (read from
+/// /proc/locks: no lock file is created or locked), the bpffs path (and a mount it
+/// would need), listener addresses held by another program, and the privileges
+/// bpf() needs. Same order, same messages. Not checked: what only trying can tell
+/// (the selector loading, the XDP attach, the first generation starting).
+pub(super) fn validate(config: &Config) -> Result<()> {
+    WorkerSpec::from_config(config, String::new())?;
+    trust::check_runtime_dir_path(
+        &config.service.runtime_dir,
+        &config.key("service.runtime_dir"),
+    )?;
+    locks::check_runtime_lock(config)?;
+    bpffs::check(&config.service.bpffs, &config.key("service.bpffs"))?;
+    locks::check_pin_lock(config)?;
+    for listener in &config.listeners {
+        sockets::check_address(listener.address, &listener.name)?;
+    }
+    if !crate::procfs::has_effective_capability(bpffs::CAP_BPF)
+        && !crate::procfs::has_effective_capability(bpffs::CAP_SYS_ADMIN)
+    {
+        return Err(crate::error::InputError::new(
+            "missing privileges for bpf(): this process has neither CAP_BPF nor CAP_SYS_ADMIN; \
+             run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN",
+        )
+        .into());
+    }
+    Ok(())
+}
+
 async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
     let service = config.service.name.clone();
     undo.runtime_dirs = trust::prepare_runtime_dir(

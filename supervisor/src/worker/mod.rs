@@ -236,7 +236,7 @@ async fn run_slot(
             Ok(process) => process,
             Err(e) => {
                 let why = format!("cannot exec worker {index} ({}): {e}", spec.program);
-                tracing::error!("generation {generation}: {why}");
+                tracing::error!(generation, worker = index, "generation {generation}: {why}");
                 if *policy.borrow() == Policy::Start {
                     return finish(Some(why));
                 }
@@ -268,7 +268,12 @@ async fn run_slot(
                 };
             }
         });
-        tracing::info!("generation {generation}: worker {index} started, pid {pid}");
+        tracing::info!(
+            generation,
+            worker = index,
+            worker_pid = pid,
+            "generation {generation}: worker {index} started, pid {pid}"
+        );
         let started = Instant::now();
         let exit =
             watch_process(process.as_mut(), &spec, &status, &mut policy, &mut messages).await;
@@ -280,7 +285,12 @@ async fn run_slot(
         let exit_text = match exit {
             Ok(exit) => exit.to_string(),
             Err(e) => {
-                tracing::error!("watching worker {pid}: {e}");
+                tracing::error!(
+                    generation,
+                    worker = index,
+                    worker_pid = pid,
+                    "watching worker {pid}: {e}"
+                );
                 return finish(Some(format!("cannot watch worker {index}: {e}")));
             }
         };
@@ -292,11 +302,21 @@ async fn run_slot(
         match current_policy {
             Policy::Start => {
                 let why = format!("worker {index} (pid {pid}) {exit_text} before it was ready");
-                tracing::error!("generation {generation}: {why}");
+                tracing::error!(
+                    generation,
+                    worker = index,
+                    worker_pid = pid,
+                    "generation {generation}: {why}"
+                );
                 return finish(Some(why));
             }
             Policy::Drain | Policy::Kill => {
-                tracing::info!("generation {generation}: worker {index} (pid {pid}) {exit_text}");
+                tracing::info!(
+                    generation,
+                    worker = index,
+                    worker_pid = pid,
+                    "generation {generation}: worker {index} (pid {pid}) {exit_text}"
+                );
                 return finish(None);
             }
             Policy::Serve => {
@@ -304,6 +324,9 @@ async fn run_slot(
                     backoff = FIRST_BACKOFF;
                 }
                 tracing::warn!(
+                    generation,
+                    worker = index,
+                    worker_pid = pid,
                     "generation {generation}: worker {index} (pid {pid}) {exit_text}; restarting in {backoff:?} on the same sockets"
                 );
                 status.send_modify(|s| {

@@ -22,6 +22,7 @@
 //! | `locks`     | one supervisor per service: the runtime directory's and the pins' locks |
 //! | `trust`     | the runtime directory, files written there, the daemon the CLI talks to |
 //! | `procfs`    | who else holds a socket or a lock (for refusals that name them) |
+//! | `metrics`   | the optional Prometheus endpoint and the stalled-queue check |
 //! | `sys`       | every `unsafe` block and raw syscall |
 // Unsafe code lives in `sys` alone, each block with its invariant beside it.
 #![deny(unsafe_code)]

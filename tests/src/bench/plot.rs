@@ -157,15 +157,16 @@ fn panel(
 
     for (g, counts) in &timeline.per_generation {
         let color = PALETTE[*g as usize % PALETTE.len()];
-        // A generation's line runs from its first reply to its last (not along zero
-        // before it started or after it was gone), each bucket's count at its middle.
+        // A generation's line runs from the bucket before its first reply to the one
+        // after its last (not along zero all the time before it started or after it
+        // was gone), each bucket's count at its middle.
         let (Some(born), Some(died)) = (
             counts.iter().position(|&n| n > 0),
             counts.iter().rposition(|&n| n > 0),
         ) else {
             continue;
         };
-        let (lo, hi) = (first.max(born), last.min(died + 1));
+        let (lo, hi) = (first.max(born.saturating_sub(1)), last.min(died + 2));
         if lo >= hi {
             continue;
         }

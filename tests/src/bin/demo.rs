@@ -5,7 +5,8 @@
 //! machine), sends numbered datagrams from one client socket at a fixed rate, upgrades
 //! the service while they flow, and shows what happened to every datagram. Cleans up
 //! everything it created (namespace, processes, eBPF pins, temporary files), also on
-//! Ctrl-C.
+//! Ctrl-C. Draws the replies per 10 ms per generation across the upgrade in
+//! `target/demo/upgrade.svg` (or `--svg-dir`).
 //!
 //! Run by `scripts/demo.sh` (which builds it), as root; it finds the `supervisor` and
 //! `echo-worker` binaries next to itself.

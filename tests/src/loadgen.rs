@@ -52,6 +52,9 @@ pub struct LoadConfig {
     /// 16-bit values written into each request behind the sequence number (e.g. the
     /// cookie the selector's `cookie` mode steers by); `None`: padding only.
     pub stamp: Option<PayloadStamp>,
+    /// Record replies per [`TIMELINE_BUCKET`] per generation over this much time from the
+    /// start of sending (see [`Timeline`]); `None`: no time series.
+    pub timeline: Option<Duration>,
 }
 
 /// A 16-bit big-endian value written at a fixed payload offset of every request.
@@ -88,6 +91,7 @@ impl LoadConfig {
             grace: Duration::from_secs(1),
             recv_buffer: 16 << 20,
             stamp: None,
+            timeline: None,
         }
     }
     pub fn senders(mut self, n: usize) -> Self {
@@ -133,6 +137,132 @@ impl LoadConfig {
         self.stamp = Some(PayloadStamp { offset, values });
         self
     }
+    /// Also records when the replies came, per generation, for the first `span` of the
+    /// run (replies after that are counted in [`Timeline::late`]).
+    pub fn timeline(mut self, span: Duration) -> Self {
+        self.timeline = Some(span);
+        self
+    }
+}
+
+/// Width of one bucket of a [`Timeline`].
+pub const TIMELINE_BUCKET: Duration = Duration::from_millis(10);
+
+/// Generations one receiver tells apart in its time series; replies of any further
+/// generation count in [`Timeline::late`].
+const TIMELINE_GENERATIONS: usize = 16;
+
+/// Replies (duplicates included) per [`TIMELINE_BUCKET`] and per generation, counted by
+/// arrival time at the load generator from the start of sending.
+#[derive(Clone, Debug, Default)]
+pub struct Timeline {
+    /// When sending started: bucket `i` covers `start + i * TIMELINE_BUCKET` onwards.
+    pub start: Option<Instant>,
+    /// Buckets per generation; every vector has the same length.
+    pub per_generation: BTreeMap<u32, Vec<u64>>,
+    /// Replies after the recorded span, or of more generations than one receiver tells
+    /// apart (16).
+    pub late: u64,
+}
+
+impl Timeline {
+    /// Number of buckets.
+    pub fn len(&self) -> usize {
+        self.per_generation
+            .values()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Seconds from the start of sending to `t` (negative if before).
+    pub fn secs_at(&self, t: Instant) -> Option<f64> {
+        let s = self.start?;
+        Some(if t >= s {
+            (t - s).as_secs_f64()
+        } else {
+            -(s - t).as_secs_f64()
+        })
+    }
+}
+
+/// One receiver's time series: a flat, preallocated array of
+/// `buckets * TIMELINE_GENERATIONS` counters, so the hot path only indexes it.
+struct TimelineRec {
+    start: Instant,
+    buckets: usize,
+    generations: [u32; TIMELINE_GENERATIONS],
+    known: usize,
+    counts: Vec<u32>,
+    late: u64,
+}
+
+impl TimelineRec {
+    fn new(start: Instant, span: Duration) -> TimelineRec {
+        let buckets = (span.as_nanos() / TIMELINE_BUCKET.as_nanos()).max(1) as usize + 1;
+        TimelineRec {
+            start,
+            buckets,
+            generations: [0; TIMELINE_GENERATIONS],
+            known: 0,
+            counts: vec![0; buckets * TIMELINE_GENERATIONS],
+            late: 0,
+        }
+    }
+
+    /// The bucket of now; called once per `recvmmsg` batch.
+    fn bucket_now(&self) -> usize {
+        (self.start.elapsed().as_nanos() / TIMELINE_BUCKET.as_nanos()) as usize
+    }
+
+    fn count(&mut self, bucket: usize, generation: u32) {
+        let slot = match self.generations[..self.known]
+            .iter()
+            .position(|&g| g == generation)
+        {
+            Some(i) => Some(i),
+            None if self.known < TIMELINE_GENERATIONS => {
+                self.generations[self.known] = generation;
+                self.known += 1;
+                Some(self.known - 1)
+            }
+            None => None,
+        };
+        match slot {
+            Some(i) if bucket < self.buckets => {
+                let c = &mut self.counts[i * self.buckets + bucket];
+                *c = c.saturating_add(1);
+            }
+            _ => self.late += 1,
+        }
+    }
+
+    fn merge_into(self, t: &mut Timeline) {
+        t.late += self.late;
+        for (i, g) in self.generations[..self.known].iter().enumerate() {
+            let v = t
+                .per_generation
+                .entry(*g)
+                .or_insert_with(|| vec![0; self.buckets]);
+            if v.len() < self.buckets {
+                v.resize(self.buckets, 0);
+            }
+            for (dst, src) in v
+                .iter_mut()
+                .zip(&self.counts[i * self.buckets..(i + 1) * self.buckets])
+            {
+                *dst += u64::from(*src);
+            }
+        }
+        let n = t.per_generation.values().map(Vec::len).max().unwrap_or(0);
+        for v in t.per_generation.values_mut() {
+            v.resize(n, 0);
+        }
+    }
 }
 
 /// Results of one sending socket.
@@ -174,6 +304,8 @@ pub struct Report {
     pub duration: Duration,
     /// Achieved send rate, datagrams per second.
     pub rate: f64,
+    /// Replies over time, when [`LoadConfig::timeline`] asked for it.
+    pub timeline: Option<Timeline>,
 }
 
 impl Report {
@@ -435,17 +567,8 @@ fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result
         let mut recv_handles = Vec::new();
         for (i, sock) in sockets.iter().enumerate() {
             let (reserved, unique, stop) = (&reserved[i], &unique[i], &stop);
-            recv_handles.push(s.spawn(move || {
-                recv_loop(
-                    sock,
-                    i,
-                    cfg.senders,
-                    cfg.payload_size,
-                    reserved,
-                    unique,
-                    stop,
-                )
-            }));
+            recv_handles
+                .push(s.spawn(move || recv_loop(sock, i, cfg, start, reserved, unique, stop)));
         }
         let mut send_handles = Vec::new();
         for (i, sock) in sockets.iter().enumerate() {
@@ -502,6 +625,12 @@ fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result
     });
 
     let mut report = Report::default();
+    if cfg.timeline.is_some() {
+        report.timeline = Some(Timeline {
+            start: Some(start),
+            ..Timeline::default()
+        });
+    }
     for (i, (send, recv)) in sends.into_iter().zip(recvs).enumerate() {
         let send = send?;
         let recv = match recv.result {
@@ -519,6 +648,9 @@ fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result
                 sr.received += 1;
                 report.duplicated += u64::from(c - 1);
             }
+        }
+        if let (Some(rec), Some(t)) = (recv.timeline, report.timeline.as_mut()) {
+            rec.merge_into(t);
         }
         for (t, n) in recv.per_socket {
             *sr.per_worker.entry((t.generation, t.worker)).or_default() += n;
@@ -699,6 +831,7 @@ struct RecvOut {
     per_socket: BTreeMap<Trailer, u64>,
     malformed: u64,
     refused: u64,
+    timeline: Option<TimelineRec>,
 }
 
 const RECV_BATCH: usize = 64;
@@ -706,8 +839,8 @@ const RECV_BATCH: usize = 64;
 fn recv_loop(
     sock: &UdpSocket,
     index: usize,
-    senders: usize,
-    payload_size: usize,
+    cfg: &LoadConfig,
+    start: Instant,
     reserved: &AtomicU64,
     unique: &AtomicU64,
     stop: &AtomicBool,
@@ -718,7 +851,9 @@ fn recv_loop(
         per_socket: BTreeMap::new(),
         malformed: 0,
         refused: 0,
+        timeline: cfg.timeline.map(|span| TimelineRec::new(start, span)),
     };
+    let (senders, payload_size) = (cfg.senders, cfg.payload_size);
     // Room for more than a valid reply, so an oversized one shows up as malformed rather
     // than being truncated into something that parses.
     let slot = payload_size + TRAILER_LEN + 64;
@@ -740,6 +875,7 @@ fn recv_loop(
             }
         };
         let sent_bound = reserved.load(Ordering::Acquire);
+        let bucket = out.timeline.as_ref().map_or(0, TimelineRec::bucket_now);
         for (&(len, truncated), data) in received[..n].iter().zip(buf.chunks_exact(slot)) {
             let Some((seq, trailer)) =
                 parse_reply(&data[..len.min(slot)], payload_size).filter(|_| !truncated)
@@ -760,6 +896,9 @@ fn recv_loop(
             *c = c.saturating_add(1);
             if *c == 1 {
                 unique.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(t) = out.timeline.as_mut() {
+                t.count(bucket, trailer.generation);
             }
             *out.per_socket.entry(trailer).or_default() += 1;
         }
@@ -827,6 +966,35 @@ mod tests {
             (0..4).map(|k| four.value(5, k)).collect::<Vec<_>>(),
             [11, 12, 13, 10]
         );
+    }
+
+    #[test]
+    fn timeline_buckets_per_generation_and_merges() {
+        let start = Instant::now();
+        let mut a = TimelineRec::new(start, Duration::from_millis(30));
+        assert_eq!(a.buckets, 4);
+        a.count(0, 1);
+        a.count(0, 1);
+        a.count(2, 2);
+        a.count(4, 1); // beyond the span
+        let mut b = TimelineRec::new(start, Duration::from_millis(30));
+        b.count(1, 2);
+        for g in 10..10 + TIMELINE_GENERATIONS as u32 {
+            b.count(3, g);
+        }
+        b.count(3, 99); // with 2 and 10..=24 the table is full: 25 and 99 are late
+        let mut t = Timeline {
+            start: Some(start),
+            ..Timeline::default()
+        };
+        a.merge_into(&mut t);
+        b.merge_into(&mut t);
+        assert_eq!(t.per_generation[&1], [2, 0, 0, 0]);
+        assert_eq!(t.per_generation[&2], [0, 1, 1, 0]);
+        assert_eq!(t.per_generation[&10], [0, 0, 0, 1]);
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.late, 3); // after the span, and two generations too many
+        assert_eq!(t.secs_at(start + Duration::from_millis(500)), Some(0.5));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Building blocks of the benchmark (`src/bin/bench.rs`) and the demo
 //! (`src/bin/demo.rs`): BPF run-time statistics, hand-run baselines, /proc readings,
-//! upgrade phase lines, markdown tables, the XDP figure's veth lab, and cleanup on Ctrl-C.
+//! upgrade phase lines, markdown tables, SVG pictures, the XDP figure's veth lab, and cleanup
+//! on Ctrl-C.
 //! Their few system calls without a safe wrapper are in the crate's `sys` module.
 
 pub mod bpf;
 pub mod cleanup;
 pub mod handrun;
 pub mod phases;
+pub mod plot;
 pub mod procfs;
 pub mod table;
 pub mod xdp;

@@ -13,7 +13,8 @@
 //! the same sockets; loss across upgrades against the two ways of restarting a plain
 //! `SO_REUSEPORT` service by hand; upgrade timing; the supervisor's own footprint; and
 //! the XDP filter's discard rate and per-packet cost against discarding in user space,
-//! over a veth pair.
+//! over a veth pair. The selector costs and the upgrades are also drawn as SVG files
+//! (`target/bench/selector-cost.svg`, `target/bench/upgrade.svg`, or `--svg-dir`).
 
 #![deny(unsafe_code)]
 
@@ -31,6 +32,7 @@ use supervisor_tests::bench::bpf;
 use supervisor_tests::bench::cleanup;
 use supervisor_tests::bench::handrun::{HandWorker, NotifyListener, terminate_all};
 use supervisor_tests::bench::phases::{self, UpgradeTiming, median_max};
+use supervisor_tests::bench::plot::{self, CostBar, Mark, MarkKind};
 use supervisor_tests::bench::procfs::{self, CpuMeter, CpuUse};
 use supervisor_tests::bench::table::{Table, ms, percent, thousands};
 use supervisor_tests::bench::xdp as bench_xdp;
@@ -77,6 +79,10 @@ struct Args {
     /// timing), footprint, xdp (filter versus user-space discard).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Where to write the pictures (selector-cost.svg, upgrade.svg) [default:
+    /// target/bench, next to the build this binary belongs to].
+    #[arg(long, value_name = "DIR")]
+    svg_dir: Option<PathBuf>,
 }
 
 /// Everything fixed for one run, resolved from the arguments.
@@ -98,6 +104,8 @@ struct Plan {
     /// Sending time of each XDP discard run.
     xdp: Duration,
     only: Vec<String>,
+    /// Directory of the SVG pictures.
+    svg_dir: PathBuf,
 }
 
 impl Plan {
@@ -126,6 +134,10 @@ impl Plan {
             xdp: Duration::try_from_secs_f64(a.xdp_secs.unwrap_or(if q { 2.0 } else { 4.0 }))
                 .unwrap_or_default(),
             only: a.only.clone(),
+            svg_dir: a
+                .svg_dir
+                .clone()
+                .unwrap_or_else(|| plot::default_dir("bench")),
         }
     }
 
@@ -846,6 +858,41 @@ fn spread_and_cost(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
         ">above floor",
     ]);
     let is_floor = |r: &CostRow| !r.program.starts_with('`');
+    let bars: Vec<CostBar> = rows
+        .iter()
+        .filter_map(|r| {
+            let ns = *r.ns.as_ref().ok()?;
+            Some(if is_floor(r) {
+                CostBar {
+                    label: "empty program (floor)".into(),
+                    ns,
+                    floor: true,
+                }
+            } else {
+                CostBar {
+                    label: format!("balance = {}", r.balance),
+                    ns,
+                    floor: false,
+                }
+            })
+        })
+        .collect();
+    let svg = plan.svg_dir.join("selector-cost.svg");
+    match plot::selector_cost(
+        &svg,
+        &format!(
+            "Selector cost per datagram ({} datagrams at {}/s, one sender)",
+            thousands(n),
+            thousands(rate)
+        ),
+        &bars,
+    ) {
+        Ok(()) => {
+            eprintln!("bench: wrote {}", svg.display());
+            cost.notes.push(format!("picture: `{}`", svg.display()));
+        }
+        Err(e) => cost.notes.push(format!("no picture: {e}")),
+    }
     for r in rows {
         let above = match (&r.ns, floor_ns) {
             (Ok(ns), Some(f)) if !is_floor(&r) => format!("{:+.1}", ns - f),
@@ -1043,6 +1090,8 @@ struct LossRun {
     killed: usize,
     cpu: Option<CpuUse>,
     rss_kib: Option<(u64, u64)>,
+    /// Request, flip and gone of each upgrade on the load's time axis (supervisor only).
+    marks: Vec<Mark>,
 }
 
 impl LossRun {
@@ -1056,6 +1105,7 @@ impl LossRun {
             killed: 0,
             cpu: None,
             rss_kib: None,
+            marks: Vec::new(),
         }
     }
 }
@@ -1078,9 +1128,13 @@ fn upgrades_supervisor(plan: &Plan, addr: SocketAddr) -> LossRun {
     let pid = sup.pid().expect("running");
     let rss_before = procfs::rss_kib(pid);
     let meter = CpuMeter::start(pid);
-    let load = BackgroundLoad::start(&stage.net, load_cfg(plan, addr));
+    // Time series for the picture: the whole run if each upgrade takes under 2 s.
+    let span = LEAD_IN + LEAD_OUT + Duration::from_secs(2 * u64::from(plan.upgrades) + 2);
+    let load_started = Instant::now();
+    let load = BackgroundLoad::start(&stage.net, load_cfg(plan, addr).timeline(span));
     std::thread::sleep(LEAD_IN);
     let mut run = LossRun::new(Report::default());
+    let mut requests = Vec::new();
     for i in 0..plan.upgrades {
         let t = Instant::now();
         let out = sup.upgrade();
@@ -1088,7 +1142,9 @@ fn upgrades_supervisor(plan: &Plan, addr: SocketAddr) -> LossRun {
         let stdout = String::from_utf8_lossy(&out.stdout);
         if out.status.success() {
             run.done += 1;
-            run.timings.push(phases::timing(&phases::parse(&stdout)));
+            let timing = phases::timing(&phases::parse(&stdout));
+            requests.push((t, timing));
+            run.timings.push(timing);
         } else {
             run.failures.push(format!(
                 "upgrade {}: {}",
@@ -1103,6 +1159,28 @@ fn upgrades_supervisor(plan: &Plan, addr: SocketAddr) -> LossRun {
     }
     std::thread::sleep(LEAD_OUT);
     run.report = load.finish();
+    // The load's own start is a moment after `load_started`, inside its thread.
+    let zero = run
+        .report
+        .timeline
+        .as_ref()
+        .and_then(|t| t.start)
+        .unwrap_or(load_started);
+    for (t, timing) in requests {
+        let at = t.saturating_duration_since(zero).as_secs_f64();
+        run.marks.push(Mark {
+            secs: at,
+            kind: MarkKind::Request,
+        });
+        for (d, kind) in [(timing.flip, MarkKind::Flip), (timing.gone, MarkKind::Gone)] {
+            if let Some(d) = d {
+                run.marks.push(Mark {
+                    secs: at + d.as_secs_f64(),
+                    kind,
+                });
+            }
+        }
+    }
     run.cpu = meter.and_then(|m| m.finish());
     run.rss_kib = rss_before.zip(procfs::rss_kib(pid));
     sup.stop();
@@ -1166,6 +1244,20 @@ fn upgrades_by_hand(plan: &Plan, addr: SocketAddr, how: ByHand) -> LossRun {
     run.report = load.finish();
     drop(workers);
     run
+}
+
+/// The window around the first upgrade of the picture: from a little before its
+/// request to a little after its old generation was gone.
+fn first_upgrade(marks: &[Mark]) -> Option<(f64, f64)> {
+    let request = marks.iter().find(|m| m.kind == MarkKind::Request)?.secs;
+    let end = marks
+        .iter()
+        .filter(|m| m.secs >= request)
+        .take_while(|m| m.kind != MarkKind::Request || m.secs == request)
+        .map(|m| m.secs)
+        .fold(request, f64::max);
+    let pad = ((end - request) * 0.25).max(0.05);
+    Some((request - pad, end + pad))
 }
 
 fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
@@ -1293,6 +1385,33 @@ fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
     let mut tt = Table::new(&["interval", ">median", ">max", ">upgrades"]);
     let mut tj = json!({});
     if let Some(run) = &sup_run {
+        let svg = plan.svg_dir.join("upgrade.svg");
+        let drawn = match &run.report.timeline {
+            Some(t) => plot::replies_over_time(
+                &svg,
+                &format!(
+                    "{} upgrades under {} datagrams/s ({} flows, {} workers, balance = random)",
+                    run.done,
+                    thousands(plan.upgrade_rate),
+                    plan.upgrade_flows,
+                    plan.workers
+                ),
+                t,
+                &run.marks,
+                first_upgrade(&run.marks),
+            ),
+            None => Err("no time series recorded".into()),
+        };
+        match drawn {
+            Ok(()) => {
+                eprintln!("bench: wrote {}", svg.display());
+                timing.notes.push(format!(
+                    "picture: `{}` (replies per 10 ms per generation; request, flip and old generation gone marked)",
+                    svg.display()
+                ));
+            }
+            Err(e) => timing.notes.push(format!("no picture: {e}")),
+        }
         let flips: Vec<Duration> = run.timings.iter().filter_map(|t| t.flip).collect();
         let gones: Vec<Duration> = run.timings.iter().filter_map(|t| t.gone).collect();
         let drains: Vec<Duration> = run

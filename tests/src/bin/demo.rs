@@ -5,7 +5,8 @@
 //! machine), sends numbered datagrams from one client socket at a fixed rate, upgrades
 //! the service while they flow, and shows what happened to every datagram. Cleans up
 //! everything it created (namespace, processes, eBPF pins, temporary files), also on
-//! Ctrl-C.
+//! Ctrl-C. Draws the replies per 10 ms per generation across the upgrade in
+//! `target/demo/upgrade.svg` (or `--svg-dir`).
 //!
 //! Run by `scripts/demo.sh` (which builds it), as root; it finds the `supervisor` and
 //! `echo-worker` binaries next to itself.
@@ -15,12 +16,14 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use supervisor_tests::bench::phases::{self, Phase};
+use supervisor_tests::bench::phases::{self, Phase, UpgradeTiming};
+use supervisor_tests::bench::plot::{self, Mark, MarkKind};
 use supervisor_tests::bench::{cleanup, table::thousands};
 use supervisor_tests::supervisor::CLI_TIMEOUT;
 use supervisor_tests::{
@@ -49,6 +52,10 @@ struct Args {
     /// How the selector spreads datagrams over the workers: random, hash or flow.
     #[arg(long, default_value = "random")]
     balance: String,
+    /// Where to write the picture (upgrade.svg) [default: target/demo, next to the
+    /// build this binary belongs to].
+    #[arg(long, value_name = "DIR")]
+    svg_dir: Option<PathBuf>,
 }
 
 const ADDR: &str = "127.0.0.1:5300";
@@ -163,7 +170,9 @@ fn run(args: &Args, balance: Balance) -> bool {
         LoadConfig::new(addr)
             .senders(1)
             .rate(args.rate)
-            .duration(traffic),
+            .duration(traffic)
+            // The sending time, the wait for the last replies, and some slack.
+            .timeline(traffic + Duration::from_secs(5)),
     );
     std::thread::sleep(upgrade_at.saturating_sub(load_started.elapsed()));
     section(
@@ -209,6 +218,21 @@ fn run(args: &Args, balance: Balance) -> bool {
             );
         }
         _ => println!("      old generation gone:            not reported"),
+    }
+
+    let dir = args
+        .svg_dir
+        .clone()
+        .unwrap_or_else(|| plot::default_dir("demo"));
+    match picture(&dir, &report, upgrade_started, timing, args) {
+        Ok(path) => {
+            println!();
+            println!(
+                "    picture: {} (replies per 10 ms per generation; upgrade request, flip and old generation gone marked)",
+                path.display()
+            );
+        }
+        Err(e) => println!("    (no picture: {e})"),
     }
 
     section(6, "`supervisor status` after the upgrade");
@@ -265,6 +289,60 @@ fn run(args: &Args, balance: Balance) -> bool {
         );
     }
     verdict
+}
+
+/// Draws `upgrade.svg` in `dir`: replies per 10 ms per generation, with the request,
+/// the flip and the end of the old generation (the daemon counts the phase times from
+/// when it received the request, a fraction of a millisecond after `requested`).
+fn picture(
+    dir: &std::path::Path,
+    report: &Report,
+    requested: Instant,
+    timing: UpgradeTiming,
+    args: &Args,
+) -> Result<PathBuf, String> {
+    let timeline = report.timeline.as_ref().ok_or("no time series recorded")?;
+    let at = timeline
+        .secs_at(requested)
+        .ok_or("the time series has no start")?;
+    let mut marks = vec![Mark {
+        secs: at,
+        kind: MarkKind::Request,
+    }];
+    for (t, kind) in [(timing.flip, MarkKind::Flip), (timing.gone, MarkKind::Gone)] {
+        if let Some(t) = t {
+            marks.push(Mark {
+                secs: at + t.as_secs_f64(),
+                kind,
+            });
+        }
+    }
+    let path = dir.join("upgrade.svg");
+    plot::replies_over_time(
+        &path,
+        &format!(
+            "demo: one client, {} datagrams/s, {} workers, balance = {}, one upgrade",
+            thousands(args.rate),
+            args.workers,
+            args.balance
+        ),
+        timeline,
+        &marks,
+        Some(zoom(&marks)),
+    )?;
+    Ok(path)
+}
+
+/// The window around the upgrade: from a little before the request to a little
+/// after the old generation was gone (or the flip, if that is the last mark).
+fn zoom(marks: &[Mark]) -> (f64, f64) {
+    let first = marks.iter().map(|m| m.secs).fold(f64::INFINITY, f64::min);
+    let last = marks
+        .iter()
+        .map(|m| m.secs)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((last - first) * 0.25).max(0.05);
+    (first - pad, last + pad)
 }
 
 fn section(n: u32, title: &str) {

@@ -24,6 +24,7 @@ pub mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
 pub mod systemd_container;
+pub mod world;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -41,6 +42,7 @@ pub use pins::PinDir;
 pub use plain::PlainReuseportGroup;
 pub use supervisor::{Balance, ReadyMode, ServiceConfig, Supervisor};
 pub use systemd_container::{Rootfs, SystemdContainer};
+pub use world::World;
 
 /// Panics unless the process runs as root. The tests need CAP_BPF / CAP_NET_ADMIN
 /// (network namespaces, bpffs, SO_RCVBUFFORCE); they must fail, not skip, without them.

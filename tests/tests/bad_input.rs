@@ -5,67 +5,21 @@
 #![deny(unsafe_code)]
 
 use std::fs;
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::Duration;
+use std::net::UdpSocket;
+use std::path::Path;
 
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
-use supervisor_tests::supervisor::{single_error_line, supervisor_command};
-use supervisor_tests::{
-    PinDir, ServiceConfig, TempDir, TestNet, output_with_timeout, require_root,
-};
+use supervisor_tests::TempDir;
+use supervisor_tests::World;
+use supervisor_tests::supervisor::single_error_line;
+use supervisor_tests::world::WORLD_ADDR as ADDR;
 
-const ADDR: &str = "127.0.0.1:5300";
-const RUN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One test's private world: namespace, pin directory, runtime directory, and a
-/// directory for config files.
-struct World {
-    net: TestNet,
-    pins: PinDir,
-    runtime: TempDir,
-    work: TempDir,
+/// What this file asks of its world beyond the harness.
+trait Refusals {
+    fn refused_run(&self, wrapper: &[&str], config: &Path, service: &str) -> String;
 }
 
-impl World {
-    fn new() -> World {
-        require_root();
-        World {
-            net: TestNet::new(),
-            pins: PinDir::new(),
-            runtime: TempDir::new("sup-run"),
-            work: TempDir::new("sup-work"),
-        }
-    }
-
-    /// A valid echo service config (2 workers on [`ADDR`]).
-    fn config(&self) -> ServiceConfig {
-        ServiceConfig::echo(
-            2,
-            ADDR.parse::<SocketAddr>().unwrap(),
-            &self.pins,
-            self.runtime.path(),
-        )
-    }
-
-    /// Writes `text` as `<work>/<name>` and returns the path.
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.work.path().join(name);
-        fs::write(&path, text).unwrap();
-        path
-    }
-
-    /// `[wrapper...] supervisor ARGS --config CONFIG`, to completion.
-    fn supervisor(&self, wrapper: &[&str], args: &[&str], config: &Path) -> Output {
-        output_with_timeout(
-            &mut supervisor_command(&self.net, wrapper, args, config),
-            RUN_TIMEOUT,
-        )
-    }
-
-    /// Runs `supervisor run` (under `wrapper`), requires the refusal (exit 2, one
-    /// `error:` line) and that nothing is left behind; returns the error line.
+impl Refusals for World {
     fn refused_run(&self, wrapper: &[&str], config: &Path, service: &str) -> String {
         let out = self.supervisor(wrapper, &["run"], config);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -81,22 +35,6 @@ impl World {
         let line = single_error_line(&stderr);
         println!("{line}");
         line
-    }
-
-    fn assert_nothing_left(&self, service: &str) {
-        let pins = self.pins.entries();
-        assert!(pins.is_empty(), "pins left behind: {pins:?}");
-        let socket = self.runtime.path().join(format!("{service}.sock"));
-        assert!(
-            !socket.exists(),
-            "control socket {} left behind",
-            socket.display()
-        );
-        let procs = self.net.cmdlines();
-        assert!(
-            procs.is_empty(),
-            "processes left in the namespace: {procs:?}"
-        );
     }
 }
 
@@ -125,7 +63,7 @@ fn malformed_toml_names_file_and_line() {
         .position(|l| l == "[[listen]")
         .expect("header in config")
         + 1;
-    let path = w.write("malformed.toml", &broken);
+    let path = w.write_text("malformed.toml", &broken);
     let line = w.refused_run(&[], &path, "echo");
     assert_mentions(&line, &[&format!("{}:{line_no}", path.display())]);
 }
@@ -137,7 +75,7 @@ fn unknown_key_is_named() {
         .config()
         .to_toml()
         .replacen("[service]\n", "[service]\nwrokers = 2\n", 1);
-    let path = w.write("unknown.toml", &text);
+    let path = w.write_text("unknown.toml", &text);
     let line = w.refused_run(&[], &path, "echo");
     assert_mentions(&line, &[&format!("{}:2", path.display()), "wrokers"]);
 }
@@ -149,7 +87,7 @@ fn address_bound_without_reuseport() {
     let squatter = w
         .net
         .run_in(|| UdpSocket::bind(ADDR).expect("bind the squatter"));
-    let path = w.write("taken.toml", &w.config().to_toml());
+    let path = w.write_text("taken.toml", &w.config().to_toml());
     let line = w.refused_run(&[], &path, "echo");
     assert_mentions(&line, &[ADDR, "in use"]);
     drop(squatter);
@@ -161,7 +99,7 @@ fn command_that_does_not_exist() {
     let mut config = w.config();
     let missing = w.work.path().join("no-such-worker");
     config.command = vec![missing.display().to_string(), "--flag".into()];
-    let path = w.write("missing-command.toml", &config.to_toml());
+    let path = w.write_text("missing-command.toml", &config.to_toml());
     let line = w.refused_run(&[], &path, "echo");
     assert_mentions(&line, &[&missing.display().to_string()]);
 }
@@ -195,7 +133,7 @@ fn bpffs_that_cannot_be_mounted() {
     let bpffs = not_bpffs.path().join("bpf");
     let mut config = w.config();
     config.bpffs = bpffs.clone();
-    let path = w.write("no-mount.toml", &config.to_toml());
+    let path = w.write_text("no-mount.toml", &config.to_toml());
     let wrapper = without_caps("-sys_admin");
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let line = w.refused_run(&wrapper, &path, "echo");
@@ -222,7 +160,7 @@ fn bpffs_that_cannot_be_mounted() {
 fn missing_privileges_for_bpf() {
     let w = World::new();
     // bpffs is mounted (PinDir made sure); only bpf() itself is refused.
-    let path = w.write("no-bpf.toml", &w.config().to_toml());
+    let path = w.write_text("no-bpf.toml", &w.config().to_toml());
     let wrapper = without_caps("-sys_admin,-bpf");
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let line = w.refused_run(&wrapper, &path, "echo");
@@ -232,7 +170,7 @@ fn missing_privileges_for_bpf() {
 #[test]
 fn cli_without_a_running_daemon() {
     let w = World::new();
-    let path = w.write("idle.toml", &w.config().to_toml());
+    let path = w.write_text("idle.toml", &w.config().to_toml());
     for args in [
         &["status"][..],
         &["status", "--json"],

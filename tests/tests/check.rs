@@ -9,66 +9,30 @@
 #![deny(unsafe_code)]
 
 use std::fs;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::time::Duration;
 
+use supervisor_tests::World;
 use supervisor_tests::hostile::{NOBODY, UnmountOnDrop, is_mount_point, reuseport_socket};
-use supervisor_tests::supervisor::{single_error_line, supervisor_command};
-use supervisor_tests::{
-    PinDir, ServiceConfig, TempDir, TestNet, output_with_timeout, require_root,
-};
-
-const ADDR: &str = "127.0.0.1:5300";
-const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+use supervisor_tests::supervisor::single_error_line;
+use supervisor_tests::world::{RUN_TIMEOUT, WORLD_ADDR as ADDR};
+use supervisor_tests::{ServiceConfig, TempDir};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-struct World {
-    net: TestNet,
-    pins: PinDir,
-    runtime: TempDir,
-    work: TempDir,
+/// What this file asks of its world beyond the harness.
+trait CheckAndRun {
+    fn both_refuse(&self, case: &str, wrapper: &[&str], config: &Path) -> (String, String);
+
+    fn same_refusal(&self, case: &str, wrapper: &[&str], config: &Path) -> String;
+
+    fn same_refusal_of(&self, case: &str, config: &ServiceConfig) -> String;
 }
 
-impl World {
-    fn new() -> World {
-        require_root();
-        World {
-            net: TestNet::new(),
-            pins: PinDir::new(),
-            runtime: TempDir::new("sup-run"),
-            work: TempDir::new("sup-work"),
-        }
-    }
-
-    fn config(&self) -> ServiceConfig {
-        ServiceConfig::echo(
-            2,
-            ADDR.parse::<SocketAddr>().unwrap(),
-            &self.pins,
-            self.runtime.path(),
-        )
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.work.path().join(name);
-        fs::write(&path, text).unwrap();
-        path
-    }
-
-    fn supervisor(&self, wrapper: &[&str], args: &[&str], config: &Path) -> Output {
-        let mut cmd = supervisor_command(&self.net, wrapper, args, config);
-        cmd.current_dir(self.work.path());
-        output_with_timeout(&mut cmd, RUN_TIMEOUT)
-    }
-
-    /// `check` and `run` on `config` (under `wrapper`): both exit 2 with one
-    /// `error:` line and nothing else on stderr; returns (check's line, run's line).
+impl CheckAndRun for World {
     fn both_refuse(&self, case: &str, wrapper: &[&str], config: &Path) -> (String, String) {
         let check = self.supervisor(wrapper, &["check"], config);
         let check_err = text(&check.stderr);
@@ -100,7 +64,6 @@ impl World {
         (lines[0].to_string(), run_line)
     }
 
-    /// Same code, same line (returned).
     fn same_refusal(&self, case: &str, wrapper: &[&str], config: &Path) -> String {
         let (check, run) = self.both_refuse(case, wrapper, config);
         assert_eq!(check, run, "{case}: check and run disagree");
@@ -108,7 +71,7 @@ impl World {
     }
 
     fn same_refusal_of(&self, case: &str, config: &ServiceConfig) -> String {
-        let path = self.write("case.toml", &config.to_toml());
+        let path = self.write_text("case.toml", &config.to_toml());
         self.same_refusal(case, &[], &path)
     }
 }
@@ -130,9 +93,9 @@ fn check_refuses_what_run_refuses_with_the_same_line() {
     // bad_input.rs
     let missing_file = w.work.path().join("does-not-exist.toml");
     w.same_refusal("missing config file", &[], &missing_file);
-    let malformed = w.write("m.toml", &base.replacen("[[listen]]", "[[listen]", 1));
+    let malformed = w.write_text("m.toml", &base.replacen("[[listen]]", "[[listen]", 1));
     w.same_refusal("malformed TOML", &[], &malformed);
-    let unknown = w.write(
+    let unknown = w.write_text(
         "u.toml",
         &base.replacen("[service]\n", "[service]\nwrokers = 2\n", 1),
     );
@@ -153,7 +116,7 @@ fn check_refuses_what_run_refuses_with_the_same_line() {
         let _unmount = UnmountOnDrop(not_bpffs.path().join("bpf"));
         let mut config = w.config();
         config.bpffs = not_bpffs.path().join("bpf");
-        let path = w.write("nomount.toml", &config.to_toml());
+        let path = w.write_text("nomount.toml", &config.to_toml());
         let wrapper = without_caps("-sys_admin");
         let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
         w.same_refusal("bpffs that cannot be mounted", &wrapper, &path);
@@ -161,7 +124,7 @@ fn check_refuses_what_run_refuses_with_the_same_line() {
     {
         // Only the kernel's own refusal text differs: run names the bpf() errno
         // of the selector load, check the missing capability.
-        let path = w.write("nobpf.toml", &base);
+        let path = w.write_text("nobpf.toml", &base);
         let wrapper = without_caps("-sys_admin,-bpf");
         let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
         let (check, run) = w.both_refuse("missing privileges for bpf", &wrapper, &path);
@@ -215,7 +178,7 @@ fn check_refuses_what_run_refuses_with_the_same_line() {
     ] {
         let edited = base.replace(from, to);
         assert_ne!(edited, base);
-        let path = w.write("durations.toml", &edited);
+        let path = w.write_text("durations.toml", &edited);
         w.same_refusal(&format!("absurd {key}"), &[], &path);
     }
     for (what, mode, owner) in [
@@ -272,7 +235,7 @@ fn check_of_a_good_config_changes_nothing() {
     let mut config = w.config();
     config.runtime_dir = w.runtime.path().join("new");
     config.bpffs = bpffs_parent.path().join("bpf");
-    let path = w.write("good.toml", &config.to_toml());
+    let path = w.write_text("good.toml", &config.to_toml());
     let dirs = [
         w.runtime.path(),
         config.runtime_dir.as_path(),
@@ -295,7 +258,7 @@ fn check_of_a_good_config_changes_nothing() {
     assert!(w.net.cmdlines().is_empty());
 
     // On the standard bpffs (the world's pins) and an existing runtime dir, too.
-    let path = w.write("plain.toml", &w.config().to_toml());
+    let path = w.write_text("plain.toml", &w.config().to_toml());
     let before = snapshot(&w, &dirs);
     let out = w.supervisor(&[], &["check"], &path);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
@@ -311,7 +274,7 @@ fn check_while_the_service_runs_is_refused_as_run_is() {
     let w = World::new();
     let mut sup = supervisor_tests::Supervisor::start(&w.net, w.config());
     let before = sup.wait_settled(1, RUN_TIMEOUT);
-    let path = w.write("live.toml", &w.config().to_toml());
+    let path = w.write_text("live.toml", &w.config().to_toml());
     let line = w.same_refusal("service already running", &[], &path);
     assert!(line.contains("already running"), "{line}");
     let other_runtime = TempDir::new("sup-run2");

@@ -7,81 +7,47 @@
 //! pin, mount, socket, process or lock file is left behind.
 
 use std::fs;
-use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use supervisor_tests::World;
 use supervisor_tests::hostile::{
     FakeDaemon, NOBODY, UnmountOnDrop, is_mount_point, nobody_with_dac_override, reuseport_socket,
 };
 use supervisor_tests::supervisor::{
     generation_numbers, selected_total, single_error_line, supervisor_command, worker_pids,
 };
+use supervisor_tests::world::{RUN_TIMEOUT, WORLD_ADDR as ADDR};
 use supervisor_tests::{
     LoadConfig, PinDir, ReadyMode, ServiceConfig, Supervisor, TempDir, TestNet, bin_path, loadgen,
     output_with_timeout, require_root, wait_timeout,
 };
 
-const ADDR: &str = "127.0.0.1:5300";
-const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(30);
-
-fn addr() -> SocketAddr {
-    ADDR.parse().unwrap()
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// One test's private world: namespace, pin directory, runtime directory, and a
-/// directory for config files.
-struct World {
-    net: TestNet,
-    pins: PinDir,
-    runtime: TempDir,
-    work: TempDir,
+/// What this file asks of its world beyond the harness.
+trait Hardening {
+    fn write(&self, file: &str, config: &ServiceConfig) -> PathBuf;
+
+    fn refused_run(&self, config: &Path, service: &str, runtime_dir: &Path) -> String;
+
+    fn config_error(&self, config: &Path, service: &str) -> String;
+
+    fn traffic(&self, count: u64);
 }
 
-impl World {
-    fn new() -> World {
-        require_root();
-        World {
-            net: TestNet::new(),
-            pins: PinDir::new(),
-            runtime: TempDir::new("sup-run"),
-            work: TempDir::new("sup-work"),
-        }
-    }
-
-    /// A valid echo service (2 workers on [`ADDR`]).
-    fn config(&self) -> ServiceConfig {
-        ServiceConfig::echo(2, addr(), &self.pins, self.runtime.path())
-    }
-
-    /// Writes `config` as `<work>/<file>` and returns the path.
+impl Hardening for World {
     fn write(&self, file: &str, config: &ServiceConfig) -> PathBuf {
         self.write_text(file, &config.to_toml())
     }
 
-    fn write_text(&self, file: &str, text: &str) -> PathBuf {
-        let path = self.work.path().join(file);
-        fs::write(&path, text).unwrap();
-        path
-    }
-
-    /// `[wrapper...] supervisor ARGS --config CONFIG` in the namespace, to completion.
-    fn supervisor(&self, wrapper: &[&str], args: &[&str], config: &Path) -> Output {
-        let mut cmd = supervisor_command(&self.net, wrapper, args, config);
-        cmd.current_dir(self.work.path());
-        output_with_timeout(&mut cmd, RUN_TIMEOUT)
-    }
-
-    /// `supervisor run` must be refused: exit 2, one `error:` line (returned), and
-    /// neither the control socket nor the lock file of `service` in `runtime_dir`.
     fn refused_run(&self, config: &Path, service: &str, runtime_dir: &Path) -> String {
         let out = self.supervisor(&[], &["run"], config);
         let stderr = text(&out.stderr);
@@ -106,8 +72,6 @@ impl World {
         line
     }
 
-    /// A refusal for bad configuration: as [`World::refused_run`], and the error line
-    /// is all there is on stderr (the config is checked before anything is logged).
     fn config_error(&self, config: &Path, service: &str) -> String {
         let out = self.supervisor(&[], &["run"], config);
         let stderr = text(&out.stderr);
@@ -134,30 +98,10 @@ impl World {
         lines[0].to_string()
     }
 
-    /// No pins, no control socket or lock file, no process in the namespace.
-    fn assert_nothing_left(&self, service: &str) {
-        let pins = self.pins.entries();
-        assert!(pins.is_empty(), "pins left behind: {pins:?}");
-        for file in [format!("{service}.sock"), format!("{service}.lock")] {
-            let path = self.runtime.path().join(file);
-            assert!(
-                fs::symlink_metadata(&path).is_err(),
-                "{} left behind",
-                path.display()
-            );
-        }
-        let procs = self.net.cmdlines();
-        assert!(
-            procs.is_empty(),
-            "processes left in the namespace: {procs:?}"
-        );
-    }
-
-    /// Sends `count` datagrams to [`ADDR`] and requires every one answered once.
     fn traffic(&self, count: u64) {
         let report = self
             .net
-            .run_in(|| loadgen::run(&LoadConfig::new(addr()).count(count).rate(2_000)))
+            .run_in(|| loadgen::run(&LoadConfig::new(World::addr()).count(count).rate(2_000)))
             .expect("load generator");
         report.assert_all_answered_once();
     }
@@ -198,7 +142,7 @@ fn another_service_on_the_same_address_is_refused() {
         "other",
         vec![bin_path("echo-worker").display().to_string()],
         1,
-        addr(),
+        World::addr(),
         &w.pins,
         other_runtime.path(),
     );
@@ -223,7 +167,7 @@ fn a_foreign_reuseport_socket_is_refused_at_start_and_at_upgrade() {
     let me = format!("pid {}", std::process::id());
 
     // At start: a socket of this test process is in the address's group.
-    let foreign = reuseport_socket(&w.net, addr());
+    let foreign = reuseport_socket(&w.net, World::addr());
     let path = w.write("echo.toml", &w.config());
     let line = w.refused_run(&path, "echo", w.runtime.path());
     assert_mentions(&line, &[ADDR, "in use", &me]);
@@ -233,7 +177,7 @@ fn a_foreign_reuseport_socket_is_refused_at_start_and_at_upgrade() {
     // At upgrade: the socket joins the running service's group.
     let mut sup = Supervisor::start(&w.net, w.config());
     let pids = worker_pids(&sup.wait_settled(1, SETTLE), 1);
-    let foreign = reuseport_socket(&w.net, addr());
+    let foreign = reuseport_socket(&w.net, World::addr());
     let out = sup.upgrade();
     let stderr = text(&out.stderr);
     assert_eq!(
@@ -264,7 +208,7 @@ fn restart_after_a_crash_is_not_refused_for_the_dead_supervisors_workers() {
             "trap '' TERM; exec sleep 1000".into(),
         ],
         1,
-        addr(),
+        World::addr(),
         &w.pins,
         w.runtime.path(),
     )
@@ -437,7 +381,7 @@ fn a_failed_start_removes_the_xdp_filter_it_attached_and_keeps_an_adopted_one() 
     let runtime = TempDir::new("sup-run");
     let work = TempDir::new("sup-work");
     let ifname = server.veth().unwrap().ifname.clone();
-    let mut good = ServiceConfig::echo(1, addr(), &pins, runtime.path());
+    let mut good = ServiceConfig::echo(1, World::addr(), &pins, runtime.path());
     good.extra_toml = format!("[xdp]\ninterface = \"{ifname}\"\nmode = \"generic\"\n");
     let mut failing = good.clone();
     failing.command = vec!["/bin/false".into()];

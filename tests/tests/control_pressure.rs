@@ -4,42 +4,20 @@
 //!
 //! Bounds are on fd counts, memory and log bytes, with wide margins, never on time.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use supervisor_tests::World;
 use supervisor_tests::pressure::{ControlConnection, open_fds, reset_peak_rss, status_kib};
-use supervisor_tests::{PinDir, ServiceConfig, Supervisor, TempDir, TestNet, require_root};
+use supervisor_tests::{ServiceConfig, Supervisor};
 
-const ADDR: &str = "127.0.0.1:5300";
 /// Connections the daemon serves at once (docs/control-protocol.md).
 const CONNECTION_CAP: usize = 64;
 /// The longest request line the daemon reads (docs/control-protocol.md).
 const MAX_REQUEST: usize = 64 * 1024;
 
-struct World {
-    net: TestNet,
-    pins: PinDir,
-    runtime: TempDir,
-}
-
-impl World {
-    fn new() -> World {
-        require_root();
-        World {
-            net: TestNet::new(),
-            pins: PinDir::new(),
-            runtime: TempDir::new("sup-run"),
-        }
-    }
-
-    fn config(&self) -> ServiceConfig {
-        ServiceConfig::echo(
-            1,
-            ADDR.parse::<SocketAddr>().unwrap(),
-            &self.pins,
-            self.runtime.path(),
-        )
-    }
+/// The echo service with one worker, in `w`'s world.
+fn one_worker(w: &World) -> ServiceConfig {
+    ServiceConfig::echo(1, World::addr(), &w.pins, w.runtime.path())
 }
 
 /// Polls `status` until it answers, for at most `bound`; panics otherwise.
@@ -62,7 +40,7 @@ fn status_answers_within(sup: &Supervisor<'_>, bound: Duration) {
 #[test]
 fn idle_connections_are_capped_and_closed() {
     let w = World::new();
-    let config = w.config();
+    let config = one_worker(&w);
     let socket = config.control_socket();
     let mut sup = Supervisor::start(&w.net, config);
     sup.wait_settled(1, Duration::from_secs(30));
@@ -104,7 +82,7 @@ fn idle_connections_are_capped_and_closed() {
 #[test]
 fn oversized_request_is_refused_without_growing_the_daemon() {
     let w = World::new();
-    let config = w.config();
+    let config = one_worker(&w);
     let socket = config.control_socket();
     let mut sup = Supervisor::start(&w.net, config);
     sup.wait_settled(1, Duration::from_secs(30));
@@ -155,7 +133,7 @@ fn oversized_request_is_refused_without_growing_the_daemon() {
 #[test]
 fn fd_limit_does_not_flood_the_log() {
     let w = World::new();
-    let config = w.config();
+    let config = one_worker(&w);
     let socket = config.control_socket();
     let mut sup = Supervisor::start(&w.net, config);
     sup.wait_settled(1, Duration::from_secs(30));

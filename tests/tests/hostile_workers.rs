@@ -5,48 +5,26 @@
 //!
 //! Bounds are on memory and fd counts, with wide margins, never on time.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
+use supervisor_tests::World;
 use supervisor_tests::pressure::{
     open_fds, proc_status, python3_for_any_user, reset_peak_rss, status_kib,
 };
 use supervisor_tests::supervisor::worker_pids;
-use supervisor_tests::{PinDir, ServiceConfig, Supervisor, TempDir, TestNet, require_root};
+use supervisor_tests::{ServiceConfig, Supervisor, TempDir};
 
-const ADDR: &str = "127.0.0.1:5300";
-
-fn addr() -> SocketAddr {
-    ADDR.parse().unwrap()
-}
-
-/// One test's private world.
-struct World {
-    net: TestNet,
-    pins: PinDir,
-    runtime: TempDir,
-}
-
-impl World {
-    fn new() -> World {
-        require_root();
-        World {
-            net: TestNet::new(),
-            pins: PinDir::new(),
-            runtime: TempDir::new("sup-run"),
-        }
-    }
-
-    fn config(&self, name: &str, command: Vec<String>, workers: u32) -> ServiceConfig {
-        ServiceConfig::new(
-            name,
-            command,
-            workers,
-            addr(),
-            &self.pins,
-            self.runtime.path(),
-        )
-    }
+/// A service of `workers` running `command`, in `w`'s world.
+fn service(w: &World, name: &str, command: Vec<String>, workers: u32) -> ServiceConfig {
+    ServiceConfig::new(
+        name,
+        command,
+        workers,
+        World::addr(),
+        &w.pins,
+        w.runtime.path(),
+    )
 }
 
 /// Worker: READY=1, then on a datagram `flood N` sends N `STATUS=` messages of
@@ -94,17 +72,17 @@ const FLOOD_RSS_GROWTH_KIB: u64 = 64 * 1024;
 fn notify_flood_does_not_grow_the_supervisor() {
     let w = World::new();
     let python = python3_for_any_user();
-    let config = w
-        .config(
-            "flood",
-            vec![
-                python.to_string_lossy().into_owned(),
-                "-c".into(),
-                FLOOD_WORKER.into(),
-            ],
-            1,
-        )
-        .service_key("user", "nobody");
+    let config = service(
+        &w,
+        "flood",
+        vec![
+            python.to_string_lossy().into_owned(),
+            "-c".into(),
+            FLOOD_WORKER.into(),
+        ],
+        1,
+    )
+    .service_key("user", "nobody");
     let mut sup = Supervisor::start(&w.net, config);
     sup.wait_settled(1, Duration::from_secs(30));
     let pid = sup.pid().unwrap();
@@ -116,7 +94,7 @@ fn notify_flood_does_not_grow_the_supervisor() {
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     client
-        .send_to(format!("flood {FLOOD_MESSAGES}").as_bytes(), addr())
+        .send_to(format!("flood {FLOOD_MESSAGES}").as_bytes(), World::addr())
         .unwrap();
     // The daemon must keep answering while it is flooded.
     let mut answered_during_flood = 0;
@@ -188,8 +166,7 @@ fn workers_get_only_standard_streams_and_their_sockets() {
         "exec 7</etc/hostname 8>>{lock} && flock 8 && exec \"$@\"",
         lock = lock.display()
     );
-    let config = w
-        .config("fds", vec!["/bin/sleep".into(), "3600".into()], 2)
+    let config = service(&w, "fds", vec!["/bin/sleep".into(), "3600".into()], 2)
         .sockets_per_worker(2)
         .ready(supervisor_tests::ReadyMode::Exec);
     let mut sup = Supervisor::start_wrapped(&w.net, config, &["bash", "-c", &script, "bash"]);
@@ -265,9 +242,7 @@ fn workers_cannot_regain_privileges() {
         .as_raw()
         .to_string();
     let sleep = vec!["/bin/sleep".to_string(), "3600".to_string()];
-    let base = w
-        .config("privs", sleep, 1)
-        .ready(supervisor_tests::ReadyMode::Exec);
+    let base = service(&w, "privs", sleep, 1).ready(supervisor_tests::ReadyMode::Exec);
     let mut sup = Supervisor::start(&w.net, base.clone().service_key("user", "nobody"));
     let full = proc_status(sup.pid().unwrap())["CapBnd"].clone();
     assert_ne!(

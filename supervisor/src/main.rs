@@ -12,7 +12,7 @@ mod cli;
     version,
     about = "Zero-downtime upgrade supervisor for UDP services (SK_REUSEPORT + eBPF)"
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }

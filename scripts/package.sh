@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Debian package, as root on a machine of this kind:
 #   sudo ./scripts/package.sh            # release build (the one demo.sh and bench.sh make)
-#   sudo ./scripts/package.sh --debug    # the debug build (what tests/tests/package_deb.rs installs)
+#   sudo ./scripts/package.sh --debug    # the debug build, packed fast (what tests/tests/package_deb.rs installs)
 # Prints the .deb's path last: target/debian/udp-supervisor_<version>-1_<arch>.deb
 # (--debug: target/debian/debug/...). Install it with `apt install ./that.deb`.
 #
@@ -17,12 +17,15 @@ cd "$(dirname "$0")/.."
 
 profile=release
 bootstrap=yes
+build=yes
 for arg in "$@"; do
     case "$arg" in
         --debug) profile=debug ;;
-        # For scripts/test.sh, which has just run it.
+        # For the package test, which runs under scripts/test.sh: that has bootstrapped
+        # and built every binary already.
         --no-bootstrap) bootstrap=no ;;
-        *) echo "usage: $0 [--debug] [--no-bootstrap]" >&2; exit 2 ;;
+        --no-build) build=no ;;
+        *) echo "usage: $0 [--debug] [--no-bootstrap] [--no-build]" >&2; exit 2 ;;
     esac
 done
 log() { printf 'package: %s\n' "$*" >&2; }
@@ -33,12 +36,13 @@ fi
 export CARGO_TERM_COLOR=never
 target=${CARGO_TARGET_DIR:-$PWD/target}
 if [ "$profile" = release ]; then
-    cargo build --bins --release
-    cargo_profile=release
+    [ "$build" = no ] || cargo build --bins --release
+    deb_args=(--profile release)
     out=$target/debian
 else
-    cargo build --bins
-    cargo_profile=dev
+    [ "$build" = no ] || cargo build --bins
+    # cargo-deb warns that it is meant for release builds; this one is for the test.
+    deb_args=(--profile dev --fast)
     out=$target/debian/debug
 fi
 
@@ -63,7 +67,7 @@ for unit in examples/systemd/*.service; do
 done
 
 mkdir -p "$out"
-log "cargo deb ($cargo_profile build)"
-deb=$(cargo deb -p supervisor --no-build --profile "$cargo_profile" --output "$out" | tail -n 1)
+log "cargo deb ${deb_args[*]}"
+deb=$(cargo deb -p supervisor --no-build "${deb_args[@]}" --output "$out" | tail -n 1)
 log "built $deb"
 echo "$deb"

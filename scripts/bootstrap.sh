@@ -5,6 +5,7 @@
 #   - LLVM 22's development package (bpf-linker links against libLLVM 22)
 #   - bpf-linker 0.13.0 built against that LLVM
 #   - cargo-machete 0.9.2, for scripts/test.sh's unused-dependency check
+#   - cargo-deb 3.8.0, for scripts/package.sh (the Debian package)
 #   - systemd-nspawn (systemd-container, pinned to the host's systemd version) and a
 #     cached rootfs with a newer systemd (scripts/systemd-rootfs.sh), for the tests
 #     that run the unit files under a real systemd as PID 1
@@ -13,6 +14,7 @@ set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
 CARGO_MACHETE_VERSION=0.9.2
+CARGO_DEB_VERSION=3.8.0
 LLVM_MAJOR=22
 LLVM_PREFIX=/usr/lib/llvm-${LLVM_MAJOR}
 
@@ -57,6 +59,11 @@ fi
 if ! cargo machete --version 2>/dev/null | grep -qx "${CARGO_MACHETE_VERSION}"; then
     log "installing cargo-machete ${CARGO_MACHETE_VERSION}"
     cargo install cargo-machete --locked --version "${CARGO_MACHETE_VERSION}"
+fi
+
+if ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb ${CARGO_DEB_VERSION}"; then
+    log "installing cargo-deb ${CARGO_DEB_VERSION}"
+    cargo install cargo-deb --locked --version "${CARGO_DEB_VERSION}"
 fi
 
 # systemd-nspawn boots a real systemd for tests/tests/systemd_real.rs. Pinned to the

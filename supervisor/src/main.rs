@@ -13,7 +13,7 @@ mod logging;
     version,
     about = "Zero-downtime upgrade supervisor for UDP services (SK_REUSEPORT + eBPF)"
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }

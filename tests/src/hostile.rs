@@ -63,6 +63,16 @@ pub struct FakeDaemon {
 impl FakeDaemon {
     /// Listens at `path` as `uid`/`gid` (the directory must let that user create it).
     pub fn start(path: &Path, uid: u32, gid: u32) -> FakeDaemon {
+        FakeDaemon::answering(
+            path,
+            uid,
+            gid,
+            "{\"event\":\"done\",\"message\":\"generation 99 serves\"}\n",
+        )
+    }
+
+    /// The same, answering every request with `answer` (one or more event lines).
+    pub fn answering(path: &Path, uid: u32, gid: u32, answer: &'static str) -> FakeDaemon {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
@@ -85,8 +95,7 @@ impl FakeDaemon {
                     let Ok(mut stream) = stream else { continue };
                     let mut request = String::new();
                     let _ = BufReader::new(&stream).read_line(&mut request);
-                    let _ = stream
-                        .write_all(b"{\"event\":\"done\",\"message\":\"generation 99 serves\"}\n");
+                    let _ = stream.write_all(answer.as_bytes());
                 }
             })
         };

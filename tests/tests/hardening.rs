@@ -627,6 +627,32 @@ fn the_cli_does_not_trust_a_control_socket_of_another_user() {
 
 // ---- item 11: exit codes and messages ----
 
+/// `status` from an answer it cannot read (a daemon of another version, say) is an
+/// error (exit 1, one `error:` line), not a printout and exit 0 as it was (issue 9).
+#[test]
+fn a_status_answer_the_cli_cannot_read_is_an_error() {
+    let w = World::new();
+    let config = w.config();
+    let path = w.write("echo.toml", &config);
+    let _fake = FakeDaemon::answering(
+        &config.control_socket(),
+        0,
+        0,
+        "{\"event\":\"status\",\"status\":{\"service\":7}}\n",
+    );
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = w.supervisor(&[], args, &path);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "`{}` on an unreadable status\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            args.join(" ")
+        );
+        assert_mentions(&single_error_line(&stderr), &["malformed"]);
+    }
+}
+
 #[test]
 fn a_user_the_daemon_refuses_gets_a_clear_error() {
     let w = World::new();

@@ -107,6 +107,14 @@ fn check_refuses_what_run_refuses_with_the_same_line() {
         let squatter = w.net.run_in(|| UdpSocket::bind(ADDR).expect("bind"));
         w.same_refusal_of("address bound without reuseport", &w.config());
         drop(squatter);
+        let metrics = "127.0.0.1:9464";
+        let squatter = w
+            .net
+            .run_in(|| std::net::TcpListener::bind(metrics).expect("bind"));
+        let mut config = w.config();
+        config.extra_toml = format!("[metrics]\nlisten = \"{metrics}\"");
+        w.same_refusal_of("metrics port taken", &config);
+        drop(squatter);
         let foreign = reuseport_socket(&w.net, ADDR.parse().unwrap());
         w.same_refusal_of("foreign reuseport socket", &w.config());
         drop(foreign);

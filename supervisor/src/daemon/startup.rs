@@ -158,6 +158,9 @@ pub(super) fn validate(config: &Config) -> Result<()> {
     for listener in &config.listeners {
         sockets::check_address(listener.address, &listener.name)?;
     }
+    // The metrics port as `start` binds it, closed again at once: a listening
+    // socket that never accepted leaves nothing behind.
+    drop(bind_metrics(config)?);
     if !crate::procfs::has_effective_capability(bpffs::CAP_BPF)
         && !crate::procfs::has_effective_capability(bpffs::CAP_SYS_ADMIN)
     {

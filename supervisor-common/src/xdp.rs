@@ -1,7 +1,7 @@
 //! The XDP filter's maps contract.
 //!
 //! The filter (`supervisor-ebpf/src/xdp_filter.rs`) and its manager
-//! (`supervisor/src/xdp.rs`) share everything below. Per service and interface it is
+//! (`supervisor/src/xdp/`) share everything below. Per service and interface it is
 //! pinned under `<bpffs>/<service>/xdp/<ifname>/`:
 //!
 //! | map           | type                                  | key                      | value |

@@ -93,7 +93,7 @@ fn main() -> ExitCode {
         wanted.add(signal);
     }
     let _ = wanted.thread_unblock();
-    // One thread: see daemon.rs for why.
+    // One thread: see daemon/mod.rs for why.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -99,7 +99,23 @@ impl Process for PidfdProcess {
     }
 
     fn signal(&self, signal: i32) -> io::Result<()> {
-        sys::pidfd_signal(self.pidfd.get_ref().as_fd(), signal)
+        sys::pidfd_signal(self.pidfd.get_ref().as_fd(), signal)?;
+        if signal == libc::SIGKILL {
+            // A killed worker takes what it started with it: a shell wrapper's
+            // `sleep`, a helper. Every worker leads its own process group (set
+            // between fork and exec), and that group id cannot name anything else
+            // while the worker is unreaped or a member of its group lives. The
+            // drain signal goes to the worker alone: what it does with its
+            // children is its own business.
+            match nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            ) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     fn exited(&mut self) -> ExitFuture<'_> {

@@ -471,3 +471,56 @@ fn invalid_config_on_upgrade_changes_nothing() {
         bad_messages.join("\n")
     );
 }
+
+/// A stop while an upgrade asked for by the CLI is still getting ready: the event
+/// loop cancels it before the final drain (it used to run untracked beside the
+/// stop), the CLI hears that the supervisor stopped first (exit 1, one error
+/// line), the daemon exits 0, and nothing of either generation is left: not even
+/// what a killed worker started (it used to leave the wrapper's `sleep` behind).
+#[test]
+fn a_stop_during_a_cli_upgrade_cancels_it_and_leaves_nothing() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let good = ServiceConfig::echo(2, addr(), &pins, runtime.path());
+    let mut sup = Supervisor::start(&net, good.clone());
+    sup.wait_settled(1, SETTLE);
+
+    // Workers that never report ready, behind a shell wrapper: the upgrade is
+    // still waiting for them when the stop comes, and killing them must take the
+    // wrapper's `sleep` too.
+    let mut slow = good.clone();
+    slow.ready_timeout = Some(Duration::from_secs(60));
+    slow.command = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("sleep 30; exec {}", bin_path("echo-worker").display()),
+    ];
+    sup.set_config(slow);
+    let mut upgrade_cmd = sup.cli(&["upgrade"]);
+    upgrade_cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let upgrade = net.spawn(&mut upgrade_cmd);
+    sup.wait_status("the upgrade to be under way", SETTLE, |v| {
+        v["upgrade_in_progress"] == true && generation_numbers(v) == vec![1, 2]
+    });
+
+    sup.stop();
+    let out = upgrade.wait_with_output().expect("the upgrade command");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = single_error_line(&stderr);
+    assert!(
+        line.contains("stopped before the upgrade finished") || line.contains("went away"),
+        "{line}"
+    );
+    assert!(
+        running(&net, "sleep 30").is_empty() && running(&net, "echo-worker").is_empty(),
+        "workers left: {:?}",
+        net.cmdlines()
+    );
+    pins.assert_empty_after_stop();
+}

@@ -94,6 +94,19 @@ impl ServiceConfig {
         pins: &PinDir,
         runtime_dir: &Path,
     ) -> ServiceConfig {
+        ServiceConfig::at(name, command, workers, address, pins.path(), runtime_dir)
+    }
+
+    /// [`ServiceConfig::new`] with a pin root given as a path (inside a container,
+    /// say, where the test owns no [`PinDir`]).
+    pub fn at(
+        name: &str,
+        command: Vec<String>,
+        workers: u32,
+        address: SocketAddr,
+        bpffs: &Path,
+        runtime_dir: &Path,
+    ) -> ServiceConfig {
         ServiceConfig {
             name: name.to_string(),
             command,
@@ -109,7 +122,7 @@ impl ServiceConfig {
             drain_signal: None,
             drain_timeout: Some(Duration::from_secs(10)),
             runtime_dir: runtime_dir.to_path_buf(),
-            bpffs: pins.path().to_path_buf(),
+            bpffs: bpffs.to_path_buf(),
             extra_toml: String::new(),
             service_extra: toml::Table::new(),
         }

@@ -67,25 +67,14 @@ fn build_package() -> PathBuf {
 }
 
 fn config(command: Vec<String>) -> ServiceConfig {
-    ServiceConfig {
-        name: "echo".into(),
+    ServiceConfig::at(
+        "echo",
         command,
-        workers: 2,
-        listen_name: "echo".into(),
-        address: ADDR.parse().unwrap(),
-        balance: None,
-        sockets_per_worker: None,
-        receive_buffer: Some(4 << 20),
-        flow_idle: None,
-        ready: None,
-        ready_timeout: Some(Duration::from_secs(10)),
-        drain_signal: None,
-        drain_timeout: Some(Duration::from_secs(10)),
-        runtime_dir: RUNTIME_DIR.into(),
-        bpffs: BPFFS.into(),
-        extra_toml: String::new(),
-        service_extra: Default::default(),
-    }
+        2,
+        ADDR.parse().unwrap(),
+        Path::new(BPFFS),
+        Path::new(RUNTIME_DIR),
+    )
 }
 
 /// The installed example's Python worker (socket activation only), with the image's

@@ -85,25 +85,14 @@ const BACKPORTS_NOTIFY_RELOAD: Flavor = Flavor {
 /// A one-listener config with the supervisor's default paths (the container is the
 /// test's own) and bounded timeouts, so a broken supervisor fails a test quickly.
 fn config(command: Vec<String>, workers: u32) -> ServiceConfig {
-    ServiceConfig {
-        name: INSTANCE.into(),
+    ServiceConfig::at(
+        INSTANCE,
         command,
         workers,
-        listen_name: INSTANCE.into(),
-        address: ADDR.parse().unwrap(),
-        balance: None,
-        sockets_per_worker: None,
-        receive_buffer: Some(4 << 20),
-        flow_idle: None,
-        ready: None,
-        ready_timeout: Some(Duration::from_secs(10)),
-        drain_signal: None,
-        drain_timeout: Some(Duration::from_secs(10)),
-        runtime_dir: RUNTIME_DIR.into(),
-        bpffs: BPFFS.into(),
-        extra_toml: String::new(),
-        service_extra: Default::default(),
-    }
+        ADDR.parse().unwrap(),
+        std::path::Path::new(BPFFS),
+        std::path::Path::new(RUNTIME_DIR),
+    )
 }
 
 /// The Rust echo worker: drains on SIGTERM (serves until its sockets are idle).

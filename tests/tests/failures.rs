@@ -123,6 +123,19 @@ fn running(net: &TestNet, needle: &str) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// A shell wrapper that sleeps `seconds`, then execs the echo worker (same pid, so
+/// its READY=1 counts): a worker that is slow to get ready.
+fn echo_worker_after(seconds: u32) -> Vec<String> {
+    vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "sleep {seconds}; exec {}",
+            bin_path("echo-worker").display()
+        ),
+    ]
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -299,11 +312,7 @@ fn second_concurrent_upgrade_is_refused() {
     // Workers that need 3 s before they exec the echo worker (same pid, so its
     // READY=1 counts): the first upgrade is slow.
     let mut slow = good.clone();
-    slow.command = vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        format!("sleep 3; exec {}", bin_path("echo-worker").display()),
-    ];
+    slow.command = echo_worker_after(3);
     sup.set_config(slow);
 
     let out_dir = TempDir::new("sup-first");
@@ -492,11 +501,7 @@ fn a_stop_during_a_cli_upgrade_cancels_it_and_leaves_nothing() {
     // wrapper's `sleep` too.
     let mut slow = good.clone();
     slow.ready_timeout = Some(Duration::from_secs(60));
-    slow.command = vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        format!("sleep 30; exec {}", bin_path("echo-worker").display()),
-    ];
+    slow.command = echo_worker_after(30);
     sup.set_config(slow);
     let mut upgrade_cmd = sup.cli(&["upgrade"]);
     upgrade_cmd

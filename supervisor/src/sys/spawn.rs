@@ -491,13 +491,7 @@ mod tests {
         )
         .unwrap();
         let spawned = spawn_worker(&mut check).unwrap();
-        let status = loop {
-            if let Some(status) = pidfd_try_wait(spawned.pidfd.as_fd()).unwrap() {
-                break status;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
-        assert_eq!(status, ExitStatus::Exited(0));
+        assert_eq!(wait(&spawned), ExitStatus::Exited(0));
     }
 
     /// Waits for the child behind `spawned` and returns how it ended.
@@ -587,12 +581,6 @@ mod tests {
         )
         .unwrap();
         let spawned = spawn_worker(&mut check).unwrap();
-        let status = loop {
-            if let Some(status) = pidfd_try_wait(spawned.pidfd.as_fd()).unwrap() {
-                break status;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
-        assert_eq!(status, ExitStatus::Exited(0));
+        assert_eq!(wait(&spawned), ExitStatus::Exited(0));
     }
 }

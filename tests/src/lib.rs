@@ -10,6 +10,7 @@
 #![deny(unsafe_code)]
 
 pub mod bench;
+pub mod crash;
 pub mod echo;
 pub mod hostile;
 pub mod leaks;

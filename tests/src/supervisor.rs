@@ -273,26 +273,7 @@ impl<'n> Supervisor<'n> {
         let work = TempDir::new("sup-work");
         let config_path = work.path().join(format!("{}.toml", config.name));
         fs::write(&config_path, config.to_toml()).expect("write config");
-        let mut cmd = match wrapper.split_first() {
-            Some((program, rest)) => {
-                let mut c = net.exec(program);
-                c.args(rest).arg(bin_path("supervisor"));
-                c
-            }
-            None => net.exec(bin_path("supervisor")),
-        };
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(work.path().join("stdout")).expect("stdout file"))
-            .stderr(fs::File::create(work.path().join("stderr")).expect("stderr file"));
-        clean_env(&mut cmd);
-        if std::env::var_os("RUST_LOG").is_none() {
-            // Useful logs when a test fails; the files are only printed then.
-            cmd.env("RUST_LOG", "info");
-        }
-        let child = net.spawn(&mut cmd);
+        let child = spawn_daemon(net, wrapper, &["run"], &config_path, work.path());
         Supervisor {
             net,
             config,
@@ -300,6 +281,40 @@ impl<'n> Supervisor<'n> {
             config_path,
             child: Some(child),
         }
+    }
+
+    /// SIGKILLs the daemon alone, as a crash would, and reaps it. Its workers run in
+    /// process groups of their own and are left alone; the test's [`TestNet`] still
+    /// kills whatever is left in the namespace when it is dropped.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("supervisor not running");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).expect("SIGKILL supervisor");
+        let _ = child.wait();
+    }
+
+    /// After [`Supervisor::kill9`] (or an exit): `supervisor run ARGS --config F`
+    /// again with the same config file (so the same runtime dir and pin dir), logging
+    /// after the earlier runs, and waits (up to [`START_TIMEOUT`]) until `status`
+    /// answers, i.e. the new daemon has adopted what it found. Returns that status.
+    pub fn restart_same_config(&mut self, args: &[&str]) -> Value {
+        self.respawn(args);
+        self.wait_status("the restarted supervisor to answer", START_TIMEOUT, |_| {
+            true
+        })
+    }
+
+    /// [`Supervisor::restart_same_config`] without waiting.
+    pub fn respawn(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "the supervisor still runs");
+        let mut run = vec!["run"];
+        run.extend_from_slice(args);
+        self.child = Some(spawn_daemon(
+            self.net,
+            &[],
+            &run,
+            &self.config_path,
+            self.work.path(),
+        ));
     }
 
     pub fn config(&self) -> &ServiceConfig {
@@ -558,6 +573,33 @@ impl Drop for Supervisor<'_> {
             eprintln!("{}", self.logs_for_panic());
         }
     }
+}
+
+/// `[WRAPPER...] supervisor ARGS... --config CONFIG` spawned in `net` with its
+/// stdout and stderr appended to `<logs>/stdout` and `<logs>/stderr`.
+fn spawn_daemon(
+    net: &TestNet,
+    wrapper: &[&str],
+    args: &[&str],
+    config: &Path,
+    logs: &Path,
+) -> Child {
+    let append = |name: &str| {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(name))
+            .unwrap_or_else(|e| panic!("open {name} log: {e}"))
+    };
+    let mut cmd = supervisor_command(net, wrapper, args, config);
+    cmd.stdin(Stdio::null())
+        .stdout(append("stdout"))
+        .stderr(append("stderr"));
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Useful logs when a test fails; the files are only printed then.
+        cmd.env("RUST_LOG", "info");
+    }
+    net.spawn(&mut cmd)
 }
 
 /// `[WRAPPER...] supervisor ARGS... --config CONFIG` inside `net`, with the runner's

@@ -55,6 +55,9 @@ pub struct LoadConfig {
     /// Record replies per [`TIMELINE_BUCKET`] per generation over this much time from the
     /// start of sending (see [`Timeline`]); `None`: no time series.
     pub timeline: Option<Duration>,
+    /// Record when each lost and each duplicated datagram was sent
+    /// ([`Report::lost_at`], [`Report::duplicated_at`]), to the millisecond.
+    pub record_losses: bool,
 }
 
 /// A 16-bit big-endian value written at a fixed payload offset of every request.
@@ -92,6 +95,7 @@ impl LoadConfig {
             recv_buffer: 16 << 20,
             stamp: None,
             timeline: None,
+            record_losses: false,
         }
     }
     pub fn senders(mut self, n: usize) -> Self {
@@ -141,6 +145,12 @@ impl LoadConfig {
     /// run (replies after that are counted in [`Timeline::late`]).
     pub fn timeline(mut self, span: Duration) -> Self {
         self.timeline = Some(span);
+        self
+    }
+    /// Also records when each lost or duplicated datagram was sent (see
+    /// [`Report::lost_at`]), to attribute losses to what happened at that moment.
+    pub fn record_losses(mut self) -> Self {
+        self.record_losses = true;
         self
     }
 }
@@ -306,6 +316,12 @@ pub struct Report {
     pub rate: f64,
     /// Replies over time, when [`LoadConfig::timeline`] asked for it.
     pub timeline: Option<Timeline>,
+    /// With [`LoadConfig::record_losses`]: when each datagram never answered was
+    /// sent (to the millisecond), sorted.
+    pub lost_at: Vec<Instant>,
+    /// With [`LoadConfig::record_losses`]: when each datagram answered more than once
+    /// was sent, once per extra reply, sorted.
+    pub duplicated_at: Vec<Instant>,
 }
 
 impl Report {
@@ -591,6 +607,7 @@ fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result
                     reserved,
                     abort,
                     external_stop,
+                    record_sends: cfg.record_losses,
                 });
                 if r.is_err() {
                     abort.store(true, Ordering::Relaxed);
@@ -649,6 +666,18 @@ fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result
                 report.duplicated += u64::from(c - 1);
             }
         }
+        if cfg.record_losses {
+            for k in 0..send.sent {
+                let c = recv.seen.get(k as usize).copied().unwrap_or(0);
+                let at = || start + send.sent_at_ms(k);
+                if c == 0 {
+                    report.lost_at.push(at());
+                }
+                for _ in 1..c {
+                    report.duplicated_at.push(at());
+                }
+            }
+        }
         if let (Some(rec), Some(t)) = (recv.timeline, report.timeline.as_mut()) {
             rec.merge_into(t);
         }
@@ -668,6 +697,8 @@ fn run_inner(cfg: &LoadConfig, external_stop: Option<&AtomicBool>) -> io::Result
         report.per_sender.push(sr);
     }
     report.lost = report.sent - report.received;
+    report.lost_at.sort();
+    report.duplicated_at.sort();
     report.duration = send_end - start;
     report.rate = report.sent as f64 / report.duration.as_secs_f64().max(1e-9);
     Ok(report)
@@ -714,11 +745,27 @@ struct SendParams<'a> {
     abort: &'a AtomicBool,
     /// Ends sending normally (not an error) once set.
     external_stop: Option<&'a AtomicBool>,
+    /// Fill [`SendOut::sent_by_ms`].
+    record_sends: bool,
 }
 
 struct SendOut {
     sent: u64,
     refused: u64,
+    /// With `record_sends`: entry `m` is how many datagrams had been sent when
+    /// millisecond `m` of the run began (non-decreasing).
+    sent_by_ms: Vec<u64>,
+}
+
+impl SendOut {
+    /// When (from the start of the run, to the millisecond) datagram `k` was sent.
+    fn sent_at_ms(&self, k: u64) -> Duration {
+        let m = self
+            .sent_by_ms
+            .partition_point(|&n| n <= k)
+            .saturating_sub(1);
+        Duration::from_millis(m as u64)
+    }
 }
 
 fn send_loop(p: SendParams<'_>) -> io::Result<SendOut> {
@@ -736,6 +783,7 @@ fn send_loop(p: SendParams<'_>) -> io::Result<SendOut> {
     let mut headers = MultiHeaders::<()>::preallocate(batch, None);
     let no_addresses = vec![None::<()>; batch];
     let (mut sent, mut refused) = (0u64, 0u64);
+    let mut sent_by_ms = Vec::new();
     loop {
         if p.abort.load(Ordering::Relaxed)
             || p.external_stop.is_some_and(|s| s.load(Ordering::Relaxed))
@@ -776,6 +824,12 @@ fn send_loop(p: SendParams<'_>) -> io::Result<SendOut> {
             }
         }
         p.reserved.store(sent + n as u64, Ordering::Release);
+        if p.record_sends {
+            let ms = p.start.elapsed().as_millis() as usize;
+            if sent_by_ms.len() <= ms {
+                sent_by_ms.resize(ms + 1, sent);
+            }
+        }
         match send_slots(p.sock, &mut headers, &buf, ps, n, &no_addresses) {
             Ok(r) => sent += r as u64,
             Err(Errno::EINTR) => {}
@@ -786,7 +840,11 @@ fn send_loop(p: SendParams<'_>) -> io::Result<SendOut> {
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(SendOut { sent, refused })
+    Ok(SendOut {
+        sent,
+        refused,
+        sent_by_ms,
+    })
 }
 
 /// At most this many datagrams per `sendmmsg`: the kernel's own limit (`UIO_MAXIOV`),

@@ -123,7 +123,10 @@ fn assert_lossless(what: &str, report: &Report) {
 fn assert_nothing_left(net: &TestNet, pins: &PinDir, runtime: &TempDir) {
     pins.assert_empty_after_stop();
     let procs = net.cmdlines();
-    assert!(procs.is_empty(), "processes left in the namespace: {procs:?}");
+    assert!(
+        procs.is_empty(),
+        "processes left in the namespace: {procs:?}"
+    );
     let left = dir_entries(runtime.path());
     assert!(
         left.is_empty(),
@@ -213,7 +216,10 @@ fn sigkill_under_load_then_restart(config: ServiceConfig, net: &TestNet, pins: &
     sup.wait_selected(2, 1_000, SETTLE);
     assert!(!load.is_finished(), "the load generator stopped early");
     let report = load.finish();
-    assert_lossless("SIGKILL of the supervisor under load, restart, upgrade", &report);
+    assert_lossless(
+        "SIGKILL of the supervisor under load, restart, upgrade",
+        &report,
+    );
     assert_eq!(
         report.per_generation.keys().copied().collect::<Vec<_>>(),
         vec![1, 2],
@@ -341,15 +347,11 @@ fn sigkill_before_the_flip_tears_the_new_generation_down() {
 
     sup.set_config(slow_ready(good.clone(), 60));
     let mut upgrade = spawn_upgrade(&sup, &net);
-    let building = sup.wait_status(
-        "generation 2's workers started, not ready",
-        SETTLE,
-        |v| {
-            v["upgrade_in_progress"] == true
-                && worker_pids(v, 2).len() == 2
-                && pinned_generations(&pins).contains(&2)
-        },
-    );
+    let building = sup.wait_status("generation 2's workers started, not ready", SETTLE, |v| {
+        v["upgrade_in_progress"] == true
+            && worker_pids(v, 2).len() == 2
+            && pinned_generations(&pins).contains(&2)
+    });
     println!("killed while building: {building}");
     let building_pids = worker_pids(&building, 2);
     sup.kill9();
@@ -421,23 +423,27 @@ fn sigkill_after_the_flip(when: AfterFlip) {
     let status = sup.status_json();
     let new = worker_pids(&status, 2);
     if let AfterFlip::DuringTheDrain = when {
-        sup.wait_status("generation 1 drained of its queue, workers draining", SETTLE, |v| {
-            let gen1 = v["generations"]
-                .as_array()
-                .and_then(|g| g.iter().find(|g| g["generation"] == 1));
-            gen1.is_some_and(|g| {
-                g["state"] == "draining"
-                    && g["workers"]
-                        .as_array()
-                        .is_some_and(|w| w.iter().all(|w| w["state"] == "draining"))
-                    && g["listeners"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .flat_map(|l| l["sockets"].as_array().into_iter().flatten())
-                        .all(|s| s["queue_bytes"] == 0)
-            })
-        });
+        sup.wait_status(
+            "generation 1 drained of its queue, workers draining",
+            SETTLE,
+            |v| {
+                let gen1 = v["generations"]
+                    .as_array()
+                    .and_then(|g| g.iter().find(|g| g["generation"] == 1));
+                gen1.is_some_and(|g| {
+                    g["state"] == "draining"
+                        && g["workers"]
+                            .as_array()
+                            .is_some_and(|w| w.iter().all(|w| w["state"] == "draining"))
+                        && g["listeners"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .flat_map(|l| l["sockets"].as_array().into_iter().flatten())
+                            .all(|s| s["queue_bytes"] == 0)
+                })
+            },
+        );
     }
     sup.kill9();
     std::thread::sleep(DEAD_FOR);
@@ -452,9 +458,16 @@ fn sigkill_after_the_flip(when: AfterFlip) {
     sup.wait_selected(2, 1_000, SETTLE);
     let status = sup.wait_settled(2, SETTLE);
     for pid in &old {
-        assert!(!alive(*pid), "worker {pid} of generation 1 outlived its drain");
+        assert!(
+            !alive(*pid),
+            "worker {pid} of generation 1 outlived its drain"
+        );
     }
-    assert_eq!(worker_pids(&status, 2), new, "generation 2's workers serve on");
+    assert_eq!(
+        worker_pids(&status, 2),
+        new,
+        "generation 2's workers serve on"
+    );
     assert_consistent(&net, &pins, sup.config(), &status);
     let report = load.finish();
     assert_lossless(&format!("SIGKILL after the flip ({when:?})"), &report);
@@ -590,7 +603,11 @@ fn a_state_file_of_another_format_is_refused_unless_fresh() {
     let runtime = TempDir::new("sup-run");
     let (mut sup, old) = crashed(&net, echo(&pins, &runtime));
     let state = state_file(sup.config());
-    fs::write(&state, "{\"format\": 999999, \"what\": \"a future layout\"}\n").unwrap();
+    fs::write(
+        &state,
+        "{\"format\": 999999, \"what\": \"a future layout\"}\n",
+    )
+    .unwrap();
     assert_refused(&net, &pins, &sup, &[&state.display().to_string()]);
     assert_fresh_start_works(&net, &pins, &runtime, &mut sup, &old);
 }

@@ -849,9 +849,13 @@ fn journal_fields_and_the_start_pre_check() {
 
 /// `systemctl kill -s KILL --kill-who=WHO unit`.
 fn systemctl_kill(svc: &Service, who: &str) {
-    let out = svc
-        .ct
-        .systemctl(&["kill", "-s", "KILL", &format!("--kill-who={who}"), &svc.unit]);
+    let out = svc.ct.systemctl(&[
+        "kill",
+        "-s",
+        "KILL",
+        &format!("--kill-who={who}"),
+        &svc.unit,
+    ]);
     assert!(
         out.status.success(),
         "systemctl kill --kill-who={who}: {out:?}\n{}",

@@ -5,7 +5,10 @@
 //! Their few system calls without a safe wrapper are in the crate's `sys` module.
 
 pub mod bpf;
+pub mod chaos;
 pub mod cleanup;
+pub mod crash;
+pub mod figure;
 pub mod handrun;
 pub mod phases;
 pub mod plot;

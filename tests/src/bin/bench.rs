@@ -29,7 +29,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{Value, json};
 use supervisor_tests::bench::bpf;
+use supervisor_tests::bench::chaos::{self as bench_chaos, ChaosPlan};
 use supervisor_tests::bench::cleanup;
+use supervisor_tests::bench::crash::{self as bench_crash, CrashPlan};
+use supervisor_tests::bench::figure::Figure;
 use supervisor_tests::bench::handrun::{HandWorker, NotifyListener, terminate_all};
 use supervisor_tests::bench::phases::{self, UpgradeTiming, median_max};
 use supervisor_tests::bench::plot::{self, CostBar, Mark, MarkKind};
@@ -76,9 +79,19 @@ struct Args {
     #[arg(long)]
     xdp_secs: Option<f64>,
     /// Run only these figures: spread (with selector cost), throughput, upgrades (with
-    /// timing), footprint, xdp (filter versus user-space discard).
+    /// timing), footprint, xdp (filter versus user-space discard), crash (supervisor
+    /// SIGKILL), chaos (random events at 100 000/s).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Events of the chaos figure [default: 1000; --quick: 20].
+    #[arg(long)]
+    chaos_events: Option<u32>,
+    /// Seed of the chaos figure's draw of events.
+    #[arg(long, default_value_t = 11)]
+    chaos_seed: u64,
+    /// Also measure the crash figure under a real systemd (boots a container).
+    #[arg(long)]
+    crash_systemd: bool,
     /// Where to write the pictures (selector-cost.svg, upgrade.svg) [default:
     /// target/bench, next to the build this binary belongs to].
     #[arg(long, value_name = "DIR")]
@@ -175,14 +188,38 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     for o in &args.only {
-        if !["spread", "throughput", "upgrades", "footprint", "xdp"].contains(&o.as_str()) {
+        let figures = [
+            "spread",
+            "throughput",
+            "upgrades",
+            "footprint",
+            "xdp",
+            "crash",
+            "chaos",
+        ];
+        if !figures.contains(&o.as_str()) {
             eprintln!(
-                "bench: error: unknown figure {o:?} for --only (spread, throughput, upgrades, footprint, xdp)"
+                "bench: error: unknown figure {o:?} for --only ({})",
+                figures.join(", ")
             );
             return ExitCode::from(2);
         }
     }
     let plan = Plan::from(&args);
+    let crash_plan = CrashPlan {
+        rate: 5_000,
+        repeats: if args.quick { 3 } else { 10 },
+        workers: 2,
+        systemd: args.crash_systemd,
+    };
+    let chaos_plan = ChaosPlan {
+        events: args
+            .chaos_events
+            .unwrap_or(if args.quick { 20 } else { 1000 }),
+        rate: 100_000,
+        seed: args.chaos_seed,
+        workers: 4,
+    };
     if let Err(e) = plan.check() {
         eprintln!("bench: error: {e}");
         return ExitCode::from(2);
@@ -190,7 +227,8 @@ fn main() -> ExitCode {
     // Measurement failures are caught per figure (and reported in the table); a panic
     // that still gets here has unwound through the harness' drops. Whatever might be
     // left is swept up by name.
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run(&plan)));
+    let result =
+        std::panic::catch_unwind(AssertUnwindSafe(|| run(&plan, &crash_plan, &chaos_plan)));
     for l in cleanup::remove_own_leftovers() {
         eprintln!("bench: cleanup: {l}");
     }
@@ -239,6 +277,18 @@ impl Section {
         }
     }
 
+    /// A figure measured by one of the `bench` modules.
+    fn of(id: &'static str, f: Figure) -> Section {
+        Section {
+            id,
+            title: f.title,
+            intro: f.intro,
+            tables: f.tables,
+            notes: f.notes,
+            json: f.json,
+        }
+    }
+
     fn render(&self, out: &mut String) {
         let _ = writeln!(out, "## {}\n", self.title);
         for l in &self.intro {
@@ -263,7 +313,7 @@ impl Section {
 /// Runs the figures, printing the markdown report as it goes (a figure's section as
 /// soon as it is measured, so an interrupted run still shows what it got). Returns the
 /// JSON document.
-fn run(plan: &Plan) -> Value {
+fn run(plan: &Plan, crash_plan: &CrashPlan, chaos_plan: &ChaosPlan) -> Value {
     let started = Instant::now();
     let addr: SocketAddr = ADDR.parse().expect("valid address");
     let machine = procfs::machine();
@@ -308,6 +358,12 @@ fn run(plan: &Plan) -> Value {
     }
     if plan.wants("xdp") {
         emit(xdp(plan, addr));
+    }
+    if plan.wants("crash") {
+        emit(Section::of("crash", bench_crash::crash(crash_plan, addr)));
+    }
+    if plan.wants("chaos") {
+        emit(Section::of("chaos", bench_chaos::chaos(chaos_plan, addr)));
     }
     let sysctl_after = bpf::stats_sysctl();
     println!(

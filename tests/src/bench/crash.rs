@@ -12,7 +12,8 @@ use super::phases::median_max;
 use super::table::{Table, ms, percent, thousands};
 use crate::{
     BackgroundLoad, LoadConfig, PinDir, Report, Rootfs, ServiceConfig, Supervisor,
-    SystemdContainer, TempDir, TestNet, bin_path, workspace_root,
+    SystemdContainer, TempDir, TestNet, bin_path, python_worker_path, python3_path,
+    workspace_root,
 };
 
 #[derive(Clone, Debug)]
@@ -71,7 +72,11 @@ fn bare(plan: &CrashPlan, addr: SocketAddr, dead_for: Option<Duration>) -> Row {
     let net = TestNet::new();
     let pins = PinDir::new();
     let runtime = TempDir::new("sup-run");
-    let config = ServiceConfig::echo(plan.workers, addr, &pins, runtime.path());
+    let argv = vec![
+        python3_path().display().to_string(),
+        python_worker_path().display().to_string(),
+    ];
+    let config = ServiceConfig::new("pyecho", argv, plan.workers, addr, &pins, runtime.path());
     let mut sup = Supervisor::start(&net, config);
     sup.wait_settled(1, Duration::from_secs(30));
     let bg = BackgroundLoad::start(&net, load(addr, plan.rate));
@@ -163,9 +168,13 @@ impl Unit {
         let text = std::fs::read_to_string(workspace_root().join("examples/systemd").join(file))
             .expect("read the unit file");
         ct.write_file(format!("/etc/systemd/system/{file}"), text);
+        // The image's own interpreter (the host's rootfs has /usr/bin/python3).
         let config = ServiceConfig::at(
             "echo",
-            vec![bin_path("echo-worker").display().to_string()],
+            vec![
+                "/usr/bin/python3".into(),
+                python_worker_path().display().to_string(),
+            ],
             plan.workers,
             addr,
             std::path::Path::new("/sys/fs/bpf/supervisor"),
@@ -267,7 +276,8 @@ pub fn crash(plan: &CrashPlan, addr: SocketAddr) -> Figure {
         ..Figure::default()
     };
     fig.intro.push(format!(
-        "Steady traffic ({} flows) to {} echo workers while the supervisor is SIGKILLed {} times \
+        "Steady traffic ({} flows) to {} Python echo workers (they exit at once on SIGTERM, \
+         as in the issue's measurement) while the supervisor is SIGKILLed {} times \
          ({} ms apart) and started again with the same config; \"to adopted\" runs from the \
          SIGKILL (or the stop) to the new supervisor's `status` showing a serving generation \
          (polled every {} ms, plus one `status` call). Baselines: stopping and starting the \

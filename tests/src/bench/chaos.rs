@@ -96,12 +96,15 @@ fn run_event(
     good: &ServiceConfig,
     rng: &mut Rng,
 ) -> Result<(), String> {
+    // The one `error:` line of a failed command (else its last line), for a table note.
     let out_text = |o: &std::process::Output| {
-        format!(
-            "{} {}",
-            String::from_utf8_lossy(&o.stdout).trim(),
-            String::from_utf8_lossy(&o.stderr).trim()
-        )
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .or_else(|| stderr.lines().last())
+            .unwrap_or("");
+        line.chars().take(300).collect::<String>()
     };
     match kind {
         Kind::Upgrade => {

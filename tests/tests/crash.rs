@@ -630,25 +630,13 @@ fn a_state_file_of_another_service_is_refused_unless_fresh() {
     assert_fresh_start_works(&net, &pins, &runtime, &mut sup, &old);
 }
 
-/// Replaces every string value `from` under a key named `service` or `name` with `to`.
+/// Replaces the top-level `service` name `from` with `to`.
 fn rename_service(v: &mut Value, from: &str, to: &str, count: &mut u32) {
-    match v {
-        Value::Object(map) => {
-            for (key, value) in map.iter_mut() {
-                if (key == "service" || key == "name") && value == from {
-                    *value = Value::String(to.into());
-                    *count += 1;
-                } else {
-                    rename_service(value, from, to, count);
-                }
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                rename_service(item, from, to, count);
-            }
-        }
-        _ => {}
+    if let Some(name) = v.get_mut("service")
+        && name == from
+    {
+        *name = Value::String(to.into());
+        *count += 1;
     }
 }
 

@@ -39,6 +39,39 @@ pub fn check(path: &Path) -> i32 {
     EXIT_OK
 }
 
+/// `supervisor cleanup`: see `daemon::cleanup`.
+pub fn cleanup(path: &Path, unless_crashed: bool) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e.into()),
+    };
+    if unless_crashed {
+        // systemd's outcome of the main process (systemd.exec(5)): these mean it
+        // died, and with `Restart=` a new supervisor takes the workers over.
+        let result = std::env::var("SERVICE_RESULT").unwrap_or_default();
+        if matches!(
+            result.as_str(),
+            "signal" | "core-dump" | "exit-code" | "watchdog"
+        ) {
+            println!(
+                "service {}: the supervisor ended with {result}; leaving its workers for the next one to take over",
+                config.service.name
+            );
+            return EXIT_OK;
+        }
+    }
+    match supervisor::daemon::cleanup(&config) {
+        Ok(killed) => {
+            println!(
+                "service {}: cleaned up ({killed} leftover processes killed)",
+                config.service.name
+            );
+            EXIT_OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 /// Whether `error` is the connection to the daemon breaking (the daemon died).
 fn connection_lost(error: &anyhow::Error) -> bool {
     use std::io::ErrorKind;

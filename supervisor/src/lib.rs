@@ -34,6 +34,8 @@ pub mod daemon;
 pub mod dataplane;
 pub mod ebpf;
 pub mod error;
+pub mod fdstore;
+pub mod journal;
 pub mod locks;
 pub mod maps;
 pub mod metrics;

@@ -24,6 +24,21 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// Discard what a supervisor of this service that died left (kill its
+        /// workers, remove its pins and state file) instead of taking it over.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Discard what a supervisor of this service that died left: kill its
+    /// workers, remove its pins and state file. Refused while one runs.
+    Cleanup {
+        #[arg(long)]
+        config: PathBuf,
+        /// Do nothing when systemd's $SERVICE_RESULT says the main process
+        /// crashed (systemd restarts it, and the new one takes everything over):
+        /// for `ExecStopPost=`.
+        #[arg(long)]
+        unless_crashed: bool,
     },
     /// Check a config as `run` would (file, command, user, runtime dir, bpffs,
     /// listener addresses, privileges) without changing anything; exit 0 or 2.
@@ -69,7 +84,7 @@ fn main() -> ExitCode {
     // `run` checks its config before it logs anything: a bad file is one error
     // line, with no log lines before it.
     let run_config = match &cli.command {
-        Command::Run { config } => match Config::load(config) {
+        Command::Run { config, .. } => match Config::load(config) {
             Ok(loaded) => Some(loaded),
             Err(e) => return ExitCode::from(cli::fail(&e.into()) as u8),
         },
@@ -100,8 +115,14 @@ fn main() -> ExitCode {
         .expect("building the tokio runtime");
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => {
-                match daemon::run(&config, run_config.expect("loaded above for `run`")).await {
+            Command::Run { config, fresh } => {
+                let leftovers = if fresh {
+                    daemon::Leftovers::Discard
+                } else {
+                    daemon::Leftovers::Adopt
+                };
+                let loaded = run_config.expect("loaded above for `run`");
+                match daemon::run(&config, loaded, leftovers).await {
                     Ok(()) => 0,
                     Err(e) => cli::fail(&e),
                 }
@@ -110,6 +131,10 @@ fn main() -> ExitCode {
             Command::Status { config, json } => cli::status(&config, json).await,
             Command::Stop { config } => cli::stop(&config).await,
             Command::Reexec { config, binary } => cli::reexec(&config, binary).await,
+            Command::Cleanup {
+                config,
+                unless_crashed,
+            } => cli::cleanup(&config, unless_crashed),
             Command::Check { .. } => unreachable!("answered before the runtime starts"),
         }
     });

@@ -40,8 +40,10 @@ pub type ExitFuture<'a> = Pin<Box<dyn Future<Output = io::Result<ExitStatus>> + 
 pub trait Launcher: Send + Sync {
     /// Starts `request`; returns once the exec has happened, or with why it could not.
     fn spawn(&self, request: &ExecRequest<'_>) -> io::Result<Box<dyn Process>>;
-    /// A process this supervisor (an earlier image of it) started, by pid.
-    fn adopt(&self, pid: i32) -> io::Result<Box<dyn Process>>;
+    /// A process this supervisor (an earlier image of it, or a supervisor of the
+    /// same service that died) started, by pid; with `start_time` (see
+    /// `procfs::start_time`) it is taken only if the pid still names that process.
+    fn adopt(&self, pid: i32, start_time: Option<u64>) -> io::Result<Box<dyn Process>>;
 }
 
 /// One running worker.
@@ -72,10 +74,21 @@ impl Launcher for ForkExec {
         PidfdProcess::boxed(spawned.pid, spawned.pidfd)
     }
 
-    fn adopt(&self, pid: i32) -> io::Result<Box<dyn Process>> {
-        // Still our child (after a re-exec the pid is the same process), so a pidfd
-        // on it is as good as one from fork, and waitid still reaps it.
-        PidfdProcess::boxed(pid, sys::pidfd_open(pid)?)
+    fn adopt(&self, pid: i32, start_time: Option<u64>) -> io::Result<Box<dyn Process>> {
+        // After a re-exec the pid is still our child, so a pidfd on it is as good
+        // as one from fork and waitid still reaps it. After a restart it is not our
+        // child: the pidfd is opened first and the start time read after, so a pid
+        // reused before the open shows a different start time and is refused.
+        let pidfd = sys::pidfd_open(pid)?;
+        if let Some(expected) = start_time
+            && crate::procfs::start_time(pid) != Some(expected)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("pid {pid} is no longer the worker that was recorded"),
+            ));
+        }
+        PidfdProcess::boxed(pid, pidfd)
     }
 }
 
@@ -126,6 +139,11 @@ impl Process for PidfdProcess {
                 match sys::pidfd_try_wait(self.pidfd.get_ref().as_fd()) {
                     Ok(Some(exit)) => return Ok(exit),
                     Ok(None) => guard.clear_ready(),
+                    // Not our child (adopted after a restart): readable means it
+                    // exited; its parent, not us, reaps it and sees the status.
+                    Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                        return Ok(ExitStatus::Unknown);
+                    }
                     Err(e) => return Err(e),
                 }
             }

@@ -102,6 +102,38 @@ pub fn socket_holders(inode: u64) -> Vec<i32> {
     pids
 }
 
+/// The fd numbers of `pid` that are sockets, with their inodes.
+pub fn socket_fds(pid: i32) -> Vec<(i32, u64)> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut fds: Vec<(i32, u64)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let fd = entry.file_name().to_str()?.parse().ok()?;
+            Some((fd, socket_inode(&fs::read_link(entry.path()).ok()?)?))
+        })
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
+/// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat`
+/// field 22). With the pid it names one process for the whole boot: a pid can be
+/// reused, the pair cannot.
+pub fn start_time(pid: i32) -> Option<u64> {
+    parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) is in
+/// parentheses and may itself contain spaces and parentheses: fields are counted
+/// from the last `)`.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // Field 3 (state) is the first after the name; field 22 is 19 further on.
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Pids holding a `flock` on the file with device `dev` and inode `inode`, from
 /// `/proc/locks`.
 pub fn flock_holders(dev: u64, inode: u64) -> Vec<i32> {
@@ -259,6 +291,15 @@ mod tests {
         assert_eq!(parse_locks(text, 0, 0x27, 403613), vec![27418]);
         assert_eq!(parse_locks(text, 0xfe, 0, 15892483), vec![26355]);
         assert!(parse_locks(text, 0, 0x27, 1).is_empty());
+    }
+
+    #[test]
+    fn start_time_is_counted_from_the_last_parenthesis() {
+        let stat = "42 (a) b) (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        let this = std::process::id() as i32;
+        assert!(start_time(this).is_some());
+        assert_eq!(start_time(this), start_time(this));
     }
 
     #[test]

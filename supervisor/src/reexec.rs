@@ -29,7 +29,7 @@ use crate::{
     maps::GenerationArray,
     sys,
     upgrade::{Generation, GenerationListener, GenerationState, State, slot_sockets},
-    worker::{SlotContext, WorkerSlot, WorkerSpec},
+    worker::{AdoptedWorker, SlotContext, WorkerSlot, WorkerSpec},
 };
 
 /// The environment variable that tells `supervisor run` it is a re-exec, and
@@ -294,7 +294,15 @@ pub fn adopt_generation(
                 spec.clone(),
                 slot_sockets(&listeners, g.number, w.index),
                 context.clone(),
-                w.pid,
+                match w.pid {
+                    // Still our child: the same process, whatever its start time.
+                    Some(pid) => AdoptedWorker::Running {
+                        pid,
+                        start_time: None,
+                        drain_signalled: false,
+                    },
+                    None => AdoptedWorker::Restart,
+                },
                 w.restarts,
             )
         })

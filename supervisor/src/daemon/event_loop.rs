@@ -42,6 +42,7 @@ pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
         lock,
         notify_fd,
         metrics,
+        journal_writer,
     } = daemon;
     // `/metrics` and the stall watch run on this runtime beside the event loop;
     // the endpoint keeps answering while everything drains at the end.
@@ -82,6 +83,9 @@ pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
         .max(drain_timeout);
     systemd::stopping("draining all generations");
     upgrade::stop_all(&shared, drain_timeout, &Progress::new(None)).await;
+    // Nothing is left to adopt: the state file goes before the pins do.
+    journal_writer.abort();
+    shared.lock().unwrap().workers.journal.remove();
     startup::unpin(&shared.lock().unwrap().dataplanes, &pin_dir);
     let _ = std::fs::remove_file(&control_path);
     if let Some(server) = metrics_server {

@@ -9,7 +9,10 @@
 //! thread). That is a correctness choice, not only a simple one: workers are forked
 //! with `PR_SET_PDEATHSIG`, which is tied to the forking thread.
 mod event_loop;
+mod recover;
 mod startup;
+
+pub use startup::Leftovers;
 
 use std::{os::fd::RawFd, path::Path};
 
@@ -30,6 +33,8 @@ pub struct Daemon {
     pub notify_fd: RawFd,
     /// The `/metrics` listener, with `[metrics]` (bound again by a re-exec'd image).
     pub metrics: Option<std::net::TcpListener>,
+    /// The task that keeps the state file up to date (see `journal`).
+    pub journal_writer: tokio::task::JoinHandle<()>,
 }
 
 /// `supervisor check`: refuses what [`run`] would refuse before it changes
@@ -38,16 +43,46 @@ pub fn check(config: &Config) -> Result<()> {
     startup::validate(config)
 }
 
+/// `supervisor cleanup`: discards what a supervisor of this service that died
+/// left (its verified workers killed, its state file and selector pins removed;
+/// the XDP link stays, as after every stop). Refused while a supervisor of the
+/// service runs (it holds the locks). Returns how many processes were killed.
+pub fn cleanup(config: &Config) -> Result<usize> {
+    // No runtime directory: no supervisor ever ran with it, nothing of it to take.
+    let _runtime = if config.service.runtime_dir.is_dir() {
+        Some(crate::locks::lock_runtime(config)?)
+    } else {
+        None
+    };
+    let pin_dir = config.pin_dir();
+    let _pins = pin_dir
+        .is_dir()
+        .then(|| crate::locks::lock_pins(config))
+        .transpose()?;
+    let killed = recover::discard(config);
+    for listener in recover::listener_pins(&pin_dir) {
+        let path = pin_dir.join(listener);
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!("removing {}: {e}", path.display());
+        }
+    }
+    let _ = std::fs::remove_dir(&pin_dir);
+    Ok(killed)
+}
+
 /// Runs the daemon with `config`, loaded from `config_path` (before anything was
 /// logged: a bad file is one error line).
-pub async fn run(config_path: &Path, config: Config) -> Result<()> {
+pub async fn run(config_path: &Path, config: Config, leftovers: Leftovers) -> Result<()> {
     reexec::image_started();
+    // The fds systemd hands back (its fd store) are taken before anything could
+    // close or reuse their numbers.
+    let stored = crate::fdstore::take();
     let daemon = match std::env::var_os(reexec::HANDOFF_ENV) {
         Some(handoff) => {
             let adopted = reexec::read(Path::new(&handoff))?;
             startup::adopt(&config, adopted)?
         }
-        None => startup::fresh(&config).await?,
+        None => startup::start(&config, leftovers, stored).await?,
     };
     let serving = daemon.shared.lock().unwrap().serving();
     systemd::ready(&format!("generation {serving} serving"));

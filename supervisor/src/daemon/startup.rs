@@ -1,12 +1,13 @@
-//! Where a daemon's resources come from: created by a fresh start, or taken over
-//! from the previous image by a re-exec. Both end in [`assemble`].
+//! Where a daemon's resources come from: created by a fresh start, taken over
+//! from a supervisor of the service that died ([`super::recover`]), or from the
+//! previous image by a re-exec. All end in [`assemble`].
 //!
 //! A fresh start checks everything an operator can get wrong before it changes
 //! anything (config, the runtime directory, the locks, privileges, the port, the
 //! command), and undoes what it did if a later step fails ([`Undo`]): a refused or
 //! failed start leaves no pins, mount, sockets, lock file or processes.
 use std::{
-    os::fd::RawFd,
+    os::fd::{AsFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -14,13 +15,14 @@ use std::{
 use anyhow::Result;
 use tokio::net::UnixListener;
 
-use super::Daemon;
+use super::{Daemon, recover};
 use crate::{
     bpffs,
     config::Config,
     control,
     dataplane::Dataplane,
     error::InputError,
+    journal::{self, Journal},
     locks::{self, HeldLock, ServiceLocks},
     maps::ListenerDataplane,
     notify::{NotifySocket, Registry},
@@ -41,35 +43,47 @@ struct Parts {
     notify: NotifySocket,
     control: UnixListener,
     spec: WorkerSpec,
-    registry: Registry,
+    /// How workers start, where their notify messages go, the state file.
+    context: SlotContext,
     generations: Vec<Generation>,
     next_generation: u32,
     metrics: Option<std::net::TcpListener>,
 }
 
-/// Starts the notify reader and puts the state together.
+/// The slot context of a daemon of `config`: real processes, a fresh notify
+/// registry, the service's state file.
+fn slot_context(config: &Config) -> SlotContext {
+    SlotContext {
+        launcher: Arc::new(ForkExec),
+        registry: Registry::default(),
+        journal: Journal::at(journal::path(config)),
+    }
+}
+
+/// Starts the notify reader and the state file's writer, and puts the state together.
 fn assemble(parts: Parts) -> Daemon {
     let notify_fd = parts.notify.raw_fd();
-    tokio::spawn(parts.notify.serve(parts.registry.clone()));
+    tokio::spawn(parts.notify.serve(parts.context.registry.clone()));
+    let journal = parts.context.journal.clone();
     let mut state = State::new(
         parts.config,
         parts.dataplanes,
         Arc::new(parts.spec),
-        SlotContext {
-            launcher: Arc::new(ForkExec),
-            registry: parts.registry,
-        },
+        parts.context,
         parts.xdp,
     );
     state.generations = parts.generations;
     state.next_generation = parts.next_generation;
     let shared: Shared = Arc::new(Mutex::new(state));
+    let journal_writer = tokio::spawn(journal.clone().write_on_mark(shared.clone()));
+    journal.mark();
     Daemon {
         shared,
         control: parts.control,
         lock: parts.lock,
         notify_fd,
         metrics: parts.metrics,
+        journal_writer,
     }
 }
 
@@ -86,6 +100,8 @@ struct Undo {
     /// The XDP filter when this start attached it (an adopted one stays).
     xdp_attached: Option<XdpFilter>,
     control_socket: Option<PathBuf>,
+    /// The state file, once a first generation may have been recorded in it.
+    state_file: Option<PathBuf>,
     /// Once assembled, the dataplanes and the filter live in the state.
     shared: Option<(Shared, bool)>,
 }
@@ -109,6 +125,9 @@ impl Undo {
         if let Some(path) = &self.control_socket {
             let _ = std::fs::remove_file(path);
         }
+        if let Some(path) = &self.state_file {
+            journal::remove(path);
+        }
         // Pins go while the pin lock is held, the mount once they are gone, the
         // lock file while its lock is held, the runtime directory once it is empty.
         unpin(&self.dataplanes, &self.pin_dir);
@@ -121,16 +140,31 @@ impl Undo {
     }
 }
 
-/// A fresh start: everything created here, then generation 1 built by the same
-/// state machine as every upgrade.
-pub(super) async fn fresh(config: &Config) -> Result<Daemon> {
+/// What `supervisor run` was told about what a previous supervisor left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftovers {
+    /// Take it over; refuse what cannot be (the default).
+    Adopt,
+    /// Discard it and start fresh (`run --fresh`).
+    Discard,
+}
+
+/// A start: generations a supervisor of this service left are taken over
+/// ([`recover`]), or, when there are none, everything is created here and
+/// generation 1 is built by the same state machine as every upgrade.
+/// `stored`: the sockets systemd's fd store handed back.
+pub(super) async fn start(
+    config: &Config,
+    leftovers: Leftovers,
+    stored: Vec<OwnedFd>,
+) -> Result<Daemon> {
     // Checked before anything is created: a missing command or user is bad input.
     WorkerSpec::from_config(config, String::new())?;
     let mut undo = Undo {
         pin_dir: config.pin_dir(),
         ..Undo::default()
     };
-    match start(config, &mut undo).await {
+    match start_with(config, leftovers, stored, &mut undo).await {
         Ok(daemon) => Ok(daemon),
         Err(e) => {
             undo.run();
@@ -155,8 +189,12 @@ pub(super) fn validate(config: &Config) -> Result<()> {
     locks::check_runtime_lock(config)?;
     bpffs::check(&config.service.bpffs, &config.key("service.bpffs"))?;
     locks::check_pin_lock(config)?;
-    for listener in &config.listeners {
-        sockets::check_address(listener.address, &listener.name)?;
+    // A previous supervisor's workers hold the addresses when there is
+    // something to take over; `run` would refuse what cannot be taken over.
+    if recover::find(config)?.is_none() {
+        for listener in &config.listeners {
+            sockets::check_address(listener.address, &listener.name)?;
+        }
     }
     // The metrics port as `start` binds it, closed again at once: a listening
     // socket that never accepted leaves nothing behind.
@@ -173,7 +211,12 @@ pub(super) fn validate(config: &Config) -> Result<()> {
     Ok(())
 }
 
-async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
+async fn start_with(
+    config: &Config,
+    leftovers: Leftovers,
+    stored: Vec<OwnedFd>,
+    undo: &mut Undo,
+) -> Result<Daemon> {
     let service = config.service.name.clone();
     undo.runtime_dirs = trust::prepare_runtime_dir(
         &config.service.runtime_dir,
@@ -185,6 +228,21 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
         &config.key("service.bpffs"),
     )?);
     undo.pin_lock = Some(locks::lock_pins(config)?);
+    match leftovers {
+        Leftovers::Adopt => {
+            if let Some(snapshot) = recover::find(config)? {
+                return take_over(config, snapshot, stored, undo).await;
+            }
+        }
+        Leftovers::Discard => {
+            let killed = recover::discard(config);
+            if killed > 0 {
+                tracing::warn!("--fresh: killed {killed} processes a previous supervisor left");
+            }
+        }
+    }
+    // A fresh start: sockets systemd still stores are of no generation now.
+    forget_stored(stored);
     // Before anything is pinned or attached: an address another program holds.
     for listener in &config.listeners {
         sockets::check_address(listener.address, &listener.name)?;
@@ -229,6 +287,7 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
     let control = control::bind(&config.control_socket())?;
     let spec = WorkerSpec::from_config(config, notify.env_value.clone())?;
 
+    undo.state_file = Some(journal::path(config));
     let daemon = assemble(Parts {
         config: config.clone(),
         lock: ServiceLocks {
@@ -240,20 +299,14 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
         notify,
         control,
         spec,
-        registry: Registry::default(),
+        context: slot_context(config),
         generations: Vec::new(),
         next_generation: 1,
         metrics,
     });
     let shared = daemon.shared.clone();
     undo.shared = Some((shared.clone(), xdp_attached));
-    let spec = shared.lock().unwrap().spec.clone();
-    let first = async {
-        let progress = Progress::new(None);
-        let number = upgrade::begin(&shared, config, &progress)?;
-        upgrade::run(&shared, number, config.clone(), spec, &progress).await
-    };
-    if let Err(e) = first.await {
+    if let Err(e) = first_generation(&shared, config).await {
         // The locks stay held until the undo is done.
         let Daemon { lock, .. } = daemon;
         undo.runtime_lock = Some(lock.runtime);
@@ -261,6 +314,104 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
         return Err(e.context(format!(
             "service {service}: the first generation did not start"
         )));
+    }
+    Ok(daemon)
+}
+
+/// Builds and flips to a generation with nothing serving before (the first one,
+/// or the one that replaces a generation whose sockets died with its workers).
+async fn first_generation(shared: &Shared, config: &Config) -> Result<()> {
+    let spec = shared.lock().unwrap().spec.clone();
+    let progress = Progress::new(None);
+    let number = upgrade::begin(shared, config, &progress)?;
+    upgrade::run(shared, number, config.clone(), spec, &progress).await?;
+    Ok(())
+}
+
+/// Sockets the fd store handed back that no generation will use: out of the
+/// store (else systemd would keep them, and their addresses, forever).
+fn forget_stored(stored: Vec<OwnedFd>) {
+    let cookies: Vec<u64> = stored
+        .iter()
+        .filter_map(|fd| crate::sys::socket_cookie(fd.as_fd()).ok())
+        .collect();
+    crate::fdstore::remove(&cookies);
+}
+
+/// The start of a supervisor that finds generations a dead one left: the pins
+/// and the workers are taken over as they are (see [`recover`]); only the
+/// daemon's own sockets are made anew. A failure here leaves them as they were
+/// (the undo has only the control socket and the locks to release) for the next
+/// attempt, or for `--fresh`.
+async fn take_over(
+    config: &Config,
+    snapshot: journal::Snapshot,
+    stored: Vec<OwnedFd>,
+    undo: &mut Undo,
+) -> Result<Daemon> {
+    let service = config.service.name.clone();
+    let metrics = bind_metrics(config)?;
+    let pin_dir = config.pin_dir();
+    let dataplanes = config
+        .listeners
+        .iter()
+        .map(|l| -> Result<Box<dyn Dataplane>> {
+            Ok(Box::new(
+                ListenerDataplane::adopt(&l.name, &pin_dir.join(&l.name)).map_err(|e| {
+                    InputError::new(format!(
+                        "service {service}: listener {:?} of the config has no usable pins to take over ({e:#}); \
+                         a listener cannot be added to a running service (not by an upgrade either): \
+                         start with the config the workers run under, or with `supervisor run --fresh`",
+                        l.name
+                    ))
+                })?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let xdp = match &config.xdp {
+        Some(xdp) => Some(XdpFilter::start(
+            xdp,
+            &pin_dir,
+            &config.listener_addresses(),
+        )?),
+        None => None,
+    };
+    let notify = NotifySocket::bind(&format!("{service}/{}", random_token()?))?;
+    undo.control_socket = Some(config.control_socket());
+    let control = control::bind(&config.control_socket())?;
+    let inherited_env = std::env::vars()
+        .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
+        .collect();
+    let spec = snapshot
+        .spec
+        .to_spec(inherited_env, notify.env_value.clone())?;
+    let context = slot_context(config);
+    let recovered = recover::recover(config, snapshot, &dataplanes, stored, &context, spec)?;
+    let daemon = assemble(Parts {
+        config: config.clone(),
+        lock: ServiceLocks {
+            runtime: undo.runtime_lock.take().expect("taken by start_with"),
+            pins: undo.pin_lock.take().expect("taken by start_with"),
+        },
+        dataplanes,
+        xdp,
+        notify,
+        control,
+        spec: recovered.spec,
+        context,
+        generations: recovered.generations,
+        next_generation: recovered.next_generation,
+        metrics,
+    });
+    upgrade::resume_drains(&daemon.shared);
+    if recovered.needs_new_generation {
+        tracing::warn!(
+            "service {service}: no generation serves with all its sockets; starting a new one while the survivors serve"
+        );
+        // A failure is this start's failure; what was taken over stays as it is.
+        first_generation(&daemon.shared, config)
+            .await
+            .map_err(|e| e.context(format!("service {service}: the new generation did not start")))?;
     }
     Ok(daemon)
 }
@@ -340,11 +491,7 @@ pub(super) fn adopt(config: &Config, adopted: Adopted) -> Result<Daemon> {
         .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
         .collect();
     let spec = reexec::spec(&adopted.handoff, inherited_env)?;
-    let registry = Registry::default();
-    let context = SlotContext {
-        launcher: Arc::new(ForkExec),
-        registry: registry.clone(),
-    };
+    let context = slot_context(config);
     let generation = reexec::adopt_generation(
         &adopted.handoff,
         adopted.sockets,
@@ -372,7 +519,7 @@ pub(super) fn adopt(config: &Config, adopted: Adopted) -> Result<Daemon> {
         notify,
         control,
         spec,
-        registry,
+        context,
         generations: vec![generation],
         next_generation: adopted.handoff.next_generation,
     }))

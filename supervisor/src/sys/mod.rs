@@ -27,6 +27,6 @@ mod spawn;
 pub use bpf::{bpf_map_delete_u32, synchronize_rcu};
 pub use control_word::ControlWord;
 pub use fd::{register_async, set_cloexec, take_inherited_fd};
-pub use pidfd::{ExitStatus, pidfd_open, pidfd_signal, pidfd_try_wait};
-pub use socket::{SocketMemInfo, socket_meminfo};
+pub use pidfd::{ExitStatus, pidfd_getfd, pidfd_open, pidfd_signal, pidfd_try_wait};
+pub use socket::{SocketMemInfo, socket_cookie, socket_meminfo};
 pub use spawn::{PreparedExec, Spawned, spawn_worker};

@@ -6,7 +6,9 @@ use std::{
 };
 
 /// `pidfd_open(2)`: a handle that refers to this process and no later one with the
-/// same pid. Called on our own unreaped child, so the pid cannot have been reused.
+/// same pid. On our own unreaped child the pid cannot have been reused; on any
+/// other process the caller checks, after opening, that the pid still names the
+/// process it expects (its start time, see `procfs::start_time`).
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall with integer arguments.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -39,11 +41,28 @@ pub fn pidfd_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// `pidfd_getfd(2)`: a duplicate, in this process, of the file that fd `target_fd`
+/// of the process behind `pidfd` refers to (close-on-exec). Needs the right to
+/// ptrace that process (`PTRACE_MODE_ATTACH_REALCREDS`): root, or the same user.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; the pidfd is borrowed for its duration.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
 /// How a worker ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
     Exited(i32),
     Signaled(i32),
+    /// A process this supervisor did not fork (taken over after the previous
+    /// supervisor died): its exit is seen through its pidfd, but only its parent
+    /// can read the status.
+    Unknown,
 }
 
 impl std::fmt::Display for ExitStatus {
@@ -56,11 +75,13 @@ impl std::fmt::Display for ExitStatus {
                     .unwrap_or_else(|_| signal.to_string());
                 write!(f, "killed by {name}")
             }
+            ExitStatus::Unknown => write!(f, "exited (status unknown: not our child)"),
         }
     }
 }
 
 /// Reaps the process behind `pidfd` if it has exited (`waitid(P_PIDFD, WNOHANG)`).
+/// Only for our own children: on any other process waitid fails with `ECHILD`.
 pub fn pidfd_try_wait(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitStatus>> {
     // SAFETY: siginfo_t is plain data; waitid fills it.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

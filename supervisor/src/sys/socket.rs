@@ -38,3 +38,26 @@ pub fn socket_meminfo(socket: BorrowedFd<'_>) -> io::Result<SocketMemInfo> {
         drops: values[SK_MEMINFO_DROPS],
     })
 }
+
+/// `SO_COOKIE`: the kernel's 64-bit id of a socket, unique for the boot and never
+/// reused. Two fds (in this process or another) refer to the same socket exactly
+/// when their cookies are equal, which is how sockets taken back after a restart
+/// are matched with the ones the state file recorded.
+pub fn socket_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie/len describe an 8-byte buffer we own; the kernel writes at most len bytes.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

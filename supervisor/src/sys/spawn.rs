@@ -95,8 +95,7 @@ pub struct Spawned {
 /// error: `ENOENT`, `EACCES`, ...), so a bad command fails the generation at once.
 ///
 /// The child: joins its own process group (a Ctrl-C on the supervisor's terminal
-/// must not reach workers before the supervisor drains them), asks for SIGTERM when
-/// the supervisor dies (no orphan keeps a socket of a dead supervisor), resets
+/// must not reach workers before the supervisor drains them), resets
 /// signal dispositions and mask, places the sockets at 3.. without `FD_CLOEXEC`,
 /// marks every fd above them close-on-exec (whatever the supervisor's launcher
 /// left open reaches no worker), drops privileges if asked, writes `LISTEN_PID`,
@@ -108,9 +107,8 @@ pub struct Spawned {
 /// `no_new_privs`, `PR_SET_NO_NEW_PRIVS` last: no setuid bit or file capability
 /// gives the worker anything at exec.
 ///
-/// `PR_SET_PDEATHSIG` fires when the *thread* that forked exits, not the process: the
-/// caller must fork from a thread that lives as long as the supervisor (the daemon
-/// runs its event loop, and so every spawn, on the main thread).
+/// No `PR_SET_PDEATHSIG`: a worker outlives a supervisor that dies, and keeps
+/// serving until a new one adopts it (see `recover`).
 pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
     // Pointers into `prepared`, taken before fork so the child only reads them.
     let mut env_ptrs: Vec<*const libc::c_char> =
@@ -120,7 +118,6 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
         .listen_pid_entry
         .map(|i| prepared.env[i].as_mut_ptr());
     let fd_count = prepared.fds.len() as RawFd;
-    let parent = std::process::id() as libc::pid_t;
 
     // A pipe whose write end is close-on-exec: a successful exec closes it (the
     // parent reads EOF); a failed one writes errno into it first.
@@ -138,7 +135,7 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
     };
 
     // SAFETY: after fork the child calls only async-signal-safe functions (setpgid,
-    // prctl, getppid, sigprocmask, sigaction via signal, fcntl, dup2, the raw
+    // prctl, sigprocmask, sigaction via signal, fcntl, dup2, the raw
     // close_range, prlimit64, capget and capset syscalls, setgroups, setgid,
     // setuid, getpid, write, execve, _exit) and touches only memory that was
     // allocated before the fork or lives on its own stack; it never returns from
@@ -165,17 +162,6 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
                 libc::_exit(127);
             }
             libc::setpgid(0, 0);
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGTERM as libc::c_ulong,
-                0,
-                0,
-                0,
-            );
-            if libc::getppid() != parent {
-                // The supervisor died between fork and prctl.
-                libc::_exit(1);
-            }
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());

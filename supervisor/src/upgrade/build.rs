@@ -54,6 +54,13 @@ pub(super) fn build(
             cookie_offset: listener.cookie_offset,
         };
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        // Under systemd a copy goes to its fd store: the socket outlives this
+        // process and its workers, whatever kills them.
+        let stored: Vec<_> = borrowed
+            .iter()
+            .map(|fd| (crate::sys::socket_cookie(*fd).unwrap_or(0), *fd))
+            .collect();
+        crate::fdstore::store(&stored);
         let array = dataplane.install_generation(number, slot, &borrowed, settings)?;
         generation.listeners.push(GenerationListener {
             name: listener.name.clone(),
@@ -83,6 +90,10 @@ pub(super) fn build(
             state.workers.clone(),
         ));
     }
+    // On disk before any worker holds a socket of it (the slots' tasks fork only
+    // once this returns and the lock is released): a supervisor that dies from
+    // here on leaves a generation the next one knows to tear down.
+    state.workers.journal.write_now(state);
     Ok(())
 }
 

@@ -258,7 +258,15 @@ pub(super) fn retire(shared: &Shared, number: u32, progress: &Progress) {
         }
     }
     let was_draining = generation.state == GenerationState::Draining;
+    let cookies: Vec<u64> = generation
+        .listeners
+        .iter()
+        .flat_map(|l| l.sockets.iter())
+        .filter_map(|s| crate::sys::socket_cookie(std::os::fd::AsFd::as_fd(s)).ok())
+        .collect();
+    crate::fdstore::remove(&cookies);
     drop(generation);
+    state.workers.journal.mark();
     state.drains.remove(&number);
     state.retired.send_modify(|count| *count += 1);
     if was_draining {

@@ -268,7 +268,7 @@ impl Launcher for FakeLauncher {
         }))
     }
 
-    fn adopt(&self, pid: i32) -> io::Result<Box<dyn Process>> {
+    fn adopt(&self, pid: i32, _start_time: Option<u64>) -> io::Result<Box<dyn Process>> {
         Err(io::Error::other(format!("the fake cannot adopt pid {pid}")))
     }
 }

@@ -164,6 +164,32 @@ pub async fn run(
     Ok(draining)
 }
 
+/// After a take-over (see `daemon::recover`): a drain task for every draining
+/// generation, on the deadline its flip gave it (one already past: at once).
+pub fn resume_drains(shared: &Shared) {
+    let mut state = shared.lock().unwrap();
+    let now = SystemTime::now();
+    let pending: Vec<(u32, std::time::Duration)> = state
+        .generations
+        .iter()
+        .filter(|g| g.state == GenerationState::Draining && !state.drains.contains_key(&g.number))
+        .map(|g| {
+            let left = g
+                .drain
+                .map(|d| d.deadline.duration_since(now).unwrap_or_default())
+                .unwrap_or(state.config.service.drain_timeout);
+            (g.number, left)
+        })
+        .collect();
+    for (number, left) in pending {
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move { drain::drain(&shared, number, left, &Progress::new(None)).await }
+        });
+        state.drains.insert(number, task.abort_handle());
+    }
+}
+
 /// The switch: one control-word store per listener. Returns the generations that
 /// now drain.
 fn flip(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>) -> Vec<u32> {
@@ -188,6 +214,7 @@ fn flip(shared: &Shared, number: u32, config: &Config, spec: Arc<WorkerSpec>) ->
     }
     state.config = config.clone();
     state.spec = spec;
+    state.workers.journal.mark();
     let since = SystemTime::now();
     let deadline = since + config.service.drain_timeout;
     let mut previous = Vec::new();

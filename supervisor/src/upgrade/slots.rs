@@ -85,5 +85,7 @@ fn release_oldest(state: &mut State) -> Option<(u32, u64)> {
         dataplane.clear_slot(oldest.slot);
     }
     oldest.slot_released = true;
-    Some((oldest.number, moved))
+    let number = oldest.number;
+    state.workers.journal.mark();
+    Some((number, moved))
 }

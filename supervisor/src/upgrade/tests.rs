@@ -87,6 +87,8 @@ impl Harness {
             SlotContext {
                 launcher: launcher.clone(),
                 registry,
+                // No path: the state machine's tests write no state file.
+                journal: Default::default(),
             },
             None,
         )));

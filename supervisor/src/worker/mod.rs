@@ -24,6 +24,7 @@ pub use spec::{WorkerSpec, resolve_program};
 
 use crate::{
     config::ReadyMode,
+    journal::Journal,
     notify::Registry,
     process::{ExecRequest, Launcher, Process},
 };
@@ -74,6 +75,10 @@ pub struct WorkerStatus {
     pub last_exit: Option<String>,
     /// The worker's own `STATUS=` line.
     pub status: Option<String>,
+    /// `procfs::start_time` of `pid`: with it, the pid names this process only
+    /// (recorded in the state file, checked by whoever adopts the worker).
+    #[serde(skip)]
+    pub start_time: Option<u64>,
     /// Why the slot failed while its generation was starting.
     #[serde(skip)]
     pub failure: Option<String>,
@@ -93,6 +98,24 @@ pub struct WorkerSlot {
 pub struct SlotContext {
     pub launcher: Arc<dyn Launcher>,
     pub registry: Registry,
+    /// Told whenever a worker starts or ends, so the state file follows.
+    pub journal: Journal,
+}
+
+/// A worker found running (or not) when a supervisor takes a generation over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdoptedWorker {
+    /// Running: take it. `drain_signalled`: it already got the drain signal.
+    Running {
+        pid: i32,
+        start_time: Option<u64>,
+        drain_signalled: bool,
+    },
+    /// Not running, its sockets are at hand: start it again.
+    Restart,
+    /// Not running and not to be started again (its sockets are gone, or its
+    /// generation drains): the slot is finished.
+    Gone,
 }
 
 /// What the slot hands to its worker: sockets (the supervisor's own fds, dup'd to
@@ -125,16 +148,15 @@ impl WorkerSlot {
         WorkerSlot::spawn(task, WorkerPhase::Starting, 0, Policy::Start)
     }
 
-    /// Takes over a worker that a previous supervisor image (before a re-exec)
-    /// started: it is still our child, serving, and ready. `pid: None` means it
-    /// was between restarts: start it again.
+    /// Takes over a worker of a generation that serves or drains, started by a
+    /// previous image (a re-exec) or a previous supervisor (one that died).
     pub fn adopt(
         generation: u32,
         index: u32,
         spec: Arc<WorkerSpec>,
         sockets: SlotSockets,
         context: SlotContext,
-        pid: Option<i32>,
+        adopted: AdoptedWorker,
         restarts: u32,
     ) -> WorkerSlot {
         let task = SlotTask {
@@ -143,15 +165,30 @@ impl WorkerSlot {
             spec,
             sockets,
             context,
-            adopted: pid,
+            adopted: Some(adopted),
         };
-        WorkerSlot::spawn(task, WorkerPhase::Ready, restarts, Policy::Serve)
+        let (state, policy) = match adopted {
+            AdoptedWorker::Running {
+                drain_signalled: true,
+                ..
+            } => (WorkerPhase::Draining, Policy::Drain),
+            AdoptedWorker::Gone => (WorkerPhase::Exited, Policy::Kill),
+            _ => (WorkerPhase::Ready, Policy::Serve),
+        };
+        WorkerSlot::spawn(task, state, restarts, policy)
     }
 
     fn spawn(task: SlotTask, state: WorkerPhase, restarts: u32, policy: Policy) -> WorkerSlot {
         let index = task.index;
+        let (pid, start_time) = match task.adopted {
+            Some(AdoptedWorker::Running {
+                pid, start_time, ..
+            }) => (Some(pid), start_time),
+            _ => (None, None),
+        };
         let (status_tx, status_rx) = watch::channel(WorkerStatus {
-            pid: task.adopted,
+            pid,
+            start_time,
             state,
             restarts,
             last_exit: None,
@@ -187,8 +224,8 @@ struct SlotTask {
     spec: Arc<WorkerSpec>,
     sockets: SlotSockets,
     context: SlotContext,
-    /// A worker that is already running (taken over after a re-exec).
-    adopted: Option<i32>,
+    /// A worker taken over rather than started (see [`AdoptedWorker`]).
+    adopted: Option<AdoptedWorker>,
 }
 
 async fn run_slot(
@@ -205,10 +242,13 @@ async fn run_slot(
         mut adopted,
     } = task;
     let env = worker_env(&spec, &sockets, generation, index);
+    let journal = context.journal.clone();
     let finish = |failure: Option<String>| {
+        journal.mark();
         status.send_modify(|s| {
             s.finished = true;
             s.pid = None;
+            s.start_time = None;
             s.state = WorkerPhase::Exited;
             if failure.is_some() {
                 s.failure = failure;
@@ -216,13 +256,27 @@ async fn run_slot(
         });
     };
     let mut backoff = FIRST_BACKOFF;
+    // An adopted worker that already got the drain signal must not get it twice.
+    let mut drain_signalled = false;
     loop {
-        if matches!(*policy.borrow(), Policy::Drain | Policy::Kill) {
+        let running = match adopted.take() {
+            Some(AdoptedWorker::Gone) => return finish(None),
+            Some(AdoptedWorker::Running {
+                pid,
+                start_time,
+                drain_signalled: signalled,
+            }) => {
+                drain_signalled = signalled;
+                Some((pid, start_time))
+            }
+            Some(AdoptedWorker::Restart) | None => None,
+        };
+        if running.is_none() && matches!(*policy.borrow(), Policy::Drain | Policy::Kill) {
             return finish(None);
         }
-        let was_adopted = adopted.is_some();
-        let spawned = match adopted.take() {
-            Some(pid) => context.launcher.adopt(pid),
+        let was_adopted = running.is_some();
+        let spawned = match running {
+            Some((pid, start_time)) => context.launcher.adopt(pid, start_time),
             None => context.launcher.spawn(&ExecRequest {
                 program: &spec.program,
                 argv: &spec.argv,
@@ -257,8 +311,12 @@ async fn run_slot(
         // notify reader cannot run in between, so no READY=1 can be missed.
         let mut messages = context.registry.register(pid);
         let exec_ready = spec.ready == ReadyMode::Exec;
+        // Read while the pid cannot be reused: our unreaped child, or a process
+        // whose pidfd the launcher holds and whose start time it checked.
+        let start_time = crate::procfs::start_time(pid);
         status.send_modify(|s| {
             s.pid = Some(pid);
+            s.start_time = start_time;
             // An adopted worker keeps the Ready it had.
             if !was_adopted {
                 s.state = if exec_ready {
@@ -275,8 +333,19 @@ async fn run_slot(
             "generation {generation}: worker {index} started, pid {pid}"
         );
         let started = Instant::now();
-        let exit =
-            watch_process(process.as_mut(), &spec, &status, &mut policy, &mut messages).await;
+        journal.mark();
+        let already = drain_signalled.then_some(Policy::Drain);
+        drain_signalled = false;
+        let exit = watch_process(
+            process.as_mut(),
+            &spec,
+            &status,
+            &mut policy,
+            &mut messages,
+            already,
+            &journal,
+        )
+        .await;
         context.registry.unregister(pid);
         let restart_reason = match &exit {
             Ok(crate::process::ExitStatus::Signaled(_)) => "signaled",
@@ -296,8 +365,10 @@ async fn run_slot(
         };
         status.send_modify(|s| {
             s.pid = None;
+            s.start_time = None;
             s.last_exit = Some(exit_text.clone());
         });
+        journal.mark();
         let current_policy = *policy.borrow();
         match current_policy {
             Policy::Start => {
@@ -351,14 +422,17 @@ async fn watch_process(
     status: &watch::Sender<WorkerStatus>,
     policy: &mut watch::Receiver<Policy>,
     messages: &mut crate::notify::Inbox,
+    already: Option<Policy>,
+    journal: &Journal,
 ) -> std::io::Result<crate::process::ExitStatus> {
     let signal = |process: &dyn Process, signal: i32| {
         if let Err(e) = process.signal(signal) {
             tracing::error!("sending signal {signal} to pid {}: {e}", process.pid());
         }
     };
-    // If Drain/Kill was set before we got here, act on it now.
-    let mut acted_on: Option<Policy> = None;
+    // If Drain/Kill was set before we got here, act on it now (unless a previous
+    // supervisor already did: `already`).
+    let mut acted_on: Option<Policy> = already;
     // Once the slot's owner is gone (its `WorkerSlot` dropped without a Drain or
     // Kill), the worker gets one SIGKILL and the policy is not watched any more:
     // a closed channel would otherwise be "changed" on every turn of the loop.
@@ -370,6 +444,8 @@ async fn watch_process(
                 Policy::Drain => {
                     signal(process, spec.drain_signal as i32);
                     status.send_modify(|s| s.state = WorkerPhase::Draining);
+                    // Recorded, so a supervisor that takes over does not signal twice.
+                    journal.mark();
                 }
                 Policy::Kill => signal(process, libc::SIGKILL),
                 Policy::Start | Policy::Serve => {}

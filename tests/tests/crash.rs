@@ -518,9 +518,15 @@ struct Leftovers {
 }
 
 fn leftovers(net: &TestNet, pins: &PinDir, config: &ServiceConfig) -> Leftovers {
+    // The lock file is not state: a refused run may take a dead daemon's lock (and
+    // remove the file when it lets go) without changing anything that serves.
+    let lock = format!("{}.lock", config.name);
     Leftovers {
         pins: pins.entries(),
-        runtime: dir_entries(&config.runtime_dir),
+        runtime: dir_entries(&config.runtime_dir)
+            .into_iter()
+            .filter(|f| *f != lock)
+            .collect(),
         state: fs::read(state_file(config)).ok(),
         processes: net.pids().into_iter().collect(),
     }

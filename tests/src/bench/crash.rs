@@ -12,8 +12,7 @@ use super::phases::median_max;
 use super::table::{Table, ms, percent, thousands};
 use crate::{
     BackgroundLoad, LoadConfig, PinDir, Report, Rootfs, ServiceConfig, Supervisor,
-    SystemdContainer, TempDir, TestNet, bin_path, python_worker_path, python3_path,
-    workspace_root,
+    SystemdContainer, TempDir, TestNet, bin_path, python_worker_path, python3_path, workspace_root,
 };
 
 #[derive(Clone, Debug)]

@@ -81,10 +81,32 @@ impl Rng {
     }
 }
 
+/// UDP receive-buffer overflows in `net` so far (`RcvbufErrors` of the namespace's
+/// `/proc/net/snmp`): datagrams the kernel dropped because a socket's queue was full,
+/// the workers' or the load generator's. Overload, not something an event did.
+fn rcvbuf_errors(net: &TestNet) -> u64 {
+    net.run_in(|| {
+        let text = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default();
+        let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+        let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+            return 0;
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "RcvbufErrors")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// One event as it happened.
 struct Event {
     kind: Kind,
     started: Instant,
+    /// Receive-buffer overflows in the namespace from this event's start to the
+    /// next one's.
+    overflows: u64,
     /// `Err`: what went wrong (the event counts as failed).
     outcome: Result<(), String>,
 }
@@ -194,10 +216,14 @@ fn chaos_run(plan: &ChaosPlan, addr: SocketAddr) -> ChaosRun {
     );
     std::thread::sleep(Duration::from_millis(500));
     let mut rng = Rng(plan.seed);
-    let mut events = Vec::new();
+    let mut events: Vec<Event> = Vec::new();
     let mut failed_in_a_row = 0;
     for i in 0..plan.events {
         let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
+        let overflows_before = rcvbuf_errors(&net);
+        if let Some(previous) = events.last_mut() {
+            previous.overflows = overflows_before - previous.overflows;
+        }
         let started = Instant::now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_event(kind, &mut sup, &good, &mut rng)
@@ -233,6 +259,9 @@ fn chaos_run(plan: &ChaosPlan, addr: SocketAddr) -> ChaosRun {
         events.push(Event {
             kind,
             started,
+            // The count at the start until the next event replaces it with the
+            // difference.
+            overflows: overflows_before,
             outcome,
         });
         if failed_in_a_row >= MAX_FAILED_IN_A_ROW {
@@ -241,6 +270,9 @@ fn chaos_run(plan: &ChaosPlan, addr: SocketAddr) -> ChaosRun {
         }
     }
     let settled = Instant::now();
+    if let Some(last) = events.last_mut() {
+        last.overflows = rcvbuf_errors(&net) - last.overflows;
+    }
     std::thread::sleep(Duration::from_millis(500));
     let report = load.finish();
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sup.stop()));
@@ -292,7 +324,10 @@ pub fn chaos(plan: &ChaosPlan, addr: SocketAddr) -> Figure {
          runs until one generation serves with every worker ready, then the next starts. \
          A datagram counts for the event during which it was sent (from {} ms before the \
          event started to {} ms before the next one did). Only the loss of worker SIGKILLs \
-         is allowed: what the killed worker had already taken off its socket.",
+         is allowed: what the killed worker had already taken off its socket. \
+         Receive-buffer overflows (the namespace's `RcvbufErrors`: a worker's or the load \
+         generator's queue was full) are counted beside them: loss there is overload of the \
+         machine, not the event.",
         plan.workers,
         thousands(plan.rate),
         plan.events,
@@ -318,6 +353,7 @@ pub fn chaos(plan: &ChaosPlan, addr: SocketAddr) -> Figure {
         lost: u64,
         duplicated: u64,
         with_loss: u64,
+        overflows: u64,
     }
     let mut per: BTreeMap<Kind, PerKind> = BTreeMap::new();
     for (i, e) in run.events.iter().enumerate() {
@@ -327,6 +363,7 @@ pub fn chaos(plan: &ChaosPlan, addr: SocketAddr) -> Figure {
         k.lost += run.lost[i];
         k.duplicated += run.duplicated[i];
         k.with_loss += u64::from(run.lost[i] > 0);
+        k.overflows += e.overflows;
     }
     let mut t = Table::new(&[
         "event",
@@ -335,6 +372,7 @@ pub fn chaos(plan: &ChaosPlan, addr: SocketAddr) -> Figure {
         ">lost",
         ">events with loss",
         ">duplicated",
+        ">receive-buffer overflows",
         "allowed",
     ]);
     for (kind, k) in &per {
@@ -345,6 +383,7 @@ pub fn chaos(plan: &ChaosPlan, addr: SocketAddr) -> Figure {
             thousands(k.lost),
             thousands(k.with_loss),
             thousands(k.duplicated),
+            thousands(k.overflows),
             if *kind == Kind::WorkerKill {
                 "what the worker had taken".into()
             } else {
@@ -359,15 +398,18 @@ pub fn chaos(plan: &ChaosPlan, addr: SocketAddr) -> Figure {
         thousands(run.outside.0),
         "-".into(),
         thousands(run.outside.1),
+        "-".into(),
         "0".into(),
     ]);
     fig.tables.push(t);
     let r = &run.report;
     let allowed = per.get(&Kind::WorkerKill).map_or(0, |k| k.lost);
     fig.notes.push(format!(
-        "sent {}, lost {} ({} during worker SIGKILLs, allowed; {} elsewhere, not allowed), \
-         duplicated {}, malformed {}, ICMP refused {}",
+        "sent {} in {:.1} s ({}/s achieved), lost {} ({} during worker SIGKILLs, allowed; \
+         {} elsewhere, not allowed), duplicated {}, malformed {}, ICMP refused {}",
         thousands(r.sent),
+        r.duration.as_secs_f64(),
+        thousands(r.rate as u64),
         thousands(r.lost),
         thousands(allowed),
         thousands(r.lost - allowed.min(r.lost)),
@@ -384,10 +426,11 @@ pub fn chaos(plan: &ChaosPlan, addr: SocketAddr) -> Figure {
             .take(10)
             .map(|&i| {
                 format!(
-                    "#{} {} ({} lost{})",
+                    "#{} {} ({} lost, {} receive-buffer overflows{})",
                     i + 1,
                     run.events[i].kind.label(),
                     run.lost[i],
+                    run.events[i].overflows,
                     run.events[i]
                         .outcome
                         .as_ref()
@@ -437,6 +480,7 @@ pub fn chaos(plan: &ChaosPlan, addr: SocketAddr) -> Figure {
             "error": e.outcome.as_ref().err(),
             "lost": run.lost[i],
             "duplicated": run.duplicated[i],
+            "receive_buffer_overflows": e.overflows,
         })).collect::<Vec<Value>>(),
         "outside": {"lost": run.outside.0, "duplicated": run.outside.1},
     });

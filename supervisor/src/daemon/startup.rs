@@ -243,6 +243,13 @@ async fn start_with(
     }
     // A fresh start: sockets systemd still stores are of no generation now.
     forget_stored(stored);
+    // Recorded before anything is pinned (see `journal::Snapshot::empty`).
+    let state_file = journal::path(config);
+    journal::write(
+        &state_file,
+        &journal::Snapshot::empty(config, &WorkerSpec::from_config(config, String::new())?),
+    )?;
+    undo.state_file = Some(state_file);
     // Before anything is pinned or attached: an address another program holds.
     for listener in &config.listeners {
         sockets::check_address(listener.address, &listener.name)?;
@@ -287,7 +294,6 @@ async fn start_with(
     let control = control::bind(&config.control_socket())?;
     let spec = WorkerSpec::from_config(config, notify.env_value.clone())?;
 
-    undo.state_file = Some(journal::path(config));
     let daemon = assemble(Parts {
         config: config.clone(),
         lock: ServiceLocks {

@@ -6,7 +6,7 @@
 //! command), and undoes what it did if a later step fails ([`Undo`]): a refused or
 //! failed start leaves no pins, mount, sockets, lock file or processes.
 use std::{
-    os::fd::RawFd,
+    os::fd::{AsFd, RawFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -318,9 +318,15 @@ pub(super) fn adopt(config: &Config, adopted: Adopted) -> Result<Daemon> {
         .listeners
         .iter()
         .map(|l| -> Result<Box<dyn Dataplane>> {
-            Ok(Box::new(ListenerDataplane::adopt(
-                &l.name,
-                &pin_dir.join(&l.name),
+            // The serving generation's sockets: the group a new build's selector
+            // is attached to (see `selector_swap`).
+            let group = (adopted.handoff.generation.listeners.iter())
+                .position(|h| h.name == l.name)
+                .map(|i| adopted.sockets[i].iter().map(|s| s.as_fd()).collect())
+                .unwrap_or_else(Vec::new);
+            let dir = pin_dir.join(&l.name);
+            Ok(Box::new(crate::selector_swap::adopt_current(
+                &l.name, &dir, &group,
             )?))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -150,10 +150,18 @@ pub fn take_effect(dir: &Path, group: &[BorrowedFd<'_>]) -> Result<Swap> {
             .with_context(|| format!("the eBPF object has no map {map}"))?;
         migrate(map, &dir.join(pin), new).with_context(|| format!("filling the new {map}"))?;
     }
+    // Pinned beside the old pins first: a failure here leaves the group and the
+    // pins as they were.
+    let mut staged = Staged::new(dir);
+    for map in &changed {
+        let new = ebpf.map(map).expect("filled above");
+        staged.pin(pin_of(map), |path| Ok(map_data(new)?.pin(path)?))?;
+    }
     let program: &mut SkReuseport = ebpf
         .program_mut(program_names::SELECTOR)
-        .context("the eBPF object has no selector program")?
+        .expect("loaded above")
         .try_into()?;
+    staged.pin(pin_names::SELECTOR, |path| Ok(program.pin(path)?))?;
     if let Some(socket) = group.first() {
         program
             .attach(socket)
@@ -161,15 +169,7 @@ pub fn take_effect(dir: &Path, group: &[BorrowedFd<'_>]) -> Result<Swap> {
     }
     // From here on the group runs the new program. The pins follow, maps first:
     // a program pin always names a program whose maps are pinned beside it.
-    for map in &changed {
-        let new = ebpf.map(map).expect("filled above");
-        replace_pin(dir, pin_of(map), |path| Ok(map_data(new)?.pin(path)?))?;
-    }
-    let program: &mut SkReuseport = ebpf
-        .program_mut(program_names::SELECTOR)
-        .expect("loaded above")
-        .try_into()?;
-    replace_pin(dir, pin_names::SELECTOR, |path| Ok(program.pin(path)?))?;
+    staged.commit()?;
     Ok(Swap::Replaced {
         old_tag,
         new_tag,
@@ -222,18 +222,57 @@ fn pin_of(map: &str) -> &'static str {
         .expect("only maps of PINNED_MAPS are migrated")
 }
 
-/// Pins with `pin_at` under `<pin>.new`, then renames that over `<pin>`: the
-/// name never goes missing, and names the old or the new object.
-fn replace_pin(dir: &Path, pin: &str, pin_at: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let temporary = dir.join(format!("{pin}.new"));
-    let _ = std::fs::remove_file(&temporary);
-    pin_at(&temporary).with_context(|| format!("pinning {}", temporary.display()))?;
-    let path = dir.join(pin);
-    std::fs::rename(&temporary, &path).with_context(|| {
-        let _ = std::fs::remove_file(&temporary);
-        format!("renaming {} over {}", temporary.display(), path.display())
-    })
+/// New objects pinned as `<pin>_new` (bpffs refuses names with a dot), renamed
+/// over `<pin>` by [`Staged::commit`]: a pin name never goes missing, and names
+/// the old or the new object. Dropped uncommitted, the staged pins are removed.
+struct Staged<'a> {
+    dir: &'a Path,
+    pins: Vec<&'static str>,
 }
+
+impl<'a> Staged<'a> {
+    fn new(dir: &'a Path) -> Self {
+        Staged {
+            dir,
+            pins: Vec::new(),
+        }
+    }
+
+    fn temporary(&self, pin: &str) -> PathBuf {
+        self.dir.join(format!("{pin}{STAGED_SUFFIX}"))
+    }
+
+    fn pin(&mut self, pin: &'static str, pin_at: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let temporary = self.temporary(pin);
+        // Left by a swap that died half-way: not referenced by anything.
+        let _ = std::fs::remove_file(&temporary);
+        pin_at(&temporary).with_context(|| format!("pinning {}", temporary.display()))?;
+        self.pins.push(pin);
+        Ok(())
+    }
+
+    fn commit(mut self) -> Result<()> {
+        while !self.pins.is_empty() {
+            let pin = self.pins.remove(0);
+            let (temporary, path) = (self.temporary(pin), self.dir.join(pin));
+            std::fs::rename(&temporary, &path).with_context(|| {
+                format!("renaming {} over {}", temporary.display(), path.display())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        for pin in &self.pins {
+            let _ = std::fs::remove_file(self.temporary(pin));
+        }
+    }
+}
+
+/// What a staged pin's name ends with.
+pub const STAGED_SUFFIX: &str = "_new";
 
 /// Copies into `new` what carries over from the map pinned at `old_pin`.
 fn migrate(map: &str, old_pin: &Path, new: &mut Map) -> Result<()> {

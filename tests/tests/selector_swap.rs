@@ -8,7 +8,7 @@
 use std::{path::Path, time::Duration};
 
 use aya::{
-    maps::{MapData, MapInfo},
+    maps::{Array, Map, MapData, MapInfo},
     programs::ProgramInfo,
 };
 use supervisor_tests::{
@@ -150,6 +150,25 @@ fn reexec_into_a_changed_selector_under_load() {
     pins.assert_empty_after_stop();
 }
 
+/// Pins, in place of the map at `pin`, a map like it with one more entry; returns
+/// the map that was pinned there, and its info.
+fn pin_longer_map(pin: &Path) -> (Map, MapInfo) {
+    let real = MapInfo::from_pin(pin).unwrap();
+    let longer = aya_obj::Map::new_from_params(
+        real.map_type().unwrap() as u32,
+        real.key_size(),
+        real.value_size(),
+        real.max_entries() + 1,
+        real.map_flags(),
+    );
+    let longer = MapData::create(longer, "test_longer", None).unwrap();
+    let old = Map::from_map_data(MapData::from_pin(pin).unwrap()).unwrap();
+    let temporary = pin.with_file_name("test_longer");
+    longer.pin(&temporary).unwrap();
+    std::fs::rename(&temporary, pin).unwrap();
+    (old, real)
+}
+
 #[test]
 fn reexec_migrates_a_map_whose_definition_changed() {
     require_root();
@@ -164,21 +183,23 @@ fn reexec_migrates_a_map_whose_definition_changed() {
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let original = selector(&dir);
 
-    // Stand in for a build whose COUNTERS has another definition: pin one more
-    // entry's worth of array in its place (the running program keeps its own).
+    // Stand in for a build whose COUNTERS and CONTROL have other definitions:
+    // pin arrays one entry longer in their place (the running program and
+    // supervisor keep the real ones). The control words are copied over, as an
+    // older build's would hold them; a broken migration of them would leave the
+    // new selector without a generation to select (no `selected` counted below).
     let counters = dir.join("counters");
-    let real = MapInfo::from_pin(&counters).unwrap();
-    let other = aya_obj::Map::new_from_params(
-        real.map_type().unwrap() as u32,
-        real.key_size(),
-        real.value_size(),
-        real.max_entries() + 1,
-        real.map_flags(),
-    );
-    let other = MapData::create(other, "other_counters", None).unwrap();
-    let temporary = dir.join("counters_test");
-    other.pin(&temporary).unwrap();
-    std::fs::rename(&temporary, &counters).unwrap();
+    let real_counters = pin_longer_map(&counters);
+    let control = dir.join("control");
+    let real_control = pin_longer_map(&control);
+    {
+        let real = Array::<_, u64>::try_from(&real_control.0).unwrap();
+        let mut other = Map::Array(MapData::from_pin(&control).unwrap());
+        let mut other = Array::<_, u64>::try_from(&mut other).unwrap();
+        for index in 0..real.len() {
+            other.set(index, real.get(&index, 0).unwrap(), 0).unwrap();
+        }
+    }
 
     let mut load = LoadConfig::new(target);
     load.rate = Some(4000);
@@ -188,12 +209,18 @@ fn reexec_migrates_a_map_whose_definition_changed() {
 
     reexec(&supervisor, &bin_path("supervisor"));
     let log = wait_log(&supervisor, "maps migrated", 1);
-    assert!(log.contains("COUNTERS"), "{log}");
-    assert_eq!(
-        MapInfo::from_pin(&counters).unwrap().max_entries(),
-        real.max_entries(),
-        "the pinned COUNTERS is not this build's"
-    );
+    assert!(log.contains("CONTROL, COUNTERS"), "{log}");
+    for (pin, real) in [(&counters, real_counters), (&control, real_control)] {
+        let real = real.1;
+        let pinned = MapInfo::from_pin(pin).unwrap();
+        assert_eq!(
+            pinned.max_entries(),
+            real.max_entries(),
+            "{} is not this build's",
+            pin.display()
+        );
+        assert_ne!(pinned.id(), real.id(), "{} is the old map", pin.display());
+    }
     let swapped = selector(&dir);
     assert_ne!(swapped.id(), original.id());
     // The new program counts into the new COUNTERS, which status reads.

@@ -36,8 +36,13 @@ const PROG_TYPE_XDP: u32 = 6;
 pub struct Proof {
     pub program: String,
     pub version: String,
-    /// The handoff format this build reads (`reexec::HANDOFF_FORMAT`).
+    /// The handoff format this build writes and reads (`reexec::HANDOFF_FORMAT`).
     pub handoff_format: u32,
+    /// Every handoff format this build reads, `handoff_format` included: a build
+    /// that still reads an older layout lists it, so a supervisor writing that one
+    /// may re-exec into it. Absent: `handoff_format` only.
+    #[serde(default)]
+    pub reads_formats: Vec<u32>,
     /// Why the config does not parse for this build; `None`: it does.
     pub config_error: Option<String>,
     /// What is missing or of another kind among the pins; empty: all present.
@@ -45,6 +50,11 @@ pub struct Proof {
 }
 
 impl Proof {
+    /// Whether the candidate reads a handoff in `format`.
+    pub fn reads(&self, format: u32) -> bool {
+        self.handoff_format == format || self.reads_formats.contains(&format)
+    }
+
     pub fn pins_ok(&self) -> bool {
         self.config_error.is_none() && self.pin_problems.is_empty()
     }
@@ -61,7 +71,7 @@ pub fn run(config_path: &Path, format: u32) -> i32 {
             return crate::error::EXIT_FAILED;
         }
     }
-    if proof.pins_ok() && proof.handoff_format == format {
+    if proof.pins_ok() && proof.reads(format) {
         crate::error::EXIT_OK
     } else {
         crate::error::EXIT_BAD_INPUT
@@ -81,6 +91,7 @@ pub fn prove(config_path: &Path) -> Proof {
         program: PROGRAM.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         handoff_format,
+        reads_formats: vec![handoff_format],
         config_error,
         pin_problems,
     }

@@ -108,7 +108,7 @@ pub fn judge(proof: Proof) -> Result<Proof, String> {
     if proof.program != PROGRAM {
         return Err(format!("it is {:?}, not a supervisor", proof.program));
     }
-    if proof.handoff_format != HANDOFF_FORMAT {
+    if !proof.reads(HANDOFF_FORMAT) {
         return Err(format!(
             "it is supervisor {} and reads handoff format {}; this supervisor writes format {HANDOFF_FORMAT} (stop and start the service to change to that build)",
             proof.version, proof.handoff_format
@@ -161,6 +161,7 @@ mod tests {
             program: PROGRAM.into(),
             version: "9.9.9".into(),
             handoff_format: HANDOFF_FORMAT,
+            reads_formats: vec![HANDOFF_FORMAT],
             config_error: None,
             pin_problems: Vec::new(),
         }
@@ -178,7 +179,13 @@ mod tests {
         assert!(judge(other).unwrap_err().contains("not a supervisor"));
         let mut other = proof();
         other.handoff_format = HANDOFF_FORMAT + 1;
+        other.reads_formats = vec![HANDOFF_FORMAT + 1];
         assert!(judge(other).unwrap_err().contains("handoff format"));
+        // A newer build that still reads this format is fine.
+        let mut newer = proof();
+        newer.handoff_format = HANDOFF_FORMAT + 1;
+        newer.reads_formats = vec![HANDOFF_FORMAT, HANDOFF_FORMAT + 1];
+        assert!(judge(newer).is_ok());
         let mut other = proof();
         other.pin_problems = vec!["/sys/fs/bpf/x/l/flows is missing".into()];
         assert!(judge(other).unwrap_err().contains("flows is missing"));

@@ -100,7 +100,13 @@ pub fn vet_within(binary: &Path, config_path: &Path, timeout: Duration) -> Resul
             )));
         }
     };
-    judge(proof).map_err(refuse)
+    let proof = judge(proof).map_err(refuse)?;
+    tracing::info!(
+        "{} passed the handoff check: supervisor {}, reads handoff format {HANDOFF_FORMAT}, pins as it expects",
+        binary.display(),
+        proof.version
+    );
+    Ok(proof)
 }
 
 /// Whether a proof allows the handoff this supervisor would write.

@@ -200,3 +200,42 @@ fn reexec_refuses_what_is_not_a_compatible_supervisor() {
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
+
+/// With `[xdp]`, the check covers the filter's pins too: all there, the re-exec
+/// goes ahead; one missing, it is refused.
+#[test]
+fn reexec_checks_the_xdp_filters_pins() {
+    require_root();
+    let (server, _client) = TestNet::pair();
+    let pins = PinDir::new();
+    let run = TempDir::new("reexec-xdp");
+    let listen = std::net::SocketAddr::new(server.veth().unwrap().addr.into(), 5600);
+    let mut config = ServiceConfig::echo(2, listen, &pins, run.path());
+    config.extra_toml = "[xdp]\ninterface = \"veth-a\"\n".into();
+    let mut supervisor = Supervisor::start(&server, config);
+    let supervisor_bin = bin_path("supervisor");
+
+    let output = supervisor
+        .cli(&["reexec", "--binary", &supervisor_bin.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let before = Untouched::snapshot(&supervisor, run.path());
+    let rate = pins
+        .path()
+        .join("echo")
+        .join("xdp")
+        .join("veth-a")
+        .join("rate");
+    std::fs::remove_file(&rate).unwrap();
+    assert_refused(&supervisor, &supervisor_bin, "rate is missing");
+    before.assert_same(&supervisor, run.path(), "deleted XDP pin");
+    supervisor.stop();
+    // PinDir's drop removes the XDP pins (kept by a stop by design), which
+    // detaches the filter.
+}

@@ -136,6 +136,7 @@ fn reexec_into_a_changed_selector_under_load() {
     assert_eq!(selector(&dir).id(), back.id());
 
     let report = background.finish();
+    eprintln!("load across the swaps: {report}");
     assert_eq!(report.lost, 0, "{report}");
     assert_eq!(report.duplicated, 0, "{report}");
     let after = supervisor.status_json();
@@ -227,6 +228,7 @@ fn reexec_migrates_a_map_whose_definition_changed() {
     assert_group_runs(&supervisor, swapped.id(), original.id());
 
     let report = background.finish();
+    eprintln!("load across the swaps: {report}");
     assert_eq!(report.lost, 0, "{report}");
     assert_eq!(report.duplicated, 0, "{report}");
     assert_eq!(pins.entries(), pins_before, "pins left behind or missing");

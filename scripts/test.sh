@@ -17,6 +17,12 @@ cargo +nightly clippy -p supervisor-ebpf --target bpfel-unknown-none -Z build-st
 echo "== unused dependencies (cargo-machete, every Cargo.toml of the workspace)"
 cargo machete --skip-target-dir
 echo "== cargo build (every binary the end-to-end tests run; the eBPF crate is built by supervisor/build.rs, so the default members are the whole host side)"
+# First the test-only supervisor whose selector differs harmlessly (the
+# `selector-variant` feature; tests/tests/reexec.rs re-execs into it), kept under
+# its own name. Cargo keeps both feature sets' artifacts, so switching back and
+# forth relinks nothing.
+cargo build -p supervisor --bin supervisor --features selector-variant
+cp target/debug/supervisor target/debug/supervisor-selector-variant
 cargo build --bins
 echo "== cargo test"
 # Two at a time: every end-to-end test starts a supervisor, workers and a load

@@ -14,10 +14,18 @@ fn main() -> anyhow::Result<()> {
     // aya-build watches the eBPF crate's directory; the shared types live beside it.
     println!("cargo:rerun-if-changed={}", common_dir.display());
     let ebpf_dir = ebpf_dir.to_str().expect("utf-8 path");
+    // The test-only variant selector (the `selector-variant` feature). Cargo gives
+    // each feature set its own OUT_DIR, so the two builds do not rebuild each other.
+    let features: &[&str] = if env::var_os("CARGO_FEATURE_SELECTOR_VARIANT").is_some() {
+        &["variant"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "supervisor-ebpf",
             root_dir: ebpf_dir,
+            features,
             ..Default::default()
         }],
         aya_build::Toolchain::default(),

@@ -161,6 +161,21 @@ pub fn from_unix_ms(ms: u64) -> SystemTime {
 }
 
 impl Snapshot {
+    /// No generation yet: what a start records before it pins anything, so a
+    /// supervisor that dies before its first generation leaves pins the next one
+    /// knows are its own.
+    pub fn empty(config: &Config, spec: &WorkerSpec) -> Snapshot {
+        Snapshot {
+            format: STATE_FORMAT,
+            service: config.service.name.clone(),
+            pin_dir: config.pin_dir(),
+            supervisor_pid: std::process::id(),
+            next_generation: 1,
+            spec: SpecRecord::of(spec),
+            generations: Vec::new(),
+        }
+    }
+
     pub fn of(state: &State) -> Snapshot {
         let generations = state
             .generations

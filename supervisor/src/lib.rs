@@ -17,6 +17,8 @@
 //! | `systemd`   | the supervisor's own sd_notify conversation |
 //! | `status`    | what `supervisor status` reports, typed |
 //! | `reexec`    | replacing the supervisor's image in place |
+//! | `handoff_check`, `reexec_vet` | the check a binary passes before a re-exec into it |
+//! | `selector_layout`, `selector_swap` | a new build's selector replacing the pinned one |
 //! | `xdp`       | the XDP filter at the interface: attach/adopt via a pinned link, rulesets |
 //! | `bpffs`, `ebpf`, `error` | bpffs mounting, the embedded eBPF objects, exit codes |
 //! | `locks`     | one supervisor per service: the runtime directory's and the pins' locks |
@@ -36,6 +38,7 @@ pub mod ebpf;
 pub mod error;
 pub mod fdstore;
 pub mod journal;
+pub mod handoff_check;
 pub mod locks;
 pub mod maps;
 pub mod metrics;
@@ -44,6 +47,9 @@ pub mod process;
 pub mod procfs;
 pub mod readiness;
 pub mod reexec;
+pub mod reexec_vet;
+pub mod selector_layout;
+pub mod selector_swap;
 pub mod sockets;
 pub mod status;
 #[allow(unsafe_code)]

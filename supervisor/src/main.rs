@@ -77,6 +77,16 @@ enum Command {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// What a running supervisor asks a binary before it re-execs into it: prints a
+    /// JSON proof (program, version, handoff format, config and pins checked).
+    #[command(hide = true)]
+    HandoffCheck {
+        #[arg(long)]
+        config: PathBuf,
+        /// The handoff format the running supervisor writes.
+        #[arg(long)]
+        format: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +99,9 @@ fn main() -> ExitCode {
             Err(e) => return ExitCode::from(cli::fail(&e.into()) as u8),
         },
         Command::Check { config } => return ExitCode::from(cli::check(config) as u8),
+        Command::HandoffCheck { config, format } => {
+            return ExitCode::from(supervisor::handoff_check::run(config, *format) as u8);
+        }
         _ => None,
     };
     // Journal, text or JSON lines: see logging.rs.
@@ -135,7 +148,9 @@ fn main() -> ExitCode {
                 config,
                 unless_crashed,
             } => cli::cleanup(&config, unless_crashed),
-            Command::Check { .. } => unreachable!("answered before the runtime starts"),
+            Command::Check { .. } | Command::HandoffCheck { .. } => {
+                unreachable!("answered before the runtime starts")
+            }
         }
     });
     ExitCode::from(code as u8)

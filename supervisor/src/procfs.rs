@@ -121,17 +121,22 @@ pub fn socket_fds(pid: i32) -> Vec<(i32, u64)> {
 /// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat`
 /// field 22). With the pid it names one process for the whole boot: a pid can be
 /// reused, the pair cannot.
+/// None for a zombie: it has exited, holds no fd, and only waits for its parent
+/// (a dead supervisor's workers are reaped by whoever inherits them).
 pub fn start_time(pid: i32) -> Option<u64> {
     parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) is in
-/// parentheses and may itself contain spaces and parentheses: fields are counted
-/// from the last `)`.
+/// Field 22 of a `/proc/<pid>/stat` line, unless field 3 (the state) says
+/// zombie. The command name (field 2) is in parentheses and may itself contain
+/// spaces and parentheses: fields are counted from the last `)`.
 fn parse_start_time(stat: &str) -> Option<u64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // Field 3 (state) is the first after the name; field 22 is 19 further on.
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    // Field 22 is 19 fields after the state.
+    fields.nth(18)?.parse().ok()
 }
 
 /// Pids holding a `flock` on the file with device `dev` and inode `inode`, from
@@ -297,6 +302,7 @@ mod tests {
     fn start_time_is_counted_from_the_last_parenthesis() {
         let stat = "42 (a) b) (c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time(&stat.replace(" S ", " Z ")), None);
         let this = std::process::id() as i32;
         assert!(start_time(this).is_some());
         assert_eq!(start_time(this), start_time(this));

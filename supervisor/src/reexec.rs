@@ -36,6 +36,9 @@ use crate::{
 /// where the handoff file is.
 pub const HANDOFF_ENV: &str = "SUPERVISOR_REEXEC_HANDOFF";
 
+/// The layout of [`Handoff`] this build writes and reads (see `handoff_check`).
+pub const HANDOFF_FORMAT: u32 = 1;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Handoff {
     pub config_path: PathBuf,

@@ -137,3 +137,17 @@ fn is_worker_of(pid: i32, listener: &str) -> bool {
         && procfs::environment_value(pid, "LISTEN_FDNAMES")
             .is_some_and(|names| names.split(':').any(|name| name == listener))
 }
+
+/// Whether `socket` is bound to a port (a placeholder kept for an array index is not).
+pub fn is_bound(socket: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(socket.as_raw_fd())
+        .ok()
+        .and_then(|address| {
+            address
+                .as_sockaddr_in()
+                .map(|a| a.port())
+                .or_else(|| address.as_sockaddr_in6().map(|a| a.port()))
+        })
+        .is_some_and(|port| port != 0)
+}

@@ -112,6 +112,18 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// The test-only supervisor build whose selector program differs harmlessly from
+/// the real one (feature `selector-variant`), built by scripts/test.sh.
+pub fn selector_variant_path() -> PathBuf {
+    let path = bin_path("supervisor").with_file_name("supervisor-selector-variant");
+    assert!(
+        path.is_file(),
+        "{} not found: build it as scripts/test.sh does (cargo build -p supervisor --bin supervisor --features selector-variant, copied to that name, then cargo build --bins)",
+        path.display()
+    );
+    path
+}
+
 /// The python socket-activation example worker.
 pub fn python_worker_path() -> PathBuf {
     let p = workspace_root().join("examples/python-worker/echo_worker.py");

@@ -224,7 +224,7 @@ fn restart_after_a_crash_is_not_refused_for_the_dead_supervisors_workers() {
         old[0]
     );
 
-    // Its sockets are the service's own: the restart replaces the stale pins and serves.
+    // Its workers outlive it by design: the restart takes them over and serves.
     let mut restarted = Supervisor::start(&w.net, config);
     restarted.wait_settled(1, SETTLE);
     restarted.stop();
@@ -387,16 +387,16 @@ fn a_failed_start_removes_the_xdp_filter_it_attached_and_keeps_an_adopted_one() 
     failing.command = vec!["/bin/false".into()];
     let failing_path = work.path().join("failing.toml");
     fs::write(&failing_path, failing.to_toml()).unwrap();
-    let run_failing = || {
+    let run_failing = |args: &[&str]| {
         let out = output_with_timeout(
-            &mut supervisor_command(&server, &[], &["run"], &failing_path),
+            &mut supervisor_command(&server, &[], args, &failing_path),
             RUN_TIMEOUT,
         );
         assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     };
 
     // Attached by this start: removed with everything else.
-    run_failing();
+    run_failing(&["run"]);
     assert!(
         !has_xdp(&server, &ifname),
         "a failed start left its XDP filter attached"
@@ -404,12 +404,13 @@ fn a_failed_start_removes_the_xdp_filter_it_attached_and_keeps_an_adopted_one() 
     pins.assert_empty_after_stop();
 
     // Adopted from a supervisor that died: kept (the interface stays filtered).
+    // `--fresh`: a start that takes the dead one's generation over would not fail.
     let mut crashed = Supervisor::start(&server, good);
     crashed.wait_settled(1, SETTLE);
     crashed.signal(Signal::SIGKILL);
     crashed.wait_exit(SETTLE);
     assert!(has_xdp(&server, &ifname));
-    run_failing();
+    run_failing(&["run", "--fresh"]);
     assert!(
         has_xdp(&server, &ifname),
         "a failed start removed the XDP filter it adopted"

@@ -609,7 +609,7 @@ fn watchdog_restarts_a_stuck_supervisor(flavor: Flavor) {
     svc.finish();
 }
 
-/// `systemctl stop` lets the supervisor drain: with KillMode=mixed only the supervisor
+/// `systemctl stop` lets the supervisor drain: with KillMode=process only the supervisor
 /// gets SIGTERM, and it signals its workers once their sockets' queues are empty. The
 /// Python worker dies at once on SIGTERM, so datagrams still queued when systemd stops
 /// the unit are answered only if systemd leaves the workers alone. The workers are

@@ -307,6 +307,11 @@ fn reexec_now(
     if resolve_program(&binary.to_string_lossy()).is_none() {
         return format!("{} is not an executable file", binary.display());
     }
+    drop(state);
+    if let Err(why) = crate::reexec_vet::vet(binary, config_path) {
+        return why;
+    }
+    let state = shared.lock().unwrap();
     let (handoff, kept) = match reexec::prepare(&state, config_path, fds) {
         Ok(prepared) => prepared,
         Err(e) => return format!("{e:#}"),

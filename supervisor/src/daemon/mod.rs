@@ -1,13 +1,15 @@
 //! `supervisor run`: start-up, the event loop, and shutdown.
 //!
-//! There is one start-up path. A fresh start and the start of a re-exec'd image
-//! differ only in where each resource comes from ([`startup`]: created, or taken
-//! over from the previous image); both then assemble the same [`Daemon`], tell
-//! systemd they are ready, and run the same event loop ([`event_loop`]).
+//! There is one start-up path. A fresh start, the start of a supervisor that finds
+//! the generations of one that died, and the start of a re-exec'd image differ
+//! only in where each resource comes from ([`startup`]: created, taken over from
+//! the pins, the state file and the running workers ([`recover`]), or handed over
+//! by the previous image); all then assemble the same [`Daemon`], tell systemd
+//! they are ready, and run the same event loop ([`event_loop`]).
 //!
 //! Everything runs on one thread (a current-thread tokio runtime on the main
-//! thread). That is a correctness choice, not only a simple one: workers are forked
-//! with `PR_SET_PDEATHSIG`, which is tied to the forking thread.
+//! thread): the state behind its lock is only ever touched between awaits, and
+//! nothing in the daemon needs a second core.
 mod event_loop;
 mod recover;
 mod startup;

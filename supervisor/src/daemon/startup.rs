@@ -243,6 +243,13 @@ async fn start_with(
     }
     // A fresh start: sockets systemd still stores are of no generation now.
     forget_stored(stored);
+    // Recorded before anything is pinned (see `journal::Snapshot::empty`).
+    let state_file = journal::path(config);
+    journal::write(
+        &state_file,
+        &journal::Snapshot::empty(config, &WorkerSpec::from_config(config, String::new())?),
+    )?;
+    undo.state_file = Some(state_file);
     // Before anything is pinned or attached: an address another program holds.
     for listener in &config.listeners {
         sockets::check_address(listener.address, &listener.name)?;
@@ -287,7 +294,6 @@ async fn start_with(
     let control = control::bind(&config.control_socket())?;
     let spec = WorkerSpec::from_config(config, notify.env_value.clone())?;
 
-    undo.state_file = Some(journal::path(config));
     let daemon = assemble(Parts {
         config: config.clone(),
         lock: ServiceLocks {
@@ -352,7 +358,7 @@ async fn take_over(
     let service = config.service.name.clone();
     let metrics = bind_metrics(config)?;
     let pin_dir = config.pin_dir();
-    let dataplanes = config
+    let mut dataplanes = config
         .listeners
         .iter()
         .map(|l| -> Result<Box<dyn Dataplane>> {
@@ -387,6 +393,37 @@ async fn take_over(
         .to_spec(inherited_env, notify.env_value.clone())?;
     let context = slot_context(config);
     let recovered = recover::recover(config, snapshot, &dataplanes, stored, &context, spec)?;
+    // This build's selector, if the dead supervisor ran another, goes in now
+    // (its group found through the serving generation's recovered sockets).
+    let serving = recovered
+        .generations
+        .iter()
+        .find(|g| g.state == upgrade::GenerationState::Serving);
+    for (index, listener) in config.listeners.iter().enumerate() {
+        let group: Vec<_> = serving
+            .and_then(|g| g.listeners.get(index))
+            .map(|l| {
+                l.sockets
+                    .iter()
+                    .map(|s| s.as_fd())
+                    .filter(|s| sockets::is_bound(*s))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let dir = pin_dir.join(&listener.name);
+        match crate::selector_swap::take_effect(&dir, &group) {
+            Ok(crate::selector_swap::Swap::Unchanged) => {}
+            Ok(swap) => {
+                tracing::info!("listener {}: {swap}", listener.name);
+                // Its maps may be new: opened again from the pins.
+                dataplanes[index] = Box::new(ListenerDataplane::adopt(&listener.name, &dir)?);
+            }
+            Err(e) => tracing::warn!(
+                "listener {}: keeping the pinned selector of the previous build: {e:#}",
+                listener.name
+            ),
+        }
+    }
     let daemon = assemble(Parts {
         config: config.clone(),
         lock: ServiceLocks {
@@ -469,9 +506,15 @@ pub(super) fn adopt(config: &Config, adopted: Adopted) -> Result<Daemon> {
         .listeners
         .iter()
         .map(|l| -> Result<Box<dyn Dataplane>> {
-            Ok(Box::new(ListenerDataplane::adopt(
-                &l.name,
-                &pin_dir.join(&l.name),
+            // The serving generation's sockets: the group a new build's selector
+            // is attached to (see `selector_swap`).
+            let group = (adopted.handoff.generation.listeners.iter())
+                .position(|h| h.name == l.name)
+                .map(|i| adopted.sockets[i].iter().map(|s| s.as_fd()).collect())
+                .unwrap_or_else(Vec::new);
+            let dir = pin_dir.join(&l.name);
+            Ok(Box::new(crate::selector_swap::adopt_current(
+                &l.name, &dir, &group,
             )?))
         })
         .collect::<Result<Vec<_>>>()?;

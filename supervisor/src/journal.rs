@@ -324,9 +324,16 @@ impl Journal {
     /// while a write runs are folded into the next one. Runs for the daemon's
     /// life (the task is aborted at a clean stop, before the file is removed).
     pub async fn write_on_mark(self, shared: Shared) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
         loop {
             self.dirty.notified().await;
-            self.write_now(&shared.lock().unwrap());
+            // Snapshot under the lock, write without it.
+            let snapshot = Snapshot::of(&shared.lock().unwrap());
+            if let Err(e) = write(&path, &snapshot) {
+                tracing::warn!("{e:#}");
+            }
         }
     }
 

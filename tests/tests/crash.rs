@@ -573,15 +573,28 @@ fn assert_fresh_start_works(
     old_workers: &[i32],
 ) {
     sup.respawn(&["--fresh"]);
-    let status = sup.wait_settled(1, SETTLE);
-    for pid in old_workers {
-        assert!(!alive(*pid), "leftover worker {pid} survived run --fresh");
-    }
-    assert_consistent(net, pins, sup.config(), &status);
+    sup.wait_settled(1, SETTLE);
     let report = net
         .run_in(|| loadgen::run(&LoadConfig::new(addr()).count(1_000).rate(RATE)))
         .expect("load generator");
     assert_lossless("after run --fresh", &report);
+    assert_eq!(
+        report.per_generation.keys().copied().collect::<Vec<_>>(),
+        vec![1],
+        "only the fresh generation answers: {report}"
+    );
+    // The old workers are checked last, so that a failure here comes after what the
+    // fresh start did right.
+    let survivors: Vec<(i32, String)> = net
+        .cmdlines()
+        .into_iter()
+        .filter(|(pid, _)| old_workers.contains(pid))
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "leftover workers survived run --fresh (still bound in the reuseport group): {survivors:?}"
+    );
+    assert_consistent(net, pins, sup.config(), &sup.status_json());
     sup.stop();
     assert_nothing_left(net, pins, runtime);
 }

@@ -61,6 +61,9 @@ pub struct SpecHandoff {
     pub no_new_privs: bool,
     pub ready: ReadyMode,
     pub drain_signal: String,
+    /// Absent in a handoff from an image that predates the key: `listen-fds`.
+    #[serde(default)]
+    pub handoff: crate::config::Handoff,
 }
 
 fn no_new_privs_default() -> bool {
@@ -170,6 +173,7 @@ pub fn prepare(
             no_new_privs: state.spec.no_new_privs,
             ready: state.spec.ready,
             drain_signal: state.spec.drain_signal.as_str().to_string(),
+            handoff: state.spec.handoff,
         },
         generation: GenerationHandoff {
             number: generation.number,
@@ -327,6 +331,7 @@ pub fn spec(handoff: &Handoff, inherited_env: Vec<(String, String)>) -> Result<W
             .drain_signal
             .parse()
             .map_err(|_| anyhow::anyhow!("bad drain signal in handoff"))?,
+        handoff: handoff.spec.handoff,
     })
 }
 

@@ -48,6 +48,7 @@ drain_signal = "SIGUSR2"
 drain_timeout = "1m 30s"
 runtime_dir = "/run/supervisor"
 bpffs = "/sys/fs/bpf/supervisor"
+handoff = "listen-fds"
 
 [[listen]]
 name = "dns"
@@ -85,6 +86,7 @@ const SERVICE_KEYS: &[&str] = &[
     "drain_timeout",
     "runtime_dir",
     "bpffs",
+    "handoff",
 ];
 const LISTEN_KEYS: &[&str] = &[
     "name",

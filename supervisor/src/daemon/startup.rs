@@ -86,6 +86,7 @@ struct Undo {
     /// The XDP filter when this start attached it (an adopted one stays).
     xdp_attached: Option<XdpFilter>,
     control_socket: Option<PathBuf>,
+    notify_socket: Option<PathBuf>,
     /// Once assembled, the dataplanes and the filter live in the state.
     shared: Option<(Shared, bool)>,
 }
@@ -106,7 +107,10 @@ impl Undo {
                 tracing::warn!("removing the XDP filter this start attached to {interface}: {e:#}");
             }
         }
-        if let Some(path) = &self.control_socket {
+        for path in [&self.control_socket, &self.notify_socket]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(path);
         }
         // Pins go while the pin lock is held, the mount once they are gone, the
@@ -223,8 +227,10 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
             None
         }
     };
-    // An unpredictable name: another user who could guess it could bind it first.
-    let notify = NotifySocket::bind(&format!("{service}/{}", random_token()?))?;
+    // In the runtime directory checked above (root's, writable by nobody else):
+    // nobody else can bind the path first or replace it.
+    undo.notify_socket = Some(config.notify_socket());
+    let notify = NotifySocket::bind(&config.notify_socket())?;
     undo.control_socket = Some(config.control_socket());
     let control = control::bind(&config.control_socket())?;
     let spec = WorkerSpec::from_config(config, notify.env_value.clone())?;
@@ -291,16 +297,6 @@ fn pinned_xdp_link(pin_dir: &Path, interface: &str) -> Option<u32> {
         .info()
         .ok()
         .map(|info| info.id())
-}
-
-/// 48 random bits from the kernel, in hex.
-fn random_token() -> Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 6];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| anyhow::anyhow!("reading /dev/urandom: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The start of a re-exec'd image: everything taken over, nothing started.

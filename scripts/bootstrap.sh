@@ -94,6 +94,16 @@ if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
         || python3 -m pip install -q --break-system-packages prometheus-client
 fi
 
+# tests/tests/bind_handoff.rs wraps a real, unmodified DNS server that binds its
+# own UDP socket (dnsmasq, from dnsmasq-base: the binary without the system
+# service) and loads it with dnsperf.
+if ! command -v dnsmasq >/dev/null || ! command -v dnsperf >/dev/null; then
+    log "installing dnsmasq-base and dnsperf (for the bind handoff tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends dnsmasq-base dnsperf >/dev/null
+fi
+
 # bpffs: the supervisor mounts it itself when missing; the tests need it too.
 if ! mountpoint -q /sys/fs/bpf; then
     mount -t bpf bpf /sys/fs/bpf

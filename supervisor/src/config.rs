@@ -767,10 +767,11 @@ address = "127.0.0.1:5300"
             err.contains("service.bpffs") && err.contains("absolute"),
             "{err}"
         );
-        // "/<95 x r>/echo.sock": 1 + 95 + 10 = 106 bytes fits, one more does not.
-        let dir = format!("/{}", "r".repeat(95));
+        // "/<94 x r>/echo.notify" (the longer of the two sockets): 1 + 94 + 12 =
+        // 107 bytes fits, one more does not.
+        let dir = format!("/{}", "r".repeat(94));
         parse(&with(&format!("runtime_dir = \"{dir}\""))).unwrap();
-        let err = parse(&with(&format!("runtime_dir = \"{dir}rr\"")))
+        let err = parse(&with(&format!("runtime_dir = \"{dir}r\"")))
             .unwrap_err()
             .to_string();
         assert!(

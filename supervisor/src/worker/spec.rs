@@ -61,6 +61,14 @@ impl WorkerSpec {
                 Some((user.uid.as_raw(), user.gid.as_raw()))
             }
         };
+        if let Some((uid, gid)) = credentials {
+            crate::trust::check_searchable_by(
+                &config.service.runtime_dir,
+                uid,
+                gid,
+                &config.key("service.runtime_dir"),
+            )?;
+        }
         if config.service.handoff == Handoff::Bind {
             check_bind_handoff(
                 config,

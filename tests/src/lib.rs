@@ -120,6 +120,15 @@ pub fn python_worker_path() -> PathBuf {
     p
 }
 
+/// The python example worker that binds its own sockets (`handoff = "bind"`).
+pub fn self_binding_worker_path() -> PathBuf {
+    let p = workspace_root().join("examples/python-worker/self_binding_worker.py");
+    if !p.is_file() {
+        panic!("python worker not found at {}", p.display());
+    }
+    p
+}
+
 /// Absolute path of the real python3 interpreter.
 ///
 /// `python3` on PATH may be a wrapper (pyenv shims are shell scripts that need the

@@ -27,7 +27,7 @@ const ADDR: &str = "127.0.0.1:5300";
 /// The steady load of the upgrade tests, datagrams per second in total.
 const RATE: u64 = 5_000;
 const SETTLE: Duration = Duration::from_secs(30);
-const UPGRADES: u32 = 5;
+const UPGRADES: u32 = 10;
 
 fn addr() -> SocketAddr {
     ADDR.parse().unwrap()
@@ -165,6 +165,50 @@ fn rust_worker_with_the_sd_notify_crate_upgrades_under_load_lose_nothing() {
     upgrades_under_load(&mut sup, &net, UPGRADES);
     sup.stop();
     pins.assert_empty_after_stop();
+}
+
+/// The same, as a static binary (built here with `rustc -C
+/// target-feature=+crt-static`): no dynamic loader, nothing an `LD_PRELOAD` shim
+/// could hook; the kernel-side interception works all the same.
+#[test]
+fn static_rust_binary_upgrades_under_load_lose_nothing() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let build = TempDir::new("static-worker");
+    let binary = build.path().join("self_binding_static");
+    let source = supervisor_tests::workspace_root().join("examples/static-worker/self_binding_static.rs");
+    let out = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .args(["--edition", "2024", "-O", "-C", "target-feature=+crt-static", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .expect("rustc");
+    assert!(out.status.success(), "building the static worker: {}", text(&out.stderr));
+    assert!(
+        !has_interpreter(&fs::read(&binary).unwrap()),
+        "the worker is not static: it has a PT_INTERP (a dynamic loader)"
+    );
+    let command = vec![binary.to_string_lossy().into_owned(), ADDR.into()];
+    let config = bind_service("stbind", command, 2, addr(), &pins, runtime.path())
+        .ready(ReadyMode::Notify);
+    let mut sup = Supervisor::start(&net, config);
+    upgrades_under_load(&mut sup, &net, UPGRADES);
+    sup.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// Whether a 64-bit little-endian ELF file has a `PT_INTERP` program header.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().unwrap()) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).any(|i| {
+        let at = phoff + i * phentsize;
+        u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == PT_INTERP
+    })
 }
 
 /// Reads the worker's report (`--report DIR`) once it has `key`.

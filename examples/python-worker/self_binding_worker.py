@@ -22,6 +22,10 @@ Options, for the tests:
   --tcp                 also bind and listen on TCP at the same port, with
                         SO_REUSEPORT (accepts, answers "tcp ok", closes)
   --report DIR          write DIR/<pid>.json: what was in effect after bind()
+  --rebind              bind, close the socket, and bind a new one again
+  --user NAME           drop to this user after binding (started as root)
+  --bind-in-child       fork first: a child binds, serves and says READY=1; the
+                        parent waits (and passes SIGTERM on)
 
 SIGTERM keeps its default action (dies at once), like echo_worker.py.
 Standard library only.
@@ -30,6 +34,8 @@ Standard library only.
 import argparse
 import json
 import os
+import pwd
+import signal
 import socket
 import struct
 import sys
@@ -126,7 +132,21 @@ def main():
     parser.add_argument("--rcvbuf", type=int, default=0)
     parser.add_argument("--tcp", action="store_true")
     parser.add_argument("--report")
+    parser.add_argument("--rebind", action="store_true")
+    parser.add_argument("--user")
+    parser.add_argument("--bind-in-child", action="store_true")
     args = parser.parse_args()
+
+    if args.bind_in_child:
+        child = os.fork()
+        if child:
+            signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
+            while True:
+                try:
+                    _, status = os.waitpid(child, 0)
+                    sys.exit(os.waitstatus_to_exitcode(status))
+                except InterruptedError:
+                    continue
 
     generation = int(os.environ.get("SUPERVISOR_GENERATION", "0"))
     worker = int(os.environ.get("SUPERVISOR_WORKER", "0"))
@@ -139,6 +159,8 @@ def main():
 
     def bind_one(i):
         try:
+            if args.rebind:
+                make_socket(family, address, args).close()
             sockets[i] = make_socket(family, address, args)
         except OSError as e:
             errors.append(f"socket {i}: {e}")
@@ -160,6 +182,12 @@ def main():
         tcp.bind(address)
         tcp.listen(16)
         threading.Thread(target=serve_tcp, args=(tcp,), daemon=True).start()
+
+    if args.user:
+        user = pwd.getpwnam(args.user)
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
 
     seen_pktinfo = threading.Event()
     for index, sock in enumerate(sockets):

@@ -56,7 +56,8 @@ fn bind_service(
     pins: &PinDir,
     runtime: &Path,
 ) -> ServiceConfig {
-    ServiceConfig::new(name, command, workers, address, pins, runtime).service_key("handoff", "bind")
+    ServiceConfig::new(name, command, workers, address, pins, runtime)
+        .service_key("handoff", "bind")
 }
 
 /// Sends `count` datagrams one at a time to `target` from inside `net` and
@@ -81,7 +82,9 @@ fn echo_round_trips(net: &TestNet, target: SocketAddr, count: u32) -> Vec<Traile
                 .recv_from(&mut buffer)
                 .unwrap_or_else(|e| panic!("no reply to datagram {i} sent to {target}: {e}"));
             assert_eq!(&buffer[..request.len()], request.as_bytes());
-            let trailer: [u8; 8] = buffer[request.len()..len].try_into().expect("8-byte trailer");
+            let trailer: [u8; 8] = buffer[request.len()..len]
+                .try_into()
+                .expect("8-byte trailer");
             trailers.push(Trailer::decode(&trailer));
         }
         trailers
@@ -115,7 +118,11 @@ fn upgrades_under_load(sup: &mut Supervisor<'_>, net: &TestNet, upgrades: u32) {
     report.assert_all_answered_once();
     assert_eq!(report.refused, 0, "{report}");
     let generations: BTreeSet<u32> = report.per_generation.keys().copied().collect();
-    assert_eq!(generations, (1..=last).collect::<BTreeSet<u32>>(), "{report}");
+    assert_eq!(
+        generations,
+        (1..=last).collect::<BTreeSet<u32>>(),
+        "{report}"
+    );
 }
 
 #[test]
@@ -155,12 +162,14 @@ fn rust_worker_with_the_sd_notify_crate_upgrades_under_load_lose_nothing() {
     let pins = PinDir::new();
     let runtime = TempDir::new("sup-run");
     let command = vec![
-        bin_path("self-binding-worker").to_string_lossy().into_owned(),
+        bin_path("self-binding-worker")
+            .to_string_lossy()
+            .into_owned(),
         "--bind".into(),
         ADDR.into(),
     ];
-    let config = bind_service("rsbind", command, 2, addr(), &pins, runtime.path())
-        .ready(ReadyMode::Notify);
+    let config =
+        bind_service("rsbind", command, 2, addr(), &pins, runtime.path()).ready(ReadyMode::Notify);
     let mut sup = Supervisor::start(&net, config);
     upgrades_under_load(&mut sup, &net, UPGRADES);
     sup.stop();
@@ -178,21 +187,33 @@ fn static_rust_binary_upgrades_under_load_lose_nothing() {
     let runtime = TempDir::new("sup-run");
     let build = TempDir::new("static-worker");
     let binary = build.path().join("self_binding_static");
-    let source = supervisor_tests::workspace_root().join("examples/static-worker/self_binding_static.rs");
+    let source =
+        supervisor_tests::workspace_root().join("examples/static-worker/self_binding_static.rs");
     let out = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .args(["--edition", "2024", "-O", "-C", "target-feature=+crt-static", "-o"])
+        .args([
+            "--edition",
+            "2024",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "-o",
+        ])
         .arg(&binary)
         .arg(&source)
         .output()
         .expect("rustc");
-    assert!(out.status.success(), "building the static worker: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "building the static worker: {}",
+        text(&out.stderr)
+    );
     assert!(
         !has_interpreter(&fs::read(&binary).unwrap()),
         "the worker is not static: it has a PT_INTERP (a dynamic loader)"
     );
     let command = vec![binary.to_string_lossy().into_owned(), ADDR.into()];
-    let config = bind_service("stbind", command, 2, addr(), &pins, runtime.path())
-        .ready(ReadyMode::Notify);
+    let config =
+        bind_service("stbind", command, 2, addr(), &pins, runtime.path()).ready(ReadyMode::Notify);
     let mut sup = Supervisor::start(&net, config);
     upgrades_under_load(&mut sup, &net, UPGRADES);
     sup.stop();
@@ -225,7 +246,11 @@ fn wait_report(dir: &Path, key: &str) -> serde_json::Value {
                 return report;
             }
         }
-        assert!(Instant::now() < deadline, "no worker report with {key:?} in {}", dir.display());
+        assert!(
+            Instant::now() < deadline,
+            "no worker report with {key:?} in {}",
+            dir.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -405,8 +430,7 @@ fn systemd_notify_from_a_wrapper_script_makes_the_worker_ready() {
     require_root();
     let w = World::new();
     let worker = python_worker(&["--address", ADDR]).join(" ");
-    let script =
-        format!("systemd-notify --ready & exec env -u NOTIFY_SOCKET {worker}");
+    let script = format!("systemd-notify --ready & exec env -u NOTIFY_SOCKET {worker}");
     let config = bind_service(
         "wrapped",
         vec!["/bin/sh".into(), "-c".into(), script],
@@ -426,6 +450,60 @@ fn systemd_notify_from_a_wrapper_script_makes_the_worker_ready() {
     w.pins.assert_empty_after_stop();
 }
 
+/// A service that binds a privileged port as root and then drops to `nobody`,
+/// binds in a forked child (which also says `READY=1`), and closes its first
+/// socket and binds again: it is given the listener's socket all the same.
+#[test]
+fn binding_in_a_child_after_a_close_then_dropping_privileges() {
+    require_root();
+    let w = World::new();
+    const PRIVILEGED: &str = "127.0.0.1:53";
+    let config = bind_service(
+        "forked",
+        python_worker(&[
+            "--address",
+            PRIVILEGED,
+            "--bind-in-child",
+            "--rebind",
+            "--user",
+            "nobody",
+        ]),
+        1,
+        PRIVILEGED.parse().unwrap(),
+        &w.pins,
+        w.runtime.path(),
+    )
+    .ready(ReadyMode::Notify);
+    let mut sup = Supervisor::start(&w.net, config);
+    sup.wait_settled(1, SETTLE);
+    let trailers = echo_round_trips(&w.net, PRIVILEGED.parse().unwrap(), 20);
+    assert!(trailers.iter().all(|t| t.generation == 1), "{trailers:?}");
+    // The child that serves runs as nobody.
+    let status = sup.status_json();
+    let worker = worker_pids(&status, 1)[0];
+    let children = fs::read_to_string(format!("/proc/{worker}/task/{worker}/children")).unwrap();
+    let child: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("a child")
+        .parse()
+        .unwrap();
+    let uid = fs::read_to_string(format!("/proc/{child}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|v| v.split_whitespace().next().unwrap().to_string())
+        })
+        .unwrap();
+    assert_eq!(uid, "65534", "the serving child dropped to nobody");
+    sup.upgrade_ok();
+    let trailers = echo_round_trips(&w.net, PRIVILEGED.parse().unwrap(), 20);
+    assert!(trailers.iter().all(|t| t.generation == 2), "{trailers:?}");
+    sup.stop();
+    w.pins.assert_empty_after_stop();
+}
+
 /// `READY=1` from a process that is neither a worker nor one of its descendants
 /// (this test, sending to the notify socket's path) does not count.
 #[test]
@@ -434,14 +512,10 @@ fn ready_from_a_stranger_does_not_count() {
     let w = World::new();
     let mut config = bind_service(
         "stranger",
-        vec![
-            "/usr/bin/env".into(),
-            "-u".into(),
-            "NOTIFY_SOCKET".into(),
-        ]
-        .into_iter()
-        .chain(python_worker(&["--address", ADDR]))
-        .collect(),
+        vec!["/usr/bin/env".into(), "-u".into(), "NOTIFY_SOCKET".into()]
+            .into_iter()
+            .chain(python_worker(&["--address", ADDR]))
+            .collect(),
         1,
         addr(),
         &w.pins,
@@ -458,12 +532,18 @@ fn ready_from_a_stranger_does_not_count() {
         if let Some(status) = sup.try_wait() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the supervisor neither failed nor served");
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor neither failed nor served"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success());
     let (_, stderr) = sup.logs();
-    assert!(stderr.contains("not ready within ready_timeout"), "{stderr}");
+    assert!(
+        stderr.contains("not ready within ready_timeout"),
+        "{stderr}"
+    );
     w.assert_nothing_left("stranger");
 }
 
@@ -624,7 +704,18 @@ remote-control:
     let perf = w
         .net
         .exec(&dnsperf)
-        .args(["-s", "127.0.0.1", "-p", "5300", "-c", "4", "-t", "5", "-Q", "5000"])
+        .args([
+            "-s",
+            "127.0.0.1",
+            "-p",
+            "5300",
+            "-c",
+            "4",
+            "-t",
+            "5",
+            "-Q",
+            "5000",
+        ])
         .args(["-l", &SECONDS.to_string(), "-d", queries.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

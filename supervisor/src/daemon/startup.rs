@@ -229,8 +229,8 @@ async fn start(config: &Config, undo: &mut Undo) -> Result<Daemon> {
     };
     // In the runtime directory checked above (root's, writable by nobody else):
     // nobody else can bind the path first or replace it.
-    undo.notify_socket = Some(config.notify_socket());
     let notify = NotifySocket::bind(&config.notify_socket())?;
+    undo.notify_socket = Some(config.notify_socket());
     undo.control_socket = Some(config.control_socket());
     let control = control::bind(&config.control_socket())?;
     let spec = WorkerSpec::from_config(config, notify.env_value.clone())?;

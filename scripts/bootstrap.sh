@@ -95,13 +95,16 @@ if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
 fi
 
 # tests/tests/bind_handoff.rs wraps a real, unmodified DNS server that binds its
-# own UDP socket (dnsmasq, from dnsmasq-base: the binary without the system
-# service) and loads it with dnsperf.
-if ! command -v dnsmasq >/dev/null || ! command -v dnsperf >/dev/null; then
-    log "installing dnsmasq-base and dnsperf (for the bind handoff tests)"
+# own UDP socket (unbound) and loads it with dnsperf. The package's own service is
+# not wanted: where systemd runs, it is stopped and disabled again.
+if ! command -v unbound >/dev/null || ! command -v dnsperf >/dev/null; then
+    log "installing unbound and dnsperf (for the bind handoff tests)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends dnsmasq-base dnsperf >/dev/null
+    apt-get install -y -qq --no-install-recommends unbound dnsperf >/dev/null
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now unbound.service >/dev/null 2>&1 || true
+    fi
 fi
 
 # bpffs: the supervisor mounts it itself when missing; the tests need it too.

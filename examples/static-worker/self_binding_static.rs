@@ -8,11 +8,16 @@ use std::net::UdpSocket;
 use std::os::unix::net::UnixDatagram;
 
 fn env_number(key: &str) -> u32 {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn main() {
-    let address = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:5300".into());
+    let address = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:5300".into());
     let socket = UdpSocket::bind(&address).unwrap_or_else(|e| {
         eprintln!("self_binding_static: binding {address}: {e}");
         std::process::exit(1)

@@ -627,6 +627,71 @@ mod tests {
         );
     }
 
+    /// The real interpreter behind `python3` (a pyenv shim is a shell script).
+    fn python3() -> String {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 is installed");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A child's `bind()` under the bind filter waits for us: answered with our
+    /// socket at its own fd number, its `bind()` returns 0 and the socket it holds
+    /// is ours; answered with CONTINUE, the kernel binds its own.
+    #[test]
+    fn a_bind_under_the_filter_is_answered_by_the_parent() {
+        use crate::sys::seccomp::{
+            ListenerState, install_fd, listener_state, receive_notification, respond,
+        };
+        let ours = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = ours.local_addr().unwrap().port();
+        for give in [true, false] {
+            // Exit 0: the socket it holds after bind() is ours (give) or its own.
+            let check = if give {
+                format!("s.getsockname()[1] == {port}")
+            } else {
+                format!("s.getsockname()[1] not in (0, {port})")
+            };
+            let script = format!(
+                "import socket, sys\n\
+                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                 s.bind(('127.0.0.1', 0))\n\
+                 sys.exit(0 if {check} else 3)"
+            );
+            let mut prepared = PreparedExec::new(
+                &python3(),
+                &["python3".into(), "-c".into(), script],
+                &[],
+                false,
+                vec![],
+                None,
+                true,
+            )
+            .unwrap()
+            .with_bind_filter()
+            .unwrap();
+            let spawned = spawn_worker(&mut prepared).unwrap();
+            let listener = spawned.bind_listener.as_ref().expect("a listener fd");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while listener_state(listener.as_fd()).unwrap() != ListenerState::Pending {
+                assert!(std::time::Instant::now() < deadline, "no bind() notification");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let notification = receive_notification(listener.as_fd()).unwrap();
+            assert_eq!(notification.nr, libc::SYS_bind);
+            assert_eq!(notification.pid, spawned.pid);
+            if give {
+                let fd = notification.args[0] as RawFd;
+                install_fd(listener.as_fd(), notification.id, ours.as_fd(), fd, false).unwrap();
+                respond(listener.as_fd(), notification.id, Ok(()), false).unwrap();
+            } else {
+                respond(listener.as_fd(), notification.id, Ok(()), true).unwrap();
+            }
+            assert_eq!(wait(&spawned), ExitStatus::Exited(0), "give = {give}");
+        }
+    }
+
     /// A worker owed more sockets than any fixed-size table would hold still gets
     /// every one of them, in order, at 3.. (it used to get 128).
     #[test]

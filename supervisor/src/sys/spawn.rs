@@ -675,7 +675,10 @@ mod tests {
             let listener = spawned.bind_listener.as_ref().expect("a listener fd");
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             while listener_state(listener.as_fd()).unwrap() != ListenerState::Pending {
-                assert!(std::time::Instant::now() < deadline, "no bind() notification");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no bind() notification"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
             let notification = receive_notification(listener.as_fd()).unwrap();

@@ -45,6 +45,37 @@ use crate::{
 /// The longest address `bind()` is read for (`sizeof(struct sockaddr_storage)`).
 const MAX_ADDRESS_LEN: usize = 128;
 
+/// How long reading a `bind()` address from the caller's memory may take. It is
+/// read on a blocking thread: memory backed by something the worker itself
+/// answers (a `userfaultfd` range, a FUSE file it serves) could stall the read
+/// for as long as the worker likes, and the supervisor's one thread must not
+/// wait on it. Past this the `bind()` fails with `EFAULT`.
+const MEMORY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The `bind()` address as read from the caller's memory.
+enum AddressRead {
+    Read(Vec<u8>),
+    /// Not readable (bad pointer, the caller gone): the kernel's own `bind()`
+    /// gives the caller its error.
+    Unreadable,
+    /// The read did not finish within [`MEMORY_READ_TIMEOUT`].
+    Stuck,
+}
+
+async fn read_address(n: &Notification) -> AddressRead {
+    if n.nr != libc::SYS_bind {
+        return AddressRead::Unreadable;
+    }
+    let (pid, address) = (n.pid, n.args[1]);
+    let len = (n.args[2] as usize).min(MAX_ADDRESS_LEN);
+    let read = tokio::task::spawn_blocking(move || seccomp::read_process_memory(pid, address, len));
+    match tokio::time::timeout(MEMORY_READ_TIMEOUT, read).await {
+        Ok(Ok(Ok(bytes))) => AddressRead::Read(bytes),
+        Ok(_) => AddressRead::Unreadable,
+        Err(_) => AddressRead::Stuck,
+    }
+}
+
 /// One listener's sockets for one worker.
 #[derive(Clone)]
 struct ListenerSockets {
@@ -265,7 +296,8 @@ async fn serve(
                 return;
             }
         };
-        handle(fd, worker_pid, &mut book, notification);
+        let address = read_address(&notification).await;
+        handle(fd, worker_pid, &mut book, notification, address);
         progress.send_if_modified(|missing| {
             let now = book.missing();
             let changed = *missing != now;
@@ -276,8 +308,14 @@ async fn serve(
 }
 
 /// Answers one notification; a caller that vanished meanwhile is not an error.
-fn handle(listener: BorrowedFd<'_>, worker_pid: i32, book: &mut Book, n: Notification) {
-    let (answer, theirs) = decide(listener, book, &n);
+fn handle(
+    listener: BorrowedFd<'_>,
+    worker_pid: i32,
+    book: &mut Book,
+    n: Notification,
+    address: AddressRead,
+) {
+    let (answer, theirs) = decide(listener, book, &n, address, worker_pid);
     let result = match answer {
         Answer::Continue => seccomp::respond(listener, n.id, Ok(()), true),
         Answer::Fail(errno) => seccomp::respond(listener, n.id, Err(errno), false),
@@ -332,15 +370,29 @@ fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> nix::Result<()> {
 }
 
 /// What to do with a `bind()`, and the caller's socket when it is ours to replace.
-fn decide(listener: BorrowedFd<'_>, book: &Book, n: &Notification) -> (Answer, Option<OwnedFd>) {
+fn decide(
+    listener: BorrowedFd<'_>,
+    book: &Book,
+    n: &Notification,
+    address: AddressRead,
+    worker_pid: i32,
+) -> (Answer, Option<OwnedFd>) {
     let pass = (Answer::Continue, None);
     if n.nr != libc::SYS_bind {
         return pass;
     }
-    let (target, address, len) = (n.args[0] as RawFd, n.args[1], n.args[2] as usize);
-    let Ok(bytes) = seccomp::read_process_memory(n.pid, address, len.min(MAX_ADDRESS_LEN)) else {
-        // Unreadable: the kernel's own bind() gives the caller its EFAULT.
-        return pass;
+    let target = n.args[0] as RawFd;
+    let bytes = match address {
+        AddressRead::Read(bytes) => bytes,
+        AddressRead::Unreadable => return pass,
+        AddressRead::Stuck => {
+            tracing::warn!(
+                "worker {worker_pid}: pid {}'s bind() address could not be read within {:?}: bind() fails with EFAULT",
+                n.pid,
+                MEMORY_READ_TIMEOUT
+            );
+            return (Answer::Fail(libc::EFAULT), None);
+        }
     };
     if !seccomp::notification_valid(listener, n.id) {
         return pass;

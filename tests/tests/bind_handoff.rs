@@ -367,6 +367,60 @@ fn four_threads_binding_one_address_get_the_four_sockets() {
     w.pins.assert_empty_after_stop();
 }
 
+/// A worker killed while serving is exec'd again, binds again and is given the
+/// same socket: what was sent while it was down is answered by the new process.
+#[test]
+fn a_restarted_worker_binds_again_and_serves_what_was_queued() {
+    require_root();
+    let w = World::new();
+    let config = bind_service(
+        "restart",
+        python_worker(&["--address", ADDR]),
+        1,
+        addr(),
+        &w.pins,
+        w.runtime.path(),
+    );
+    let mut sup = Supervisor::start(&w.net, config);
+    let status = sup.wait_settled(1, SETTLE);
+    let first = worker_pids(&status, 1)[0];
+    echo_round_trips(&w.net, addr(), 10);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    const QUEUED: u32 = 50;
+    let answered = w.net.run_in(|| {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for i in 0..QUEUED {
+            socket
+                .send_to(format!("queued {i:04}").as_bytes(), addr())
+                .unwrap();
+        }
+        socket
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let mut buffer = [0u8; 64];
+        let mut answered = BTreeSet::new();
+        while answered.len() < QUEUED as usize {
+            let Ok((len, _)) = socket.recv_from(&mut buffer) else {
+                break;
+            };
+            answered.insert(text(&buffer[..len - 8]));
+        }
+        answered
+    });
+    assert_eq!(answered.len(), QUEUED as usize, "{answered:?}");
+    let status = sup.status_json();
+    let second = worker_pids(&status, 1)[0];
+    assert_ne!(second, first, "{status}");
+    let trailers = echo_round_trips(&w.net, addr(), 10);
+    assert!(trailers.iter().all(|t| t.generation == 1), "{trailers:?}");
+    sup.stop();
+    w.pins.assert_empty_after_stop();
+}
+
 /// A fifth bind past `sockets_per_worker` gets `EADDRINUSE`.
 #[test]
 fn binding_more_sockets_than_sockets_per_worker_is_address_in_use() {

@@ -94,6 +94,19 @@ if ! python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null; then
         || python3 -m pip install -q --break-system-packages prometheus-client
 fi
 
+# tests/tests/bind_handoff.rs wraps a real, unmodified DNS server that binds its
+# own UDP socket (unbound) and loads it with dnsperf. The package's own service is
+# not wanted: where systemd runs, it is stopped and disabled again.
+if ! command -v unbound >/dev/null || ! command -v dnsperf >/dev/null; then
+    log "installing unbound and dnsperf (for the bind handoff tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends unbound dnsperf >/dev/null
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now unbound.service >/dev/null 2>&1 || true
+    fi
+fi
+
 # bpffs: the supervisor mounts it itself when missing; the tests need it too.
 if ! mountpoint -q /sys/fs/bpf; then
     mount -t bpf bpf /sys/fs/bpf

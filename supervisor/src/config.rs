@@ -118,6 +118,23 @@ pub struct ServiceConfig {
     /// the rest draining).
     #[serde(default)]
     pub on_no_free_slot: NoFreeSlot,
+    /// How workers get their sockets: `LISTEN_FDS`, or by binding their own
+    /// (intercepted, `crate::handoff`).
+    #[serde(default)]
+    pub handoff: Handoff,
+}
+
+/// `service.handoff`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Handoff {
+    /// Socket activation: the sockets at fd 3.., `LISTEN_FDS`, `LISTEN_FDNAMES`.
+    #[default]
+    ListenFds,
+    /// The worker binds its own UDP sockets; each `bind()` to a listener's
+    /// address is answered with one of the generation's sockets (seccomp user
+    /// notification).
+    Bind,
 }
 
 /// `service.on_no_free_slot`.
@@ -488,16 +505,20 @@ impl Config {
                 return bad(key, "contains a NUL character".into());
             }
         }
-        let socket = self.control_socket();
-        let socket_len = socket.as_os_str().len();
-        if socket_len > MAX_SOCKET_PATH_LEN {
-            return bad(
-                "service.runtime_dir",
-                format!(
-                    "the control socket {} would be {socket_len} bytes long, more than the {MAX_SOCKET_PATH_LEN} a unix socket path can hold; use a shorter runtime_dir (or service.name)",
-                    socket.display()
-                ),
-            );
+        for (what, socket) in [
+            ("control socket", self.control_socket()),
+            ("notify socket", self.notify_socket()),
+        ] {
+            let socket_len = socket.as_os_str().len();
+            if socket_len > MAX_SOCKET_PATH_LEN {
+                return bad(
+                    "service.runtime_dir",
+                    format!(
+                        "the {what} {} would be {socket_len} bytes long, more than the {MAX_SOCKET_PATH_LEN} a unix socket path can hold; use a shorter runtime_dir (or service.name)",
+                        socket.display()
+                    ),
+                );
+            }
         }
         if self.listeners.is_empty() {
             return bad("listen", "at least one [[listen]] section is needed".into());
@@ -621,6 +642,13 @@ impl Config {
             .join(format!("{}.sock", self.service.name))
     }
 
+    /// The workers' `NOTIFY_SOCKET`: `<runtime_dir>/<service>.notify`.
+    pub fn notify_socket(&self) -> PathBuf {
+        self.service
+            .runtime_dir
+            .join(format!("{}.notify", self.service.name))
+    }
+
     /// The lock that keeps two supervisors off one service.
     pub fn lock_file(&self) -> PathBuf {
         self.service
@@ -739,10 +767,11 @@ address = "127.0.0.1:5300"
             err.contains("service.bpffs") && err.contains("absolute"),
             "{err}"
         );
-        // "/<95 x r>/echo.sock": 1 + 95 + 10 = 106 bytes fits, one more does not.
-        let dir = format!("/{}", "r".repeat(95));
+        // "/<94 x r>/echo.notify" (the longer of the two sockets): 1 + 94 + 12 =
+        // 107 bytes fits, one more does not.
+        let dir = format!("/{}", "r".repeat(94));
         parse(&with(&format!("runtime_dir = \"{dir}\""))).unwrap();
-        let err = parse(&with(&format!("runtime_dir = \"{dir}rr\"")))
+        let err = parse(&with(&format!("runtime_dir = \"{dir}r\"")))
             .unwrap_err()
             .to_string();
         assert!(

@@ -70,6 +70,9 @@ pub struct SpecRecord {
     pub no_new_privs: bool,
     pub ready: ReadyMode,
     pub drain_signal: String,
+    /// How its workers get their sockets (`service.handoff`).
+    #[serde(default)]
+    pub handoff: crate::config::Handoff,
 }
 
 fn no_new_privs_default() -> bool {
@@ -85,6 +88,7 @@ impl SpecRecord {
             no_new_privs: spec.no_new_privs,
             ready: spec.ready,
             drain_signal: spec.drain_signal.as_str().to_string(),
+            handoff: spec.handoff,
         }
     }
 
@@ -102,6 +106,7 @@ impl SpecRecord {
             credentials: self.credentials,
             no_new_privs: self.no_new_privs,
             ready: self.ready,
+            handoff: self.handoff,
             drain_signal: self
                 .drain_signal
                 .parse()

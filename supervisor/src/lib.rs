@@ -14,6 +14,7 @@
 //! | `process`   | the seam for worker processes, and the real fork/exec + pidfd one |
 //! | `worker`    | one worker process slot: exec, readiness, restarts, drain signal |
 //! | `notify`    | the workers' `NOTIFY_SOCKET` |
+//! | `handoff`   | `handoff = "bind"`: a worker's own `bind()` answered with the generation's socket |
 //! | `systemd`   | the supervisor's own sd_notify conversation |
 //! | `status`    | what `supervisor status` reports, typed |
 //! | `reexec`    | replacing the supervisor's image in place |
@@ -37,8 +38,9 @@ pub mod dataplane;
 pub mod ebpf;
 pub mod error;
 pub mod fdstore;
-pub mod journal;
+pub mod handoff;
 pub mod handoff_check;
+pub mod journal;
 pub mod locks;
 pub mod maps;
 pub mod metrics;

@@ -1,11 +1,21 @@
 //! The `NOTIFY_SOCKET` the supervisor owns: workers send `READY=1` (and `STATUS=`,
 //! `STOPPING=1`) to it with the sd_notify protocol.
 //!
-//! It is an abstract unix datagram socket (no file to clean up or to give the
-//! workers' user permission on). Anyone in the network namespace could send to it,
-//! so each message is attributed by the sender's pid from `SCM_CREDENTIALS`, which
-//! the kernel fills in and the sender cannot forge; messages from pids that are
-//! not current workers are dropped.
+//! It is a unix datagram socket at a path, `<runtime_dir>/<service>.notify`, as
+//! systemd's is, so every client library works (libsystemd, the `sd-notify`
+//! crate, Python's and Go's, `systemd-notify`: several of them cannot reach an
+//! abstract name). The file is mode 0666 (a worker running as `service.user`
+//! must be able to send to it; the runtime directory is searchable by all and
+//! writable by root only); access is decided per message instead: each message
+//! is attributed by the sender's pid from `SCM_CREDENTIALS`, which the kernel
+//! fills in and the sender cannot forge. A message from a current worker, or
+//! from one of its descendants (a wrapper script's `systemd-notify --ready`,
+//! found by walking the parent pids in `/proc`), counts for that worker; one
+//! from anybody else is dropped.
+//!
+//! `systemd-notify` waits after its message until the receiver has consumed a
+//! `BARRIER=1` message carrying a pipe fd (which is closed here unread), so it
+//! is still alive, and its parent chain readable, when its `READY=1` is routed.
 //!
 //! A worker may send as much as it likes, as fast as it likes: what the
 //! supervisor keeps of it is fixed. Messages are not queued: each is merged at
@@ -18,10 +28,11 @@ use std::{
     collections::HashMap,
     fmt,
     io::IoSliceMut,
-    os::{
-        linux::net::SocketAddrExt,
-        unix::net::{SocketAddr, UnixDatagram},
+    os::unix::{
+        fs::{FileTypeExt, PermissionsExt},
+        net::UnixDatagram,
     },
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -308,10 +319,13 @@ impl Registry {
     /// Delivers what a datagram from `pid` said, or counts its rejection.
     fn receive(&self, pid: i32, parsed: Result<Notice<'_>, NotifyError>) {
         let mut routes = self.routes.lock().unwrap();
-        let Some(route) = routes.get_mut(&pid) else {
-            tracing::debug!("notify message from pid {pid}, which is not a worker: ignored");
+        let Some(worker) = worker_of(pid, |p| routes.contains_key(&p)) else {
+            tracing::debug!(
+                "notify message from pid {pid}, which is neither a worker nor a descendant of one: ignored"
+            );
             return;
         };
+        let route = routes.get_mut(&worker).expect("checked by worker_of");
         route.count(pid, parsed.err());
         if let Ok(notice) = parsed {
             route.state.send_if_modified(|state| {
@@ -321,6 +335,25 @@ impl Registry {
     }
 }
 
+/// Parent links followed at most from a sender up to its worker.
+const MAX_ANCESTRY: usize = 64;
+
+/// The worker `pid` is, or descends from (`is_worker` says which pids are
+/// workers), by the parent pids in `/proc/PID/stat`.
+fn worker_of(pid: i32, is_worker: impl Fn(i32) -> bool) -> Option<i32> {
+    let mut current = pid;
+    for _ in 0..MAX_ANCESTRY {
+        if is_worker(current) {
+            return Some(current);
+        }
+        if current <= 1 {
+            return None;
+        }
+        current = crate::procfs::parent_pid(current)?;
+    }
+    None
+}
+
 pub struct NotifySocket {
     /// The value for the workers' `NOTIFY_SOCKET`.
     pub env_value: String,
@@ -328,15 +361,29 @@ pub struct NotifySocket {
 }
 
 impl NotifySocket {
-    pub fn bind(service: &str) -> Result<NotifySocket> {
-        let name = format!("supervisor/{service}/{}/notify", std::process::id());
-        let address = SocketAddr::from_abstract_name(name.as_bytes())?;
-        let socket = UnixDatagram::bind_addr(&address).context("binding the notify socket")?;
+    /// Binds `path` (`Config::notify_socket`, inside the runtime directory that
+    /// start-up checked: owned by root, writable by nobody else). A socket file
+    /// left there by a supervisor of this service that died is removed first;
+    /// anything else at the path is refused.
+    pub fn bind(path: &Path) -> Result<NotifySocket> {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale notify socket {}", path.display()))?,
+            Ok(_) => anyhow::bail!(
+                "{} exists and is not a socket; it is not ours to remove",
+                path.display()
+            ),
+            Err(_) => {}
+        }
+        let socket = UnixDatagram::bind(path)
+            .with_context(|| format!("binding the notify socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+            .with_context(|| format!("chmod 0666 {}", path.display()))?;
         setsockopt(&socket, sockopt::PassCred, &true)
             .context("SO_PASSCRED on the notify socket")?;
         socket.set_nonblocking(true)?;
         Ok(NotifySocket {
-            env_value: format!("@{name}"),
+            env_value: path.display().to_string(),
             socket: crate::sys::register_async(socket)?,
         })
     }
@@ -373,6 +420,8 @@ impl NotifySocket {
                 // Room for the credentials only: file descriptors sent along are
                 // never installed here (the kernel closes them, MSG_CTRUNC).
                 let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+                // (`systemd-notify`'s `BARRIER=1` carries a pipe fd: closing it,
+                // which the kernel does here, is the answer it waits for.)
                 let msg = recvmsg::<()>(
                     std::os::fd::AsRawFd::as_raw_fd(socket.get_ref()),
                     &mut iov,
@@ -392,6 +441,9 @@ impl NotifySocket {
                 Ok(Ok((len, flags, Some(pid)))) => {
                     let parsed = if flags.contains(MsgFlags::MSG_TRUNC) {
                         Err(NotifyError::TooLong)
+                    } else if flags.contains(MsgFlags::MSG_CTRUNC) && &buffer[..len] == b"BARRIER=1"
+                    {
+                        continue;
                     } else if flags.contains(MsgFlags::MSG_CTRUNC) {
                         Err(NotifyError::AncillaryData)
                     } else {
@@ -495,6 +547,17 @@ mod tests {
         );
         registry.unregister(42);
         registry.receive(42, Notice::parse(b"READY=1"));
+    }
+
+    /// A message from a worker's descendant counts for the worker; from anybody
+    /// else (here the test process, whose ancestors are no workers) it does not.
+    #[test]
+    fn descendants_count_for_their_worker() {
+        let me = std::process::id() as i32;
+        let parent = crate::procfs::parent_pid(me).unwrap();
+        assert_eq!(worker_of(me, |p| p == me), Some(me));
+        assert_eq!(worker_of(me, |p| p == parent), Some(parent));
+        assert_eq!(worker_of(me, |p| p == -5), None);
     }
 
     /// Generated datagrams (`fuzz`; `PROPTEST_CASES=N` for a longer run): the

@@ -31,6 +31,9 @@ pub struct ExecRequest<'a> {
     pub credentials: Option<(u32, u32)>,
     /// `PR_SET_NO_NEW_PRIVS`, and with `credentials` an empty bounding set.
     pub no_new_privs: bool,
+    /// `service.handoff = "bind"`: run the worker under the bind filter, and
+    /// no `LISTEN_PID` (it is not given `LISTEN_FDS` either).
+    pub bind_filter: bool,
 }
 
 /// The future [`Process::exited`] returns.
@@ -54,6 +57,11 @@ pub trait Process: Send {
     /// Resolves when the process has exited (and was reaped). Cancel-safe: dropping
     /// the future loses nothing, the next call waits again.
     fn exited(&mut self) -> ExitFuture<'_>;
+    /// The seccomp listener its `bind()` calls arrive on, once (for a worker
+    /// spawned with [`ExecRequest::bind_filter`]).
+    fn take_bind_listener(&mut self) -> Option<OwnedFd> {
+        None
+    }
 }
 
 /// The real launcher: fork + exec (see [`sys::spawn_worker`]), watched through pidfds.
@@ -65,13 +73,18 @@ impl Launcher for ForkExec {
             request.program,
             request.argv,
             request.env,
-            true,
+            !request.bind_filter,
             request.fds.to_vec(),
             request.credentials,
             request.no_new_privs,
         )?;
+        if request.bind_filter {
+            prepared = prepared.with_bind_filter()?;
+        }
         let spawned = sys::spawn_worker(&mut prepared)?;
-        PidfdProcess::boxed(spawned.pid, spawned.pidfd)
+        let mut process = PidfdProcess::new(spawned.pid, spawned.pidfd)?;
+        process.bind_listener = spawned.bind_listener;
+        Ok(Box::new(process))
     }
 
     fn adopt(&self, pid: i32, start_time: Option<u64>) -> io::Result<Box<dyn Process>> {
@@ -88,21 +101,23 @@ impl Launcher for ForkExec {
                 format!("pid {pid} is no longer the worker that was recorded"),
             ));
         }
-        PidfdProcess::boxed(pid, pidfd)
+        Ok(Box::new(PidfdProcess::new(pid, pidfd)?))
     }
 }
 
 struct PidfdProcess {
     pid: i32,
     pidfd: AsyncFd<OwnedFd>,
+    bind_listener: Option<OwnedFd>,
 }
 
 impl PidfdProcess {
-    fn boxed(pid: i32, pidfd: OwnedFd) -> io::Result<Box<dyn Process>> {
-        Ok(Box::new(PidfdProcess {
+    fn new(pid: i32, pidfd: OwnedFd) -> io::Result<PidfdProcess> {
+        Ok(PidfdProcess {
             pid,
             pidfd: sys::register_async(pidfd)?,
-        }))
+            bind_listener: None,
+        })
     }
 }
 
@@ -129,6 +144,10 @@ impl Process for PidfdProcess {
             }
         }
         Ok(())
+    }
+
+    fn take_bind_listener(&mut self) -> Option<OwnedFd> {
+        self.bind_listener.take()
     }
 
     fn exited(&mut self) -> ExitFuture<'_> {

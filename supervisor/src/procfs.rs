@@ -314,3 +314,48 @@ mod tests {
         assert!(describe(me).starts_with(&format!("pid {me} (")));
     }
 }
+
+/// The parent pid of `pid`, from `/proc/PID/stat` (the field after the command
+/// name, which may itself hold spaces and parentheses: parsed from the last `)`).
+pub fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_parent_pid(&stat)
+}
+
+fn parse_parent_pid(stat: &str) -> Option<i32> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // " S 1234 ...": the state, then the parent pid.
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The `flags:` of fd `fd` of process `pid` (`/proc/PID/fdinfo/FD`, octal: the
+/// open file's status flags and `O_CLOEXEC` for the fd).
+pub fn fd_flags(pid: i32, fd: i32) -> Option<i32> {
+    let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    let octal = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    i32::from_str_radix(octal.trim(), 8).ok()
+}
+
+#[cfg(test)]
+mod parent_tests {
+    use super::*;
+
+    #[test]
+    fn parent_pid_survives_odd_command_names() {
+        assert_eq!(parse_parent_pid("42 (a) b (c)) S 17 42 42 0"), Some(17));
+        assert_eq!(parse_parent_pid("garbage"), None);
+        assert!(parent_pid(std::process::id() as i32).is_some());
+    }
+}
+
+/// The thread group (process) that thread `tid` belongs to (`Tgid:` in
+/// `/proc/TID/status`; a seccomp notification names the calling thread).
+pub fn thread_group(tid: i32) -> Option<i32> {
+    let status = fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}

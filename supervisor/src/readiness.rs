@@ -121,11 +121,33 @@ async fn wait_for_workers(
                 let waiting: Vec<String> = statuses
                     .iter()
                     .filter(|(_, s)| s.borrow().state != WorkerPhase::Ready)
-                    .map(|(index, s)| match s.borrow().pid {
-                        Some(pid) => format!("worker {index} (pid {pid})"),
-                        None => format!("worker {index}"),
+                    .map(|(index, s)| {
+                        let s = s.borrow();
+                        match s.pid {
+                            Some(pid) => format!("worker {index} (pid {pid})"),
+                            None => format!("worker {index}"),
+                        }
                     })
                     .collect();
+                // handoff = "bind": which listener a worker never bound.
+                let unbound: Vec<String> = statuses
+                    .iter()
+                    .filter_map(|(index, s)| {
+                        let s = s.borrow();
+                        let what = s.waiting_for.as_ref()?;
+                        Some(match s.pid {
+                            Some(pid) => format!("worker {index} (pid {pid}) {what}"),
+                            None => format!("worker {index} {what}"),
+                        })
+                    })
+                    .collect();
+                if !unbound.is_empty() {
+                    bail!(
+                        "{} within ready_timeout ({}); with handoff = \"bind\" a worker is ready only once it has bound each listener's address (sockets_per_worker times)",
+                        unbound.join("; "),
+                        humantime::format_duration(timeout),
+                    );
+                }
                 bail!(
                     "{} not ready within ready_timeout ({}); {}",
                     waiting.join(", "),

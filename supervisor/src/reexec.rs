@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use supervisor_common::{BalanceMode, Settings};
 
 use crate::{
-    config::ReadyMode,
     maps::GenerationArray,
     sys,
     upgrade::{Generation, GenerationListener, GenerationState, State, slot_sockets},
@@ -54,21 +53,8 @@ pub struct Handoff {
     pub generation: GenerationHandoff,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SpecHandoff {
-    pub program: String,
-    pub argv: Vec<String>,
-    pub credentials: Option<(u32, u32)>,
-    /// Absent in a handoff from an image that predates the key: its default.
-    #[serde(default = "no_new_privs_default")]
-    pub no_new_privs: bool,
-    pub ready: ReadyMode,
-    pub drain_signal: String,
-}
-
-fn no_new_privs_default() -> bool {
-    true
-}
+/// The worker spec, as the state file records it (the same fields, the same JSON).
+pub type SpecHandoff = crate::journal::SpecRecord;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct GenerationHandoff {
@@ -166,14 +152,7 @@ pub fn prepare(
         notify_fd: fds.notify,
         notify_name: state.spec.notify_socket.clone(),
         control_fd: fds.control,
-        spec: SpecHandoff {
-            program: state.spec.program.clone(),
-            argv: state.spec.argv.clone(),
-            credentials: state.spec.credentials,
-            no_new_privs: state.spec.no_new_privs,
-            ready: state.spec.ready,
-            drain_signal: state.spec.drain_signal.as_str().to_string(),
-        },
+        spec: SpecHandoff::of(&state.spec),
         generation: GenerationHandoff {
             number: generation.number,
             slot: generation.slot,
@@ -325,20 +304,10 @@ pub fn adopt_generation(
 /// The worker spec as the previous image ran it (its workers must be restarted
 /// the same way), with this image's view of the environment.
 pub fn spec(handoff: &Handoff, inherited_env: Vec<(String, String)>) -> Result<WorkerSpec> {
-    Ok(WorkerSpec {
-        program: handoff.spec.program.clone(),
-        argv: handoff.spec.argv.clone(),
-        inherited_env,
-        notify_socket: handoff.notify_name.clone(),
-        credentials: handoff.spec.credentials,
-        no_new_privs: handoff.spec.no_new_privs,
-        ready: handoff.spec.ready,
-        drain_signal: handoff
-            .spec
-            .drain_signal
-            .parse()
-            .map_err(|_| anyhow::anyhow!("bad drain signal in handoff"))?,
-    })
+    handoff
+        .spec
+        .to_spec(inherited_env, handoff.notify_name.clone())
+        .context("the re-exec handoff's worker spec")
 }
 
 /// When this process image started (for `status`: a re-exec shows as a new time

@@ -131,11 +131,16 @@ pub fn check_address(address: SocketAddr, listener: &str) -> Result<()> {
     .into())
 }
 
-/// Whether `pid` is a worker a supervisor started with `listener`'s sockets.
+/// Whether `pid` is a worker a supervisor started with `listener`'s sockets
+/// (named in `LISTEN_FDNAMES`, or in `SUPERVISOR_BIND_LISTENERS` with
+/// `handoff = "bind"`).
 fn is_worker_of(pid: i32, listener: &str) -> bool {
-    procfs::environment_value(pid, "SUPERVISOR_GENERATION").is_some()
-        && procfs::environment_value(pid, "LISTEN_FDNAMES")
+    let names = |key| {
+        procfs::environment_value(pid, key)
             .is_some_and(|names| names.split(':').any(|name| name == listener))
+    };
+    procfs::environment_value(pid, "SUPERVISOR_GENERATION").is_some()
+        && (names("LISTEN_FDNAMES") || names("SUPERVISOR_BIND_LISTENERS"))
 }
 
 /// Whether `socket` is bound to a port (a placeholder kept for an array index is not).

@@ -138,6 +138,38 @@ fn check_runtime_dir(dir: &Path, meta: &fs::Metadata) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a runtime directory (or a directory above it) that `uid`/`gid`, a
+/// worker's `service.user`, cannot search: it could not reach the notify
+/// socket in it. A directory that does not exist yet is fine (it is created
+/// 0755).
+pub fn check_searchable_by(dir: &Path, uid: u32, gid: u32, key: &str) -> Result<(), InputError> {
+    for ancestor in dir.ancestors() {
+        let Ok(meta) = fs::metadata(ancestor) else {
+            continue;
+        };
+        let mode = meta.mode();
+        let searchable = if uid == 0 {
+            true
+        } else if meta.uid() == uid {
+            mode & 0o100 != 0
+        } else if meta.gid() == gid {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !searchable {
+            return Err(InputError::new(format!(
+                "{key}: {} (mode {:04o}, uid {}) is not searchable by service.user (uid {uid}), whose workers must reach the notify socket in {}; chmod o+x it or use another runtime_dir",
+                ancestor.display(),
+                mode & 0o7777,
+                meta.uid(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Removes directories created by [`prepare_runtime_dir`], innermost first, while
 /// they are empty.
 pub fn remove_dirs(created: &[PathBuf]) {

@@ -133,6 +133,15 @@ pub fn python_worker_path() -> PathBuf {
     p
 }
 
+/// The python example worker that binds its own sockets (`handoff = "bind"`).
+pub fn self_binding_worker_path() -> PathBuf {
+    let p = workspace_root().join("examples/python-worker/self_binding_worker.py");
+    if !p.is_file() {
+        panic!("python worker not found at {}", p.display());
+    }
+    p
+}
+
 /// Absolute path of the real python3 interpreter.
 ///
 /// `python3` on PATH may be a wrapper (pyenv shims are shell scripts that need the
@@ -163,12 +172,14 @@ pub struct TempDir {
 }
 
 impl TempDir {
-    /// Creates `/tmp/<prefix>-<unique>`; mode 0700 because the control socket lives here.
+    /// Creates `/tmp/<prefix>-<unique>`, mode 0755 as the supervisor makes its own
+    /// runtime directory: writable by root alone (the control socket lives here),
+    /// searchable by a worker running as `service.user` (so is its notify socket).
     pub fn new(prefix: &str) -> TempDir {
         use std::os::unix::fs::DirBuilderExt;
         let path = std::env::temp_dir().join(format!("{prefix}-{}", unique_suffix()));
         fs::DirBuilder::new()
-            .mode(0o700)
+            .mode(0o755)
             .create(&path)
             .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         TempDir { path }

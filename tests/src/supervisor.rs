@@ -333,6 +333,14 @@ impl<'n> Supervisor<'n> {
 
     /// Waits (up to `timeout`) for the daemon to exit by itself, e.g. after a
     /// signal the test sent it; returns how it exited.
+    /// The daemon's exit status if it has exited (it is reaped then), else `None`.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("supervisor already stopped");
+        let status = child.try_wait().expect("try_wait")?;
+        self.child = None;
+        Some(status)
+    }
+
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("supervisor already stopped");
         match wait_timeout(&mut child, timeout) {

@@ -320,47 +320,25 @@ fn a_runtime_dir_too_long_for_the_control_socket_is_a_config_error() {
     assert!(!config.runtime_dir.exists(), "the runtime dir was created");
 }
 
+/// A notify socket file left in the runtime directory by a supervisor that died
+/// (it is a path, `<runtime_dir>/<service>.notify`) does not stop the next start:
+/// the stale socket is replaced, and the path is gone again after the stop.
 #[test]
-fn a_prebound_notify_name_does_not_stop_a_start() {
+fn a_stale_notify_socket_does_not_stop_a_start() {
     let w = World::new();
-    let pid_file = w.work.path().join("pid");
-    let go_file = w.work.path().join("go");
-    // The daemon's pid is known before it runs (the shell execs it), so another
-    // user can bind the abstract notify name it would have used.
-    let script = r#"echo $$ > "$1"; while [ ! -e "$2" ]; do sleep 0.01; done; shift 2; exec "$@""#;
-    let wrapper = [
-        "/bin/sh",
-        "-c",
-        script,
-        "sh",
-        pid_file.to_str().unwrap(),
-        go_file.to_str().unwrap(),
-    ];
-    let mut sup = Supervisor::spawn_wrapped(&w.net, w.config(), &wrapper);
-    let deadline = std::time::Instant::now() + SETTLE;
-    let pid = loop {
-        if let Some(pid) = fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-        {
-            break pid;
-        }
-        assert!(std::time::Instant::now() < deadline, "wrapper never ran");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let squatter = w.net.run_in(|| {
-        use std::os::linux::net::SocketAddrExt;
-        let name = format!("supervisor/echo/{pid}/notify");
-        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
-            .expect("abstract name");
-        std::os::unix::net::UnixDatagram::bind_addr(&address).expect("pre-bind the notify name")
-    });
-    fs::write(&go_file, "").unwrap();
+    let path = w.runtime.path().join("echo.notify");
+    let stale = std::os::unix::net::UnixDatagram::bind(&path).expect("a stale notify socket");
+    drop(stale);
+    assert!(fs::symlink_metadata(&path).is_ok());
+    let mut sup = Supervisor::start(&w.net, w.config());
     sup.wait_settled(1, SETTLE);
     w.traffic(100);
     sup.stop();
     w.pins.assert_empty_after_stop();
-    drop(squatter);
+    assert!(
+        fs::symlink_metadata(&path).is_err(),
+        "the notify socket is removed at stop"
+    );
 }
 
 /// Whether `ifname` in `net` has an XDP program attached (per `ip link`).

@@ -48,6 +48,7 @@ drain_signal = "SIGUSR2"
 drain_timeout = "1m 30s"
 runtime_dir = "/run/supervisor"
 bpffs = "/sys/fs/bpf/supervisor"
+handoff = "listen-fds"
 
 [[listen]]
 name = "dns"
@@ -85,6 +86,7 @@ const SERVICE_KEYS: &[&str] = &[
     "drain_timeout",
     "runtime_dir",
     "bpffs",
+    "handoff",
 ];
 const LISTEN_KEYS: &[&str] = &[
     "name",
@@ -376,6 +378,7 @@ fn within_bounds(config: &Config) -> Result<(), TestCaseError> {
     prop_assert!(Instant::now().checked_add(service.drain_timeout).is_some());
     prop_assert!(service.runtime_dir.is_absolute() && service.bpffs.is_absolute());
     prop_assert!(config.control_socket().as_os_str().len() <= MAX_SOCKET_PATH_LEN);
+    prop_assert!(config.notify_socket().as_os_str().len() <= MAX_SOCKET_PATH_LEN);
     prop_assert!(!service.probe_payload.is_empty());
     prop_assert!(!config.listeners.is_empty());
     for listener in &config.listeners {

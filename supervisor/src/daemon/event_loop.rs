@@ -49,12 +49,13 @@ pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
     let metrics_server =
         metrics.map(|listener| tokio::spawn(crate::metrics::http::serve(listener, shared.clone())));
     let stall_watch = tokio::spawn(crate::metrics::stall::watch(shared.clone()));
-    let (service, pin_dir, control_path, drain_timeout) = {
+    let (service, pin_dir, control_path, notify_path, drain_timeout) = {
         let state = shared.lock().unwrap();
         (
             state.config.service.name.clone(),
             state.config.pin_dir(),
             state.config.control_socket(),
+            state.config.notify_socket(),
             state.config.service.drain_timeout,
         )
     };
@@ -88,6 +89,7 @@ pub(super) async fn serve(daemon: Daemon, config_path: &Path) -> Result<()> {
     shared.lock().unwrap().workers.journal.remove();
     startup::unpin(&shared.lock().unwrap().dataplanes, &pin_dir);
     let _ = std::fs::remove_file(&control_path);
+    let _ = std::fs::remove_file(&notify_path);
     if let Some(server) = metrics_server {
         server.abort();
     }

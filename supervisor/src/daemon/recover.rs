@@ -411,7 +411,9 @@ fn take_generation(
                     start_time: Some(v.start_time),
                     drain_signalled: worker.phase == WorkerPhase::Draining,
                 },
-                None if state == GenerationState::Serving && !owns_missing => AdoptedWorker::Restart,
+                None if state == GenerationState::Serving && !owns_missing => {
+                    AdoptedWorker::Restart
+                }
                 None => AdoptedWorker::Gone,
             };
             WorkerSlot::adopt(
@@ -462,7 +464,12 @@ fn placeholder_socket(address: std::net::SocketAddr) -> Result<OwnedFd> {
     } else {
         AddressFamily::Inet6
     };
-    Ok(socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?)
+    Ok(socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
 }
 
 /// Tears down a generation that is not taken over: its workers (and whatever

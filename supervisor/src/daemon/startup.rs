@@ -102,6 +102,7 @@ struct Undo {
     control_socket: Option<PathBuf>,
     /// The state file, once a first generation may have been recorded in it.
     state_file: Option<PathBuf>,
+    notify_socket: Option<PathBuf>,
     /// Once assembled, the dataplanes and the filter live in the state.
     shared: Option<(Shared, bool)>,
 }
@@ -122,7 +123,10 @@ impl Undo {
                 tracing::warn!("removing the XDP filter this start attached to {interface}: {e:#}");
             }
         }
-        if let Some(path) = &self.control_socket {
+        for path in [&self.control_socket, &self.notify_socket]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(path);
         }
         if let Some(path) = &self.state_file {
@@ -288,8 +292,10 @@ async fn start_with(
             None
         }
     };
-    // An unpredictable name: another user who could guess it could bind it first.
-    let notify = NotifySocket::bind(&format!("{service}/{}", random_token()?))?;
+    // In the runtime directory checked above (root's, writable by nobody else):
+    // nobody else can bind the path first or replace it.
+    let notify = NotifySocket::bind(&config.notify_socket())?;
+    undo.notify_socket = Some(config.notify_socket());
     undo.control_socket = Some(config.control_socket());
     let control = control::bind(&config.control_socket())?;
     let spec = WorkerSpec::from_config(config, notify.env_value.clone())?;
@@ -382,7 +388,9 @@ async fn take_over(
         )?),
         None => None,
     };
-    let notify = NotifySocket::bind(&format!("{service}/{}", random_token()?))?;
+    // The same path as the dead supervisor's: its workers can still notify.
+    let notify = NotifySocket::bind(&config.notify_socket())?;
+    undo.notify_socket = Some(config.notify_socket());
     undo.control_socket = Some(config.control_socket());
     let control = control::bind(&config.control_socket())?;
     let inherited_env = std::env::vars()
@@ -448,7 +456,11 @@ async fn take_over(
         // A failure is this start's failure; what was taken over stays as it is.
         first_generation(&daemon.shared, config)
             .await
-            .map_err(|e| e.context(format!("service {service}: the new generation did not start")))?;
+            .map_err(|e| {
+                e.context(format!(
+                    "service {service}: the new generation did not start"
+                ))
+            })?;
     }
     Ok(daemon)
 }
@@ -479,16 +491,6 @@ fn pinned_xdp_link(pin_dir: &Path, interface: &str) -> Option<u32> {
         .info()
         .ok()
         .map(|info| info.id())
-}
-
-/// 48 random bits from the kernel, in hex.
-fn random_token() -> Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 6];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| anyhow::anyhow!("reading /dev/urandom: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The start of a re-exec'd image: everything taken over, nothing started.

@@ -15,12 +15,17 @@
 //! - [`synchronize_rcu`]: `membarrier(MEMBARRIER_CMD_GLOBAL)`, an RCU grace period, so
 //!   the XDP filter knows when no packet still uses a ruleset it switched away from.
 //!
+//! - [`seccomp`]: the `bind()` user-notification filter of `service.handoff =
+//!   "bind"`, installed in the child between fork and exec, and the ioctls the
+//!   supervisor answers its notifications with.
+//!
 //! One file per kind of call; every file keeps its `unsafe` blocks with the
 //! invariant beside each.
 mod bpf;
 mod control_word;
 mod fd;
 mod pidfd;
+pub mod seccomp;
 mod socket;
 mod spawn;
 

@@ -6,7 +6,10 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
-use super::pidfd::pidfd_open;
+use super::{
+    pidfd::pidfd_open,
+    seccomp::{BindFilter, install_bind_filter, send_fd},
+};
 
 /// Everything a worker's exec needs, allocated before fork: after fork in a
 /// multi-threaded process the child may only call async-signal-safe functions, so it
@@ -29,6 +32,15 @@ pub struct PreparedExec {
     /// `PR_SET_NO_NEW_PRIVS` in the child; with `credentials`, also an empty
     /// capability bounding set.
     no_new_privs: bool,
+    /// `service.handoff = "bind"`: the worker runs under the bind filter.
+    bind_handoff: Option<BindHandoffChannel>,
+}
+
+/// The bind filter and the socket pair its listener fd comes back through.
+struct BindHandoffChannel {
+    filter: BindFilter,
+    child_end: OwnedFd,
+    parent_end: OwnedFd,
 }
 
 const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
@@ -81,7 +93,26 @@ impl PreparedExec {
             fds,
             credentials,
             no_new_privs,
+            bind_handoff: None,
         })
+    }
+
+    /// The worker's `bind()` calls go to the supervisor (seccomp user
+    /// notification, see `sys::seccomp`); [`Spawned::bind_listener`] is the fd
+    /// they arrive on.
+    pub fn with_bind_filter(mut self) -> io::Result<Self> {
+        let (parent_end, child_end) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Datagram,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )?;
+        self.bind_handoff = Some(BindHandoffChannel {
+            filter: BindFilter::new(),
+            child_end,
+            parent_end,
+        });
+        Ok(self)
     }
 }
 
@@ -89,6 +120,8 @@ impl PreparedExec {
 pub struct Spawned {
     pub pid: i32,
     pub pidfd: OwnedFd,
+    /// The seccomp listener of a worker spawned [`PreparedExec::with_bind_filter`].
+    pub bind_listener: Option<OwnedFd>,
 }
 
 /// Forks and execs a worker. Returns once the exec has succeeded (or with the exec's
@@ -135,7 +168,7 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
     };
 
     // SAFETY: after fork the child calls only async-signal-safe functions (setpgid,
-    // prctl, sigprocmask, sigaction via signal, fcntl, dup2, the raw
+    // prctl, sigprocmask, sigaction via signal, seccomp, sendmsg, fcntl, dup2, the raw
     // close_range, prlimit64, capget and capset syscalls, setgroups, setgid,
     // setuid, getpid, write, execve, _exit) and touches only memory that was
     // allocated before the fork or lives on its own stack; it never returns from
@@ -171,6 +204,15 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
                 if signal != libc::SIGKILL && signal != libc::SIGSTOP {
                     libc::signal(signal, libc::SIG_DFL);
                 }
+            }
+            // Before the sockets are placed (they may land on the socket pair's
+            // fd number) and while still root (CAP_SYS_ADMIN allows the filter
+            // without no_new_privs); the filter only stops bind(), so nothing
+            // below is affected by it.
+            if let Some(handoff) = &prepared.bind_handoff
+                && !install_bind_filter_in_child(handoff, prepared.no_new_privs)
+            {
+                fail(report);
             }
             // Two passes so that a source fd already inside 3..3+n is not
             // clobbered before it is copied: first above the range, then into it.
@@ -254,7 +296,36 @@ pub fn spawn_worker(prepared: &mut PreparedExec) -> io::Result<Spawned> {
         )));
     }
     let pidfd = pidfd_open(pid)?;
-    Ok(Spawned { pid, pidfd })
+    let bind_listener = match &prepared.bind_handoff {
+        Some(handoff) => Some(super::seccomp::receive_fd(std::os::fd::AsFd::as_fd(
+            &handoff.parent_end,
+        ))?),
+        None => None,
+    };
+    Ok(Spawned {
+        pid,
+        pidfd,
+        bind_listener,
+    })
+}
+
+/// The child's half of the bind handoff: installs the filter (with
+/// `PR_SET_NO_NEW_PRIVS` first if the worker gets it anyway) and sends its
+/// listener fd to the supervisor. False on failure, with errno set.
+///
+/// # Safety
+/// Only async-signal-safe syscalls: for the child between fork and exec.
+unsafe fn install_bind_filter_in_child(handoff: &BindHandoffChannel, no_new_privs: bool) -> bool {
+    // SAFETY: the caller's invariant; the filter was built before fork.
+    let listener = unsafe { install_bind_filter(&handoff.filter, no_new_privs) };
+    if listener < 0 {
+        return false;
+    }
+    // SAFETY: as above; both fds are open in this process.
+    let sent = unsafe { send_fd(handoff.child_end.as_raw_fd(), listener) };
+    // SAFETY: the listener fd is ours; the supervisor has its own copy now.
+    unsafe { libc::close(listener) };
+    sent
 }
 
 /// Marks every fd from `first` on close-on-exec, without allocating (for the child
@@ -540,6 +611,74 @@ mod tests {
             wait(&spawn_worker(&mut check).unwrap()),
             ExitStatus::Exited(0)
         );
+    }
+
+    /// The real interpreter behind `python3` (a pyenv shim is a shell script).
+    fn python3() -> String {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 is installed");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A child's `bind()` under the bind filter waits for us: answered with our
+    /// socket at its own fd number, its `bind()` returns 0 and the socket it holds
+    /// is ours; answered with CONTINUE, the kernel binds its own.
+    #[test]
+    fn a_bind_under_the_filter_is_answered_by_the_parent() {
+        use crate::sys::seccomp::{
+            ListenerState, install_fd, listener_state, receive_notification, respond,
+        };
+        let ours = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = ours.local_addr().unwrap().port();
+        for give in [true, false] {
+            // Exit 0: the socket it holds after bind() is ours (give) or its own.
+            let check = if give {
+                format!("s.getsockname()[1] == {port}")
+            } else {
+                format!("s.getsockname()[1] not in (0, {port})")
+            };
+            let script = format!(
+                "import socket, sys\n\
+                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                 s.bind(('127.0.0.1', 0))\n\
+                 sys.exit(0 if {check} else 3)"
+            );
+            let mut prepared = PreparedExec::new(
+                &python3(),
+                &["python3".into(), "-c".into(), script],
+                &[],
+                false,
+                vec![],
+                None,
+                true,
+            )
+            .unwrap()
+            .with_bind_filter()
+            .unwrap();
+            let spawned = spawn_worker(&mut prepared).unwrap();
+            let listener = spawned.bind_listener.as_ref().expect("a listener fd");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while listener_state(listener.as_fd()).unwrap() != ListenerState::Pending {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no bind() notification"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let notification = receive_notification(listener.as_fd()).unwrap();
+            assert_eq!(notification.nr, libc::SYS_bind);
+            assert_eq!(notification.pid, spawned.pid);
+            if give {
+                let fd = notification.args[0] as RawFd;
+                install_fd(listener.as_fd(), notification.id, ours.as_fd(), fd, false).unwrap();
+                respond(listener.as_fd(), notification.id, Ok(()), false).unwrap();
+            } else {
+                respond(listener.as_fd(), notification.id, Ok(()), true).unwrap();
+            }
+            assert_eq!(wait(&spawned), ExitStatus::Exited(0), "give = {give}");
+        }
     }
 
     /// A worker owed more sockets than any fixed-size table would hold still gets

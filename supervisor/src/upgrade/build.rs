@@ -103,6 +103,7 @@ pub fn slot_sockets(listeners: &[GenerationListener], generation: u32, index: u3
     let mut sockets = SlotSockets {
         fds: Vec::new(),
         names: Vec::new(),
+        addresses: Vec::new(),
         cookies: Vec::new(),
         owner: Vec::new(),
     };
@@ -112,6 +113,7 @@ pub fn slot_sockets(listeners: &[GenerationListener], generation: u32, index: u3
         for (offset, socket) in listener.sockets[first..first + per].iter().enumerate() {
             sockets.fds.push(socket.as_raw_fd());
             sockets.names.push(listener.name.clone());
+            sockets.addresses.push(listener.address);
             sockets
                 .cookies
                 .push(cookie(generation, (first + offset) as u32));

@@ -61,6 +61,7 @@ fn spec(config: &Config) -> Arc<WorkerSpec> {
         no_new_privs: true,
         ready: config.service.ready,
         drain_signal: Signal::SIGTERM,
+        handoff: config.service.handoff,
     })
 }
 

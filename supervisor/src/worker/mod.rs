@@ -23,7 +23,8 @@ use tokio::sync::watch;
 pub use spec::{WorkerSpec, resolve_program};
 
 use crate::{
-    config::ReadyMode,
+    config::{Handoff, ReadyMode},
+    handoff::{BindHandoff, Book},
     journal::Journal,
     notify::Registry,
     process::{ExecRequest, Launcher, Process},
@@ -82,6 +83,10 @@ pub struct WorkerStatus {
     /// Why the slot failed while its generation was starting.
     #[serde(skip)]
     pub failure: Option<String>,
+    /// With `handoff = "bind"`: what the worker has not bound yet (it is not
+    /// ready before it has), for the ready-timeout message.
+    #[serde(skip)]
+    pub waiting_for: Option<String>,
     #[serde(skip)]
     pub finished: bool,
 }
@@ -123,6 +128,8 @@ pub enum AdoptedWorker {
 pub struct SlotSockets {
     pub fds: Vec<RawFd>,
     pub names: Vec<String>,
+    /// The listener address of each socket (for `handoff = "bind"`).
+    pub addresses: Vec<std::net::SocketAddr>,
     /// The selector cookie of each socket (see `supervisor_common::cookie`).
     pub cookies: Vec<u16>,
     /// Keeps the fds above open for as long as the slot task can exec.
@@ -194,6 +201,7 @@ impl WorkerSlot {
             last_exit: None,
             status: None,
             failure: None,
+            waiting_for: None,
             finished: false,
         });
         let (policy_tx, policy_rx) = watch::channel(policy);
@@ -255,6 +263,14 @@ async fn run_slot(
             }
         });
     };
+    // What each new process of this slot may bind (`handoff = "bind"`).
+    let bind_book = match spec.handoff {
+        Handoff::ListenFds => None,
+        Handoff::Bind => match Book::new(&sockets) {
+            Ok(book) => Some(book),
+            Err(e) => return finish(Some(format!("worker {index}: its sockets: {e}"))),
+        },
+    };
     let mut backoff = FIRST_BACKOFF;
     // An adopted worker that already got the drain signal must not get it twice.
     let mut drain_signalled = false;
@@ -281,9 +297,15 @@ async fn run_slot(
                 program: &spec.program,
                 argv: &spec.argv,
                 env: &env,
-                fds: &sockets.fds,
+                // Bind mode: the worker binds its own and is given ours then.
+                fds: if bind_book.is_some() {
+                    &[]
+                } else {
+                    &sockets.fds
+                },
                 credentials: spec.credentials,
                 no_new_privs: spec.no_new_privs,
+                bind_filter: bind_book.is_some(),
             }),
         };
         let mut process = match spawned {
@@ -307,6 +329,20 @@ async fn run_slot(
             }
         };
         let pid = process.pid();
+        // Started before the next await: the worker's first bind() waits for it.
+        let mut handoff = match (process.take_bind_listener(), &bind_book) {
+            (Some(listener), Some(book)) => match BindHandoff::start(listener, pid, book.clone()) {
+                Ok(handoff) => Some(handoff),
+                Err(e) => {
+                    let _ = process.signal(libc::SIGKILL);
+                    let _ = process.exited().await;
+                    return finish(Some(format!(
+                        "worker {index} (pid {pid}): serving its bind() calls: {e}"
+                    )));
+                }
+            },
+            _ => None,
+        };
         // Registered before the next await: on this single-threaded runtime the
         // notify reader cannot run in between, so no READY=1 can be missed.
         let mut messages = context.registry.register(pid);
@@ -319,7 +355,7 @@ async fn run_slot(
             s.start_time = start_time;
             // An adopted worker keeps the Ready it had.
             if !was_adopted {
-                s.state = if exec_ready {
+                s.state = if exec_ready && handoff.is_none() {
                     WorkerPhase::Ready
                 } else {
                     WorkerPhase::Starting
@@ -338,14 +374,18 @@ async fn run_slot(
         drain_signalled = false;
         let exit = watch_process(
             process.as_mut(),
-            &spec,
-            &status,
+            Reporting {
+                spec: &spec,
+                status: &status,
+                journal: &journal,
+            },
             &mut policy,
             &mut messages,
             already,
-            &journal,
+            handoff.as_mut(),
         )
         .await;
+        drop(handoff);
         context.registry.unregister(pid);
         let restart_reason = match &exit {
             Ok(crate::process::ExitStatus::Signaled(_)) => "signaled",
@@ -414,17 +454,29 @@ async fn run_slot(
     }
 }
 
+/// What a watched worker's slot reports to: its spec (the drain signal, the
+/// ready mode), its status, and the state file.
+struct Reporting<'a> {
+    spec: &'a WorkerSpec,
+    status: &'a watch::Sender<WorkerStatus>,
+    journal: &'a Journal,
+}
+
 /// Follows one running worker until it exits: acts once on each policy it is
 /// given (the drain signal, SIGKILL), and routes its notify messages into `status`.
 async fn watch_process(
     process: &mut dyn Process,
-    spec: &WorkerSpec,
-    status: &watch::Sender<WorkerStatus>,
+    reporting: Reporting<'_>,
     policy: &mut watch::Receiver<Policy>,
     messages: &mut crate::notify::Inbox,
     already: Option<Policy>,
-    journal: &Journal,
+    mut handoff: Option<&mut BindHandoff>,
 ) -> std::io::Result<crate::process::ExitStatus> {
+    let Reporting {
+        spec,
+        status,
+        journal,
+    } = reporting;
     let signal = |process: &dyn Process, signal: i32| {
         if let Err(e) = process.signal(signal) {
             tracing::error!("sending signal {signal} to pid {}: {e}", process.pid());
@@ -437,6 +489,25 @@ async fn watch_process(
     // Kill), the worker gets one SIGKILL and the policy is not watched any more:
     // a closed channel would otherwise be "changed" on every turn of the loop.
     let mut orphaned = false;
+    // Ready takes what the ready mode waits for and, in bind mode, every socket
+    // bound (the selector steers traffic to all of them).
+    let mut said_ready = spec.ready == ReadyMode::Exec;
+    let mut unbound = handoff.as_ref().and_then(|h| h.progress.borrow().clone());
+    let become_ready = |said_ready: bool, unbound: &Option<String>| {
+        status.send_if_modified(|s| {
+            let mut changed = false;
+            if s.waiting_for != *unbound {
+                s.waiting_for = unbound.clone();
+                changed = true;
+            }
+            if said_ready && unbound.is_none() && s.state == WorkerPhase::Starting {
+                s.state = WorkerPhase::Ready;
+                changed = true;
+            }
+            changed
+        });
+    };
+    become_ready(said_ready, &unbound);
     loop {
         let current = *policy.borrow_and_update();
         if acted_on != Some(current) {
@@ -453,17 +524,28 @@ async fn watch_process(
             acted_on = Some(current);
         }
         let pid = process.pid();
+        let bound = async {
+            match handoff.as_mut() {
+                Some(h) => match h.progress.changed().await {
+                    Ok(()) => h.progress.borrow_and_update().clone(),
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             exit = process.exited() => return exit,
+            now = bound => {
+                unbound = now;
+                become_ready(said_ready, &unbound);
+            }
             // The merge of everything the worker said since the last turn (not a
             // queue: a flooding worker costs one state, see `notify`).
             said = messages.changed() => {
+                said_ready |= said.ready;
+                become_ready(said_ready, &unbound);
                 status.send_if_modified(|s| {
                     let mut changed = false;
-                    if said.ready && s.state == WorkerPhase::Starting {
-                        s.state = WorkerPhase::Ready;
-                        changed = true;
-                    }
                     if said.status.is_some() && s.status != said.status {
                         s.status = said.status;
                         changed = true;

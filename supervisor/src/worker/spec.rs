@@ -6,7 +6,7 @@ use nix::sys::signal::Signal;
 
 use super::SlotSockets;
 use crate::{
-    config::{Config, ReadyMode},
+    config::{Config, Handoff, ReadyMode},
     error::InputError,
     systemd,
 };
@@ -25,6 +25,8 @@ pub struct WorkerSpec {
     pub no_new_privs: bool,
     pub ready: ReadyMode,
     pub drain_signal: Signal,
+    /// `service.handoff`.
+    pub handoff: Handoff,
 }
 
 impl WorkerSpec {
@@ -59,6 +61,21 @@ impl WorkerSpec {
                 Some((user.uid.as_raw(), user.gid.as_raw()))
             }
         };
+        if let Some((uid, gid)) = credentials {
+            crate::trust::check_searchable_by(
+                &config.service.runtime_dir,
+                uid,
+                gid,
+                &config.key("service.runtime_dir"),
+            )?;
+        }
+        if config.service.handoff == Handoff::Bind {
+            check_bind_handoff(
+                config,
+                crate::sys::seccomp::user_notification_available,
+                crate::procfs::has_effective_capability(crate::bpffs::CAP_SYS_ADMIN),
+            )?;
+        }
         let inherited_env = std::env::vars()
             .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
             .collect();
@@ -71,8 +88,38 @@ impl WorkerSpec {
             no_new_privs: config.service.no_new_privs,
             ready: config.service.ready,
             drain_signal: config.service.drain_signal,
+            handoff: config.service.handoff,
         })
     }
+}
+
+/// What `handoff = "bind"` needs of the host: seccomp user notification (Linux
+/// 5.0, `SECCOMP_ADDFD_FLAG_SETFD` 5.14), not denied to the supervisor by a
+/// seccomp filter of its own (a container runtime's, say; `probe` is
+/// [`crate::sys::seccomp::user_notification_available`]), and either
+/// `service.no_new_privs` or `CAP_SYS_ADMIN` (the kernel installs a filter for
+/// a process without that capability only under no_new_privs).
+pub(crate) fn check_bind_handoff(
+    config: &Config,
+    probe: impl FnOnce() -> std::io::Result<()>,
+    cap_sys_admin: bool,
+) -> Result<(), InputError> {
+    if let Err(e) = probe() {
+        return Err(InputError::new(format!(
+            "{}: service.handoff = \"bind\": seccomp user notification is not available here ({e}); \
+             it needs Linux 5.14 or later and no seccomp filter on the supervisor that denies seccomp(); \
+             use handoff = \"listen-fds\" instead",
+            config.path.display()
+        )));
+    }
+    if !config.service.no_new_privs && !cap_sys_admin {
+        return Err(InputError::new(format!(
+            "{}: service.handoff = \"bind\" with no_new_privs = false needs CAP_SYS_ADMIN \
+             (without it the kernel installs the bind filter only under no_new_privs)",
+            config.path.display()
+        )));
+    }
+    Ok(())
 }
 
 pub fn resolve_program(name: &str) -> Option<PathBuf> {
@@ -110,9 +157,17 @@ pub(super) fn worker_env(
     index: u32,
 ) -> Vec<(String, String)> {
     let mut env = spec.inherited_env.clone();
+    match spec.handoff {
+        Handoff::ListenFds => env.extend([
+            ("LISTEN_FDS".into(), sockets.fds.len().to_string()),
+            ("LISTEN_FDNAMES".into(), sockets.names.join(":")),
+        ]),
+        // No socket activation: the worker binds its own. Its listeners are
+        // named for `sockets::check_address` (a restarted supervisor tells its
+        // workers' sockets from a stranger's by them).
+        Handoff::Bind => env.push(("SUPERVISOR_BIND_LISTENERS".into(), sockets.names.join(":"))),
+    }
     env.extend([
-        ("LISTEN_FDS".into(), sockets.fds.len().to_string()),
-        ("LISTEN_FDNAMES".into(), sockets.names.join(":")),
         ("NOTIFY_SOCKET".into(), spec.notify_socket.clone()),
         ("SUPERVISOR_GENERATION".into(), generation.to_string()),
         ("SUPERVISOR_WORKER".into(), index.to_string()),
@@ -133,4 +188,40 @@ pub(super) fn worker_env(
         ),
     ]);
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bind_config(no_new_privs: bool) -> Config {
+        let text = format!(
+            "[service]\nname = \"x\"\ncommand = [\"/bin/true\"]\nhandoff = \"bind\"\nno_new_privs = {no_new_privs}\n\n[[listen]]\nname = \"dns\"\naddress = \"127.0.0.1:5353\"\n"
+        );
+        let mut config: Config = toml::from_str(&text).unwrap();
+        config.path = "/etc/x.toml".into();
+        config
+    }
+
+    /// Where the kernel (or a filter on the supervisor) refuses seccomp user
+    /// notification, `handoff = "bind"` is bad input that says why.
+    #[test]
+    fn bind_handoff_refused_where_user_notification_is_unavailable() {
+        let unavailable = || Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        let err = check_bind_handoff(&bind_config(true), unavailable, true).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("/etc/x.toml: service.handoff = \"bind\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("seccomp user notification is not available"),
+            "{text}"
+        );
+        assert!(text.contains("handoff = \"listen-fds\""), "{text}");
+        check_bind_handoff(&bind_config(true), || Ok(()), false).unwrap();
+        let err = check_bind_handoff(&bind_config(false), || Ok(()), false).unwrap_err();
+        assert!(err.to_string().contains("needs CAP_SYS_ADMIN"), "{err}");
+        check_bind_handoff(&bind_config(false), || Ok(()), true).unwrap();
+    }
 }

@@ -46,8 +46,8 @@ pub fn check(config: &Config) -> Result<()> {
 }
 
 /// `supervisor cleanup`: discards what a supervisor of this service that died
-/// left (its verified workers killed, its state file, control socket and selector
-/// pins removed; the XDP link stays, as after every stop). Refused while a supervisor of the
+/// left (its verified workers killed, its state file, control and notify sockets and
+/// selector pins removed; the XDP link stays, as after every stop). Refused while a supervisor of the
 /// service runs (it holds the locks). Returns how many processes were killed.
 pub fn cleanup(config: &Config) -> Result<usize> {
     // No runtime directory: no supervisor ever ran with it, nothing of it to take.
@@ -69,14 +69,16 @@ pub fn cleanup(config: &Config) -> Result<usize> {
         }
     }
     let _ = std::fs::remove_dir(&pin_dir);
-    // The dead daemon's control socket: nobody listens on it (we hold the lock a
-    // running daemon would hold), and a stop must leave nothing in the runtime dir.
+    // The dead daemon's control and notify sockets: nobody listens on them (we hold
+    // the lock a running daemon would hold), and a stop must leave nothing in the
+    // runtime dir.
     if runtime_lock.is_some() {
-        let socket = config.control_socket();
-        if let Err(e) = std::fs::remove_file(&socket)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!("removing {}: {e}", socket.display());
+        for socket in [config.control_socket(), config.notify_socket()] {
+            if let Err(e) = std::fs::remove_file(&socket)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("removing {}: {e}", socket.display());
+            }
         }
     }
     Ok(killed)

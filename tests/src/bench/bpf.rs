@@ -163,6 +163,23 @@ pub fn attach_floor(addr: SocketAddr) -> Result<(OwnedFd, u32), String> {
     Ok((program, id))
 }
 
+/// Loads the empty XDP program ([`crate::sys::load_xdp_drop_program`]: it drops every
+/// packet) and attaches it to interface `ifindex` of the calling thread's network
+/// namespace, natively or in generic mode. Returns the program's and the link's fds
+/// (closing the link detaches it) and the program's id for [`prog_stats`].
+pub fn attach_xdp_floor(ifindex: u32, native: bool) -> Result<(OwnedFd, OwnedFd, u32), String> {
+    let program =
+        sys::load_xdp_drop_program().map_err(|e| format!("load the empty XDP program: {e}"))?;
+    let id = program_id(&program)?;
+    let link = sys::attach_xdp_link(program.as_fd(), ifindex, native).map_err(|e| {
+        format!(
+            "attach the empty XDP program ({} mode): {e}",
+            if native { "native" } else { "generic" }
+        )
+    })?;
+    Ok((program, link, id))
+}
+
 /// The kernel's id of the program behind `program` (the `prog_id:` line of its fdinfo).
 fn program_id(program: &OwnedFd) -> Result<u32, String> {
     let path = format!("/proc/self/fdinfo/{}", program.as_raw_fd());

@@ -9,7 +9,7 @@
 //!
 //! Figures: spread of one sender over 4 workers; the selector's cost per datagram
 //! (kernel BPF statistics) per balance mode and path (flow hit, cookie miss and hit)
-//! beside an empty program's (the floor); throughput with and without the selector on
+//! beside an empty program's (the floor), on one non-echoing receiver, in rounds; throughput with and without the selector on
 //! the same sockets; loss across upgrades against the two ways of restarting a plain
 //! `SO_REUSEPORT` service by hand; upgrade timing; the supervisor's own footprint; and
 //! the XDP filter's discard rate and per-packet cost against discarding in user space,
@@ -85,11 +85,30 @@ struct Args {
     /// Sending sockets (flows) during the upgrades [default: 4].
     #[arg(long)]
     upgrade_flows: Option<usize>,
+    /// Consecutive upgrades of the scale row [default: 1000; --quick: 30].
+    #[arg(long)]
+    scale_upgrades: Option<u32>,
+    /// Send rate of the scale row, datagrams/s [default: 100000].
+    #[arg(long)]
+    scale_rate: Option<u64>,
+    /// Workers of the scale row [default: 8].
+    #[arg(long)]
+    scale_workers: Option<u32>,
+    /// Sending sockets of the scale and saturation rows [default: 4].
+    #[arg(long)]
+    scale_senders: Option<usize>,
+    /// Seconds per saturation run (capacity, control, with upgrades) [default: 6; --quick: 3].
+    #[arg(long)]
+    saturation_secs: Option<f64>,
+    /// Deny prefixes per address family in the XDP cost rows [default: 2000].
+    #[arg(long)]
+    xdp_prefixes: Option<usize>,
     /// Seconds per XDP discard run (flat out) [default: 4; --quick: 2].
     #[arg(long)]
     xdp_secs: Option<f64>,
     /// Run only these figures: spread, selector (cost per datagram), throughput, upgrades (with
-    /// timing), footprint, xdp (filter versus user-space discard).
+    /// timing), scale (many upgrades under load), saturation (upgrades at 90% of capacity),
+    /// footprint, xdp (filter versus user-space discard).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where to write the pictures (selector-cost.svg, upgrade.svg) [default:
@@ -118,6 +137,12 @@ struct Plan {
     upgrade_gap: Duration,
     footprint: Duration,
     footprint_rate: u64,
+    scale_upgrades: u32,
+    scale_rate: u64,
+    scale_workers: u32,
+    scale_senders: usize,
+    saturation: Duration,
+    xdp_prefixes: usize,
     /// Sending time of each XDP discard run.
     xdp: Duration,
     only: Vec<String>,
@@ -150,8 +175,19 @@ impl Plan {
             upgrade_rate: a.upgrade_rate.unwrap_or(20_000),
             upgrade_flows: a.upgrade_flows.unwrap_or(4),
             upgrade_gap: Duration::from_millis(300),
+            scale_upgrades: a.scale_upgrades.unwrap_or(if q { 30 } else { 1000 }),
+            scale_rate: a.scale_rate.unwrap_or(100_000),
+            scale_workers: a.scale_workers.unwrap_or(8),
+            scale_senders: a.scale_senders.unwrap_or(4),
+            saturation: Duration::try_from_secs_f64(a.saturation_secs.unwrap_or(if q {
+                3.0
+            } else {
+                6.0
+            }))
+            .unwrap_or_default(),
             footprint: Duration::from_secs(if q { 2 } else { 5 }),
             footprint_rate: 50_000,
+            xdp_prefixes: a.xdp_prefixes.unwrap_or(2000),
             xdp: Duration::try_from_secs_f64(a.xdp_secs.unwrap_or(if q { 2.0 } else { 4.0 }))
                 .unwrap_or_default(),
             only: a.only.clone(),
@@ -173,6 +209,14 @@ impl Plan {
             return Err(
                 "--cost-senders must be at least 2 (the one-sender rows are always there)".into(),
             );
+        }
+        if self.scale_rate == 0 || self.scale_workers == 0 || self.scale_senders == 0 {
+            return Err(
+                "--scale-rate, --scale-workers and --scale-senders must be positive".into(),
+            );
+        }
+        if self.saturation.is_zero() {
+            return Err("--saturation-secs must be positive".into());
         }
         if self.upgrade_flows == 0 {
             return Err("--upgrade-flows must be at least 1".into());
@@ -215,7 +259,7 @@ fn main() -> ExitCode {
         .contains(&o.as_str())
         {
             eprintln!(
-                "bench: error: unknown figure {o:?} for --only (spread, selector, throughput, upgrades, footprint, xdp)"
+                "bench: error: unknown figure {o:?} for --only (spread, selector, throughput, upgrades, scale, saturation, footprint, xdp)"
             );
             return ExitCode::from(2);
         }
@@ -342,11 +386,18 @@ fn run(plan: &Plan) -> Value {
         emit(loss);
         emit(timing);
     }
+    if plan.wants("scale") {
+        emit(upgrades_at_scale(plan, addr));
+    }
+    if plan.wants("saturation") {
+        emit(saturation(plan, addr));
+    }
     if plan.wants("footprint") {
         emit(footprint(plan, addr));
     }
     if plan.wants("xdp") {
         emit(xdp(plan, addr));
+        emit(xdp_cost(plan));
     }
     let sysctl_after = bpf::stats_sysctl();
     println!(
@@ -1554,6 +1605,402 @@ fn upgrades(plan: &Plan, addr: SocketAddr) -> (Section, Section) {
 }
 
 // ---------------------------------------------------------------------------------
+// Upgrades at scale and at saturation
+
+/// Phase lines of one `upgrade --wait drained`, as durations from the request.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cycle {
+    wall: Duration,
+    flip: Option<Duration>,
+    signal: Option<Duration>,
+    gone: Option<Duration>,
+    /// From the last worker's READY=1 to the flip, as the supervisor reports it.
+    flip_after_ready: Option<Duration>,
+}
+
+impl Cycle {
+    fn of(wall: Duration, stdout: &str) -> Cycle {
+        let ph = phases::parse(stdout);
+        let find = |needle: &str| ph.iter().find(|p| p.text.contains(needle)).map(|p| p.at);
+        let flip_after_ready = ph
+            .iter()
+            .find(|p| p.text.contains("flipped"))
+            .and_then(|p| phases::after_ready(&p.text));
+        Cycle {
+            wall,
+            flip: find("flipped"),
+            signal: find("drain signal sent"),
+            gone: find("drained and removed"),
+            flip_after_ready,
+        }
+    }
+}
+
+/// `median / p99 / max` of some durations, in ms.
+fn dist_ms(values: &[Duration]) -> String {
+    if values.is_empty() {
+        return "-".into();
+    }
+    let mut v = values.to_vec();
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    format!("{} / {} / {}", ms(at(0.5)), ms(at(0.99)), ms(at(1.0)))
+}
+
+/// Pins under the pin directory, files only.
+fn pin_count(pins: &PinDir) -> usize {
+    pins.entries().iter().filter(|p| !p.is_dir()).count()
+}
+
+struct ScaleRun {
+    report: Report,
+    cycles: Vec<Cycle>,
+    refused: u64,
+    failed: Vec<String>,
+    fds: (usize, usize),
+    pins: (usize, usize),
+    rss_kib: Option<(u64, u64)>,
+}
+
+/// `n` consecutive `upgrade --wait drained` of a `workers`-worker echo service while
+/// `senders` sockets send `rate` datagrams/s in all.
+fn upgrade_series(
+    addr: SocketAddr,
+    workers: u32,
+    senders: usize,
+    rate: Option<u64>,
+    n: u32,
+    label: &str,
+) -> ScaleRun {
+    let stage = Stage::new();
+    let mut sup = Supervisor::start(&stage.net, stage.config(addr, workers, "random"));
+    let pid = sup.pid().expect("running");
+    let fds_before = supervisor_tests::leaks::FdCensus::of(pid)
+        .map(|c| c.total())
+        .unwrap_or(0);
+    let pins_before = pin_count(&stage.pins);
+    let rss_before = procfs::rss_kib(pid);
+    let mut cfg = LoadConfig::new(addr).senders(senders);
+    cfg = match rate {
+        Some(r) => cfg.rate(r),
+        None => cfg.flat_out(),
+    };
+    let load = BackgroundLoad::start(&stage.net, cfg);
+    std::thread::sleep(LEAD_IN);
+    let mut cycles = Vec::new();
+    let mut refused = 0;
+    let mut failed = Vec::new();
+    for i in 0..n {
+        let t = Instant::now();
+        let out = sup.upgrade();
+        let wall = t.elapsed();
+        match out.status.code() {
+            Some(0) => cycles.push(Cycle::of(wall, &String::from_utf8_lossy(&out.stdout))),
+            Some(2) => refused += 1,
+            _ => failed.push(format!(
+                "upgrade {}: {}",
+                i + 1,
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .find(|l| l.starts_with("error:"))
+                    .unwrap_or("failed")
+            )),
+        }
+        if (i + 1) % 100 == 0 {
+            eprintln!("bench: {label}: {} of {n} upgrades", i + 1);
+        }
+    }
+    std::thread::sleep(LEAD_OUT);
+    let report = load.finish();
+    let fds_after = supervisor_tests::leaks::FdCensus::of(pid)
+        .map(|c| c.total())
+        .unwrap_or(0);
+    let pins_after = pin_count(&stage.pins);
+    let rss_after = procfs::rss_kib(pid);
+    sup.stop();
+    ScaleRun {
+        report,
+        cycles,
+        refused,
+        failed,
+        fds: (fds_before, fds_after),
+        pins: (pins_before, pins_after),
+        rss_kib: rss_before.zip(rss_after),
+    }
+}
+
+fn cycle_columns(cycles: &[Cycle]) -> [String; 5] {
+    let pick = |f: &dyn Fn(&Cycle) -> Option<Duration>| -> Vec<Duration> {
+        cycles.iter().filter_map(f).collect()
+    };
+    [
+        dist_ms(&pick(&|c| Some(c.wall))),
+        dist_ms(&pick(&|c| c.flip)),
+        dist_ms(&pick(&|c| c.flip_after_ready)),
+        dist_ms(&pick(&|c| Some(c.signal?.saturating_sub(c.flip?)))),
+        dist_ms(&pick(&|c| Some(c.gone?.saturating_sub(c.signal?)))),
+    ]
+}
+
+fn upgrades_at_scale(plan: &Plan, addr: SocketAddr) -> Section {
+    let mut s = Section::new(
+        "upgrades_at_scale",
+        format!(
+            "{} consecutive upgrades, {} workers, {} datagrams/s from {} senders",
+            plan.scale_upgrades,
+            plan.scale_workers,
+            thousands(plan.scale_rate),
+            plan.scale_senders
+        ),
+    );
+    s.intro.push(format!(
+        "Each upgrade is `supervisor upgrade --wait drained` (it returns once the old generation is gone), the next one \
+         right after; the echo workers drain after {} ms idle (their read deadline). Times are median / p99 / max in ms.",
+        200
+    ));
+    let r = measure("upgrades at scale", || {
+        upgrade_series(
+            addr,
+            plan.scale_workers,
+            plan.scale_senders,
+            Some(plan.scale_rate),
+            plan.scale_upgrades,
+            "upgrades at scale",
+        )
+    });
+    let mut t = Table::new(&["measure", "value"]);
+    match r {
+        Ok(run) => {
+            let [wall, flip, after_ready, to_signal, signal_to_gone] = cycle_columns(&run.cycles);
+            t.row([
+                "upgrades done / refused / failed".to_string(),
+                format!(
+                    "{} / {} / {}",
+                    run.cycles.len(),
+                    run.refused,
+                    run.failed.len()
+                ),
+            ]);
+            t.row(["datagrams sent".to_string(), thousands(run.report.sent)]);
+            t.row([
+                "lost / duplicated / refused (ICMP)".to_string(),
+                format!(
+                    "{} / {} / {}",
+                    thousands(run.report.lost),
+                    thousands(run.report.duplicated),
+                    thousands(run.report.refused)
+                ),
+            ]);
+            t.row([
+                "per upgrade, request to old generation gone".to_string(),
+                wall,
+            ]);
+            t.row(["request to flip".to_string(), flip]);
+            t.row(["flip after the last READY=1".to_string(), after_ready]);
+            t.row([
+                "flip to drain signal (supervisor: queues read empty)".to_string(),
+                to_signal,
+            ]);
+            t.row([
+                "drain signal to removed (worker: read deadline, exit)".to_string(),
+                signal_to_gone,
+            ]);
+            t.row([
+                "supervisor fds before → after".to_string(),
+                format!("{} → {}", run.fds.0, run.fds.1),
+            ]);
+            t.row([
+                "pins before → after".to_string(),
+                format!("{} → {}", run.pins.0, run.pins.1),
+            ]);
+            t.row([
+                "supervisor RSS before → after".to_string(),
+                run.rss_kib.map_or("-".into(), |(a, b)| {
+                    format!("{:.1} → {:.1} MiB", a as f64 / 1024.0, b as f64 / 1024.0)
+                }),
+            ]);
+            for f in run.failed.iter().take(5) {
+                s.notes.push(f.clone());
+            }
+            s.json = json!({"report": run.report.to_json(), "refused_upgrades": run.refused, "failed": run.failed,
+                "fds": [run.fds.0, run.fds.1], "pins": [run.pins.0, run.pins.1], "rss_kib": run.rss_kib,
+                "wall_ms": run.cycles.iter().map(|c| c.wall.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+                "flip_after_ready_us": run.cycles.iter().filter_map(|c| c.flip_after_ready).map(|d| d.as_secs_f64() * 1e6).collect::<Vec<_>>()});
+        }
+        Err(e) => {
+            t.row(["failed".to_string(), e.clone()]);
+            s.json = json!({"error": e});
+        }
+    }
+    s.tables.push(t);
+    s
+}
+
+/// Replies per second flat out from `senders` sockets, over `secs`.
+fn capacity(addr: SocketAddr, workers: u32, senders: usize, d: Duration) -> Report {
+    let stage = Stage::new();
+    let mut sup = Supervisor::start(&stage.net, stage.config(addr, workers, "random"));
+    let report = stage
+        .net
+        .run_in(|| {
+            loadgen::run(
+                &LoadConfig::new(addr)
+                    .senders(senders)
+                    .flat_out()
+                    .duration(d),
+            )
+        })
+        .expect("load generator");
+    sup.stop();
+    report
+}
+
+/// `rate` datagrams/s for `d`, with upgrades back to back all along (or none).
+fn at_rate(
+    addr: SocketAddr,
+    workers: u32,
+    senders: usize,
+    rate: u64,
+    d: Duration,
+    upgrades: bool,
+) -> (Report, Vec<Cycle>) {
+    let stage = Stage::new();
+    let mut sup = Supervisor::start(&stage.net, stage.config(addr, workers, "random"));
+    let load = BackgroundLoad::start(
+        &stage.net,
+        LoadConfig::new(addr)
+            .senders(senders)
+            .rate(rate)
+            .duration(d),
+    );
+    let mut cycles = Vec::new();
+    let started = Instant::now();
+    if upgrades {
+        while started.elapsed() + Duration::from_millis(500) < d {
+            let t = Instant::now();
+            let out = sup.upgrade();
+            if out.status.success() {
+                cycles.push(Cycle::of(
+                    t.elapsed(),
+                    &String::from_utf8_lossy(&out.stdout),
+                ));
+            }
+        }
+    }
+    let report = load.finish();
+    sup.stop();
+    (report, cycles)
+}
+
+fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
+    let mut s = Section::new(
+        "saturation",
+        format!(
+            "Upgrades at saturation: {} workers, {} senders, 90% of the capacity measured just before",
+            plan.workers, plan.scale_senders
+        ),
+    );
+    s.intro.push(format!(
+        "Capacity: replies per second flat out for {} s. Then {} s at 90% of it, without upgrades (control) and with \
+         upgrades back to back (`--wait drained`, so a new generation starts cold on the same 2 cores while the old one \
+         drains). Each run in a fresh supervisor.",
+        plan.saturation.as_secs_f64(),
+        plan.saturation.as_secs_f64()
+    ));
+    let mut t = Table::new(&[
+        "run",
+        ">offered/s",
+        ">sent",
+        ">replies/s",
+        ">lost",
+        ">duplicated",
+        ">upgrades",
+        "request to gone ms (median / p99 / max)",
+    ]);
+    let cap = measure("saturation: capacity flat out", || {
+        capacity(addr, plan.workers, plan.scale_senders, plan.saturation)
+    });
+    let mut sj = json!({});
+    match cap {
+        Ok(cap) => {
+            let per_s = cap.received as f64 / cap.duration.as_secs_f64().max(1e-9);
+            t.row([
+                "capacity (flat out)".to_string(),
+                format!("{:.0}", cap.rate),
+                thousands(cap.sent),
+                format!("{per_s:.0}"),
+                thousands(cap.lost),
+                thousands(cap.duplicated),
+                "-".into(),
+                "-".into(),
+            ]);
+            let rate = (per_s * 0.9) as u64;
+            sj["capacity"] = cap.to_json();
+            let mut lost = [None, None];
+            for (k, upgrades) in [(0, false), (1, true)] {
+                let label = if upgrades {
+                    "90%, upgrades back to back"
+                } else {
+                    "90%, control (no upgrades)"
+                };
+                match measure(&format!("saturation: {label}"), || {
+                    at_rate(
+                        addr,
+                        plan.workers,
+                        plan.scale_senders,
+                        rate.max(1),
+                        plan.saturation,
+                        upgrades,
+                    )
+                }) {
+                    Ok((r, cycles)) => {
+                        lost[k] = Some(r.lost);
+                        t.row([
+                            label.to_string(),
+                            thousands(rate),
+                            thousands(r.sent),
+                            format!(
+                                "{:.0}",
+                                r.received as f64 / r.duration.as_secs_f64().max(1e-9)
+                            ),
+                            thousands(r.lost),
+                            thousands(r.duplicated),
+                            if upgrades {
+                                cycles.len().to_string()
+                            } else {
+                                "-".into()
+                            },
+                            if upgrades {
+                                dist_ms(&cycles.iter().map(|c| c.wall).collect::<Vec<_>>())
+                            } else {
+                                "-".into()
+                            },
+                        ]);
+                        sj[if upgrades { "upgrades" } else { "control" }] =
+                            json!({"report": r.to_json(), "upgrades": cycles.len()});
+                    }
+                    Err(e) => {
+                        t.row([label.to_string(), format!("failed: {e}")]);
+                    }
+                }
+            }
+            if let [Some(c), Some(u)] = lost {
+                s.notes.push(format!(
+                    "upgrades added {} lost datagrams over the control row (the cold start of each new generation next to the draining one)",
+                    u as i64 - c as i64
+                ));
+            }
+        }
+        Err(e) => {
+            t.row(["capacity".to_string(), format!("failed: {e}")]);
+        }
+    }
+    s.tables.push(t);
+    s.json = sj;
+    s
+}
+
+// ---------------------------------------------------------------------------------
 // Footprint
 
 fn footprint(plan: &Plan, addr: SocketAddr) -> Section {
@@ -2052,5 +2499,345 @@ fn xdp(plan: &Plan, addr: SocketAddr) -> Section {
         ));
     }
     s.json = json!({"available": true, "seconds": secs.as_secs_f64(), "runs": j});
+    s
+}
+
+// ---------------------------------------------------------------------------------
+// XDP measured where it runs
+
+/// Prefixes of the realistic ruleset: `n` IPv4 /24s in 100.64.0.0/10 and `n` IPv6 /48s
+/// in 2001:db8::/32, none of which covers the lab's sender (10.200.x.2).
+fn deny_list(n: usize) -> Vec<String> {
+    let v4 = (0..n).map(|i| format!("100.{}.{}.0/24", 64 + (i >> 8) % 64, i & 0xff));
+    let v6 = (0..n).map(|i| format!("2001:db8:{:x}::/48", i & 0xffff));
+    v4.chain(v6).collect()
+}
+
+/// One XDP cost row's figures.
+struct XdpCostRun {
+    sent: u64,
+    seconds: f64,
+    /// (runs, ns per run) of the program, or why not.
+    program: Result<(u64, f64), String>,
+    /// CPU time of the work where it runs (the NAPI thread for native, the receiving
+    /// CPU for generic and user space), per packet, or why not.
+    cpu_ns: Result<f64, String>,
+    /// Packets the rules dropped / passed (filter rows).
+    verdicts: Option<(u64, u64)>,
+}
+
+/// Sum of the run time of `pids` (kernel threads).
+fn threads_time(pids: &[u32]) -> Option<Duration> {
+    pids.iter().map(|&p| procfs::run_time(p)).sum()
+}
+
+/// CPU time between two readings per packet, or why not.
+fn per_packet(
+    before: Option<Duration>,
+    after: Option<Duration>,
+    packets: u64,
+    why: impl FnOnce() -> String,
+) -> Result<f64, String> {
+    match (before, after) {
+        (Some(b), Some(a)) if packets > 0 => {
+            Ok(a.saturating_sub(b).as_nanos() as f64 / packets as f64)
+        }
+        (Some(_), Some(_)) => Err("no packets".into()),
+        _ => Err(why()),
+    }
+}
+
+/// The empty program (`XDP_DROP`) on the receiving veth, natively (in its threaded
+/// NAPI, pinned to the receiving CPU) or in generic mode.
+fn xdp_empty_row(lab: &XdpLab, d: Duration, native: bool) -> XdpCostRun {
+    let ifindex = bench_xdp::ifindex(&lab.server, &lab.ifname).unwrap_or_else(|e| panic!("{e}"));
+    let (program, link, id) = lab
+        .server
+        .run_in(|| bpf::attach_xdp_floor(ifindex, native))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let recv = lab.recv_cpu.unwrap_or(0);
+    let napi = if native {
+        bench_xdp::threaded_napi_on(&lab.server, &lab.ifname, recv)
+    } else {
+        Err("generic mode".into())
+    };
+    let stats_fd = bpf::enable_stats();
+    let before = bpf::prog_stats(id);
+    let napi_before = napi.as_ref().ok().and_then(|p| threads_time(p));
+    let busy_before = lab.recv_busy();
+    let report = lab.flood(d);
+    let after = bpf::prog_stats(id);
+    let napi_after = napi.as_ref().ok().and_then(|p| threads_time(p));
+    let busy_after = lab.recv_busy();
+    drop(stats_fd);
+    let program_stats = match (before, after) {
+        (Ok(b), Ok(a)) => match a.since(&b) {
+            (runs, Some(ns)) => Ok((runs, ns)),
+            _ => Err("no runs counted".into()),
+        },
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    let runs = program_stats.as_ref().map_or(0, |p| p.0);
+    let cpu_ns = if native {
+        per_packet(napi_before, napi_after, runs, || {
+            napi.clone()
+                .err()
+                .unwrap_or_else(|| "NAPI thread time unreadable".into())
+        })
+    } else {
+        per_packet(busy_before, busy_after, runs, || {
+            "receiving CPU time unreadable".into()
+        })
+    };
+    drop(link);
+    drop(program);
+    XdpCostRun {
+        sent: report.sent,
+        seconds: report.duration.as_secs_f64(),
+        program: program_stats,
+        cpu_ns,
+        verdicts: None,
+    }
+}
+
+/// The supervisor's filter with the realistic ruleset (`prefixes` deny prefixes per
+/// family, a rate limit of 1000/s per source), the sender also denied by a /32 when
+/// `deny_sender`, else only rate-limited.
+fn xdp_filter_row(
+    lab: &XdpLab,
+    d: Duration,
+    mode: &str,
+    prefixes: usize,
+    deny_sender: bool,
+) -> XdpCostRun {
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let mut cfg = ServiceConfig::echo(1, lab.target, &pins, runtime.path());
+    let mut deny = deny_list(prefixes);
+    if deny_sender {
+        deny.push(format!("{}/32", lab.source));
+    }
+    let deny: Vec<String> = deny.iter().map(|p| format!("\"{p}\"")).collect();
+    cfg.extra_toml = format!(
+        "[xdp]\ninterface = \"{}\"\nmode = \"{mode}\"\nrate_limit = {{ packets_per_second = 1000 }}\ndeny = [{}]\n",
+        lab.ifname,
+        deny.join(", ")
+    );
+    let mut sup = Supervisor::start(&lab.server, cfg);
+    let native = sup.status_json()["xdp"]["mode"].as_str() == Some("native");
+    let napi = if native {
+        bench_xdp::threaded_napi_on(&lab.server, &lab.ifname, lab.recv_cpu.unwrap_or(0))
+    } else {
+        Err(format!("{mode} mode"))
+    };
+    let xdp = |sup: &Supervisor| sup.status_json()["xdp"].clone();
+    let stats_fd = bpf::enable_stats();
+    let before = xdp(&sup);
+    let napi_before = napi.as_ref().ok().and_then(|p| threads_time(p));
+    let busy_before = lab.recv_busy();
+    let report = lab.flood(d);
+    let after = xdp(&sup);
+    let napi_after = napi.as_ref().ok().and_then(|p| threads_time(p));
+    let busy_after = lab.recv_busy();
+    let stats_fd = stats_fd.map(drop);
+    sup.stop();
+    let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
+    bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
+    let delta = |f: &dyn Fn(&Value) -> &Value| {
+        f(&after)
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(f(&before).as_u64().unwrap_or(0))
+    };
+    let runs = delta(&|s| &s["run_count"]);
+    let ns = delta(&|s| &s["run_time_ns"]);
+    let program = match stats_fd {
+        Err(e) => Err(format!("BPF_ENABLE_STATS: {e}")),
+        Ok(()) if runs == 0 => Err("no runs counted".into()),
+        Ok(()) => Ok((runs, ns as f64 / runs as f64)),
+    };
+    let dropped = delta(&|s| &s["counters"]["denied"]) + delta(&|s| &s["counters"]["rate_limited"]);
+    let passed = delta(&|s| &s["counters"]["passed"]);
+    let cpu_ns = if native {
+        per_packet(napi_before, napi_after, runs, || {
+            napi.err()
+                .unwrap_or_else(|| "NAPI thread time unreadable".into())
+        })
+    } else {
+        per_packet(busy_before, busy_after, runs, || {
+            "receiving CPU time unreadable".into()
+        })
+    };
+    XdpCostRun {
+        sent: report.sent,
+        seconds: report.duration.as_secs_f64(),
+        program,
+        cpu_ns,
+        verdicts: Some((dropped, passed)),
+    }
+}
+
+fn xdp_cost(plan: &Plan) -> Section {
+    let d = plan.xdp;
+    let prefixes = plan.xdp_prefixes;
+    let mut s = Section::new(
+        "xdp_cost",
+        format!(
+            "XDP filter cost where it runs: {} deny prefixes per family, rate limit on, {:.0} s flat out per row over a veth pair",
+            thousands(prefixes as u64),
+            d.as_secs_f64()
+        ),
+    );
+    let lab = match measure("xdp cost: veth pair", XdpLab::new) {
+        Ok(lab) => lab,
+        Err(e) => {
+            s.intro.push(format!("Not measured: {e}"));
+            return s;
+        }
+    };
+    s.intro.push(format!(
+        "One sender (64-byte datagrams, pinned to CPU {}) into the server's `{}`. Program cost: `run_time_ns / run_cnt` \
+         (BPF_ENABLE_STATS) of the program on the interface; \"above empty\" is against the empty program (`r0 = XDP_DROP; \
+         exit`, loaded by the benchmark) in the same mode, in this run. CPU per packet: native rows, the run time of \
+         veth's NAPI kernel thread (`threaded = 1`, the `napi/{}-*` thread pinned to CPU {}) per packet the program saw; \
+         generic and user-space rows, the busy time of CPU {} (receive steering points there) per packet. The filter \
+         rows run the supervisor with `deny` = {} IPv4 /24s and {} IPv6 /48s and `rate_limit = {{ packets_per_second = \
+         1000 }}`; the sender is either rate-limited (full path: listener, prefix lookup that misses, rate-limit entry) \
+         or denied by one more /32 (prefix lookup that hits).",
+        lab.send_cpu.map_or("?".into(), |c| c.to_string()),
+        lab.ifname,
+        lab.ifname,
+        lab.recv_cpu.map_or("?".into(), |c| c.to_string()),
+        lab.recv_cpu.map_or("?".into(), |c| c.to_string()),
+        thousands(prefixes as u64),
+        thousands(prefixes as u64),
+    ));
+    type Row = (&'static str, &'static str, Result<XdpCostRun, String>);
+    let mut rows: Vec<Row> = Vec::new();
+    rows.push((
+        "empty program (XDP_DROP)",
+        "native",
+        measure("xdp cost: empty program, native", || {
+            xdp_empty_row(&lab, d, true)
+        }),
+    ));
+    rows.push((
+        "filter, sender rate-limited",
+        "native",
+        measure("xdp cost: filter, rate-limited, native", || {
+            xdp_filter_row(&lab, d, "native", prefixes, false)
+        }),
+    ));
+    rows.push((
+        "filter, sender denied",
+        "native",
+        measure("xdp cost: filter, denied, native", || {
+            xdp_filter_row(&lab, d, "native", prefixes, true)
+        }),
+    ));
+    rows.push((
+        "empty program (XDP_DROP)",
+        "generic",
+        measure("xdp cost: empty program, generic", || {
+            xdp_empty_row(&lab, d, false)
+        }),
+    ));
+    rows.push((
+        "filter, sender rate-limited",
+        "generic",
+        measure("xdp cost: filter, rate-limited, generic", || {
+            xdp_filter_row(&lab, d, "generic", prefixes, false)
+        }),
+    ));
+    let user = measure("xdp cost: user-space discard", || {
+        discard_in_user_space(&lab, d)
+    });
+    drop(lab);
+    let floor = |mode: &str| {
+        rows.iter().find_map(|(what, m, r)| {
+            (what.starts_with("empty") && *m == mode)
+                .then(|| r.as_ref().ok()?.program.as_ref().ok().map(|p| p.1))?
+        })
+    };
+    let mut t = Table::new(&[
+        "program",
+        "mode",
+        ">packets/s",
+        ">program ns per packet",
+        ">above empty",
+        ">CPU per packet where it runs",
+        ">dropped / passed",
+    ]);
+    let mut j = Vec::new();
+    for (what, mode, r) in &rows {
+        match r {
+            Ok(run) => {
+                let ns = run.program.as_ref().ok().map(|p| p.1);
+                let above = match (ns, floor(mode)) {
+                    (Some(n), Some(f)) if !what.starts_with("empty") => format!("{:+.1}", n - f),
+                    _ => "-".into(),
+                };
+                t.row([
+                    what.to_string(),
+                    mode.to_string(),
+                    thousands((run.sent as f64 / run.seconds.max(1e-9)) as u64),
+                    match &run.program {
+                        Ok((_, ns)) => format!("{ns:.1}"),
+                        Err(e) => format!("not measured: {e}"),
+                    },
+                    above,
+                    match &run.cpu_ns {
+                        Ok(ns) => format!("{ns:.0} ns"),
+                        Err(e) => format!("not measured: {e}"),
+                    },
+                    run.verdicts.map_or("-".into(), |(dr, p)| {
+                        format!("{} / {}", thousands(dr), thousands(p))
+                    }),
+                ]);
+                j.push(json!({"program": what, "mode": mode, "sent": run.sent, "seconds": run.seconds,
+                    "program_ns": ns, "cpu_ns_per_packet": run.cpu_ns.as_ref().ok(), "verdicts": run.verdicts}));
+            }
+            Err(e) => {
+                t.row([what.to_string(), mode.to_string(), format!("failed: {e}")]);
+                j.push(json!({"program": what, "mode": mode, "error": e}));
+            }
+        }
+    }
+    match &user {
+        Ok(run) => {
+            let d = run.report.duration.as_secs_f64().max(1e-9);
+            let per = match run.recv_busy {
+                Some((busy, _)) if run.discarded > 0 => {
+                    format!("{:.0} ns", busy.as_nanos() as f64 / run.discarded as f64)
+                }
+                _ => "-".into(),
+            };
+            t.row([
+                "user space: `recv` and throw away".to_string(),
+                "-".into(),
+                thousands((run.report.sent as f64 / d) as u64),
+                "-".into(),
+                "-".into(),
+                per,
+                format!("read {}", thousands(run.discarded)),
+            ]);
+        }
+        Err(e) => {
+            t.row(["user space".to_string(), "-".into(), format!("failed: {e}")]);
+        }
+    }
+    s.tables.push(t);
+    s.notes.push(
+        "The veth floor: native XDP on veth turns every skb the peer transmits into an XDP buffer in the receiving \
+         veth's NAPI poll, so the empty program's CPU per packet in that thread is the cost of veth's XDP path itself, \
+         not of a program; on a physical NIC the driver hands XDP a buffer it already has. So the rows here compare \
+         programs with each other and with the empty one, not XDP with user space as a real NIC would show it."
+            .into(),
+    );
+    s.notes.push(
+        "Target (issue 15): the filter at most 30 ns above the empty program with this ruleset."
+            .into(),
+    );
+    s.json = json!({"prefixes_per_family": prefixes, "rows": j});
     s
 }

@@ -121,6 +121,48 @@ pub fn load_xdp_drop_program() -> io::Result<OwnedFd> {
     load_return_program(BPF_PROG_TYPE_XDP, BPF_XDP, XDP_DROP, b"xdp_drop_all")
 }
 
+/// The selection floor: an `SK_REUSEPORT` program that makes one
+/// `bpf_sk_select_reuseport` call for socket 0 of `sockarray` (a
+/// `REUSEPORT_SOCKARRAY`) and returns `SK_PASS`: the least any program that selects
+/// a socket does.
+pub fn load_select_first_program(sockarray: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    const MOV64_X: u8 = 0x07 | 0xb0 | 0x08;
+    const MOV64_K: u8 = 0x07 | 0xb0;
+    const ADD64_K: u8 = 0x07;
+    const ST_MEM_W: u8 = 0x02 | 0x60;
+    const LD_IMM64: u8 = 0x00 | 0x18;
+    const CALL: u8 = 0x05 | 0x80;
+    const EXIT: u8 = 0x05 | 0x90;
+    const BPF_PSEUDO_MAP_FD: u8 = 1;
+    const BPF_FUNC_SK_SELECT_REUSEPORT: i32 = 82;
+    // `regs`: destination register in the low nibble, source in the high one.
+    let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| Insn {
+        code,
+        regs: dst | (src << 4),
+        off,
+        imm,
+    };
+    let insns = [
+        insn(MOV64_X, 6, 1, 0, 0),                                      // r6 = ctx
+        insn(ST_MEM_W, 10, 0, -4, 0),                                   // key = 0
+        insn(MOV64_X, 1, 6, 0, 0),                                      // r1 = ctx
+        insn(LD_IMM64, 2, BPF_PSEUDO_MAP_FD, 0, sockarray.as_raw_fd()), // r2 = map
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_X, 3, 10, 0, 0), // r3 = &key
+        insn(ADD64_K, 3, 0, 0, -4),
+        insn(MOV64_K, 4, 0, 0, 0), // flags
+        insn(CALL, 0, 0, 0, BPF_FUNC_SK_SELECT_REUSEPORT),
+        insn(MOV64_K, 0, 0, 0, SK_PASS),
+        insn(EXIT, 0, 0, 0, 0),
+    ];
+    load_program(
+        BPF_PROG_TYPE_SK_REUSEPORT,
+        BPF_SK_REUSEPORT_SELECT,
+        &insns,
+        b"select_first",
+    )
+}
+
 /// Loads the two-instruction program `r0 = ret; exit` of type `prog_type`.
 fn load_return_program(
     prog_type: u32,
@@ -144,6 +186,16 @@ fn load_return_program(
             imm: 0,
         },
     ];
+    load_program(prog_type, expected_attach_type, &insns, name)
+}
+
+/// Loads `insns` as a program of type `prog_type` named `name`.
+fn load_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[Insn],
+    name: &[u8],
+) -> io::Result<OwnedFd> {
     let license = c"MIT";
     let mut prog_name = [0u8; 16];
     let len = name.len().min(15);
@@ -164,8 +216,9 @@ fn load_return_program(
     };
     // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_PROG_LOAD and its
     // size is passed with it; the pointers in it (`insns`, `license`) point to live
-    // locals for the duration of the call, and the kernel only reads through them
-    // (no log buffer is given, so it writes nothing back).
+    // memory for the duration of the call, and the kernel only reads through them
+    // (no log buffer is given, so it writes nothing back). A map fd in `insns` is
+    // only read, and must be open, which the caller's borrow guarantees.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,

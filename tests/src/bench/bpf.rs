@@ -163,6 +163,23 @@ pub fn attach_floor(addr: SocketAddr) -> Result<(OwnedFd, u32), String> {
     Ok((program, id))
 }
 
+/// Loads the selection floor ([`crate::sys::load_select_first_program`]: one
+/// `bpf_sk_select_reuseport` for socket 0 of the `REUSEPORT_SOCKARRAY` pinned at
+/// `sockarray`, nothing else) and attaches it to the group bound to `addr`, like
+/// [`attach_floor`]. Returns the program's fd and id.
+pub fn attach_select_first(addr: SocketAddr, sockarray: &Path) -> Result<(OwnedFd, u32), String> {
+    let map = aya::maps::MapData::from_pin(sockarray)
+        .map_err(|e| format!("open {}: {e}", sockarray.display()))?;
+    let program = sys::load_select_first_program(map.fd().as_fd())
+        .map_err(|e| format!("load the select-first program: {e}"))?;
+    let id = program_id(&program)?;
+    let member = group_member(addr).map_err(|e| format!("join the group at {addr}: {e}"))?;
+    sys::attach_reuseport_program(member.as_fd(), program.as_fd())
+        .map_err(|e| format!("attach the select-first program to the group at {addr}: {e}"))?;
+    drop(member);
+    Ok((program, id))
+}
+
 /// Loads the empty XDP program ([`crate::sys::load_xdp_drop_program`]: it drops every
 /// packet) and attaches it to interface `ifindex` of the calling thread's network
 /// namespace, natively or in generic mode. Returns the program's and the link's fds

@@ -253,6 +253,8 @@ fn main() -> ExitCode {
             "selector",
             "throughput",
             "upgrades",
+            "scale",
+            "saturation",
             "footprint",
             "xdp",
         ]
@@ -812,6 +814,8 @@ fn spread(plan: &Plan, addr: SocketAddr) -> Section {
 #[derive(Clone, Copy, Debug)]
 enum CostProgram {
     Empty,
+    /// One `bpf_sk_select_reuseport` for socket 0 and nothing else.
+    SelectFirst,
     Selector(Case),
 }
 
@@ -819,6 +823,7 @@ impl CostProgram {
     fn label(&self) -> String {
         match self {
             CostProgram::Empty => "empty program".into(),
+            CostProgram::SelectFirst => "select socket 0".into(),
             CostProgram::Selector(c) => c.balance(),
         }
     }
@@ -871,7 +876,7 @@ fn cost_run(
 ) -> Vec<(usize, Result<CostSample, String>)> {
     let stage = Stage::new();
     let mode = match program {
-        CostProgram::Empty => "random",
+        CostProgram::Empty | CostProgram::SelectFirst => "random",
         CostProgram::Selector(c) => c.mode,
     };
     let mut cfg = stage.config(addr, plan.workers, mode);
@@ -886,6 +891,18 @@ fn cost_run(
             Ok((fd, id)) => (Ok(id), Some(fd)),
             Err(e) => (Err(e), None),
         },
+        CostProgram::SelectFirst => {
+            let pin = stage
+                .pins
+                .path()
+                .join(SERVICE)
+                .join(SERVICE)
+                .join(format!("gen-{generation}"));
+            match stage.net.run_in(|| bpf::attach_select_first(addr, &pin)) {
+                Ok((fd, id)) => (Ok(id), Some(fd)),
+                Err(e) => (Err(e), None),
+            }
+        }
         CostProgram::Selector(_) => (
             bpf::find_selector(stage.pins.path(), SERVICE, SERVICE, pid),
             None,
@@ -952,7 +969,7 @@ fn cost_run(
 
 fn selector_cost(plan: &Plan, addr: SocketAddr) -> Section {
     let (modes, refused) = supported_modes(addr);
-    let mut programs = vec![CostProgram::Empty];
+    let mut programs = vec![CostProgram::Empty, CostProgram::SelectFirst];
     programs.extend(Case::all(&modes).into_iter().map(CostProgram::Selector));
     let sender_counts = [1usize, plan.cost_senders];
     // samples[program][sender count index] per round; floors per round likewise.
@@ -1001,7 +1018,9 @@ fn selector_cost(plan: &Plan, addr: SocketAddr) -> Section {
          alternating order (forward, then backward) and the two sender counts too. Cost: `run_time_ns / run_cnt` deltas \
          of the group's program (`BPF_ENABLE_STATS`; the two clock reads the statistics add are in every row). The empty \
          program (`r0 = SK_PASS; exit`, the floor any `SK_REUSEPORT` program pays) is attached in place of the selector \
-         to the same supervisor's group, same workers, same traffic. Figures: median (min-max) over the rounds; \
+         to the same supervisor's group, same workers, same traffic; so is the selection floor, a program that makes \
+         one `bpf_sk_select_reuseport` call for socket 0 of the serving generation's socket array (its `gen-N` pin) \
+         and nothing else, the least a program that selects pays. Figures: median (min-max) over the rounds; \
          \"above empty\" is each round's row minus that round's empty program.",
         plan.workers,
         thousands(plan.cost_count),
@@ -1036,6 +1055,9 @@ fn selector_cost(plan: &Plan, addr: SocketAddr) -> Section {
             t.row([
                 match program {
                     CostProgram::Empty => "empty program (floor)".to_string(),
+                    CostProgram::SelectFirst => {
+                        "one `bpf_sk_select_reuseport`, socket 0 (selection floor)".to_string()
+                    }
                     CostProgram::Selector(c) => {
                         format!("`{}`: {}", bpf::SELECTOR_NAME, c.balance())
                     }
@@ -1064,7 +1086,11 @@ fn selector_cost(plan: &Plan, addr: SocketAddr) -> Section {
                 });
             }
             cj.push(json!({
-                "program": if is_empty { "empty" } else { bpf::SELECTOR_NAME },
+                "program": match program {
+                    CostProgram::Empty => "empty",
+                    CostProgram::SelectFirst => "select_first",
+                    CostProgram::Selector(_) => bpf::SELECTOR_NAME,
+                },
                 "balance": program.label(),
                 "senders": n,
                 "ns_per_run": ns,
@@ -1733,10 +1759,19 @@ fn cycle_columns(cycles: &[Cycle]) -> [String; 5] {
     let pick = |f: &dyn Fn(&Cycle) -> Option<Duration>| -> Vec<Duration> {
         cycles.iter().filter_map(f).collect()
     };
+    let micros = |v: Vec<Duration>| -> String {
+        if v.is_empty() {
+            return "-".into();
+        }
+        let mut v = v;
+        v.sort();
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+        format!("{:.0} µs / {:.0} µs / {:.0} µs", at(0.5), at(0.99), at(1.0))
+    };
     [
         dist_ms(&pick(&|c| Some(c.wall))),
         dist_ms(&pick(&|c| c.flip)),
-        dist_ms(&pick(&|c| c.flip_after_ready)),
+        micros(pick(&|c| c.flip_after_ready)),
         dist_ms(&pick(&|c| Some(c.signal?.saturating_sub(c.flip?)))),
         dist_ms(&pick(&|c| Some(c.gone?.saturating_sub(c.signal?)))),
     ]
@@ -1926,9 +1961,9 @@ fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
             let per_s = cap.received as f64 / cap.duration.as_secs_f64().max(1e-9);
             t.row([
                 "capacity (flat out)".to_string(),
-                format!("{:.0}", cap.rate),
+                thousands(cap.rate as u64),
                 thousands(cap.sent),
-                format!("{per_s:.0}"),
+                thousands(per_s as u64),
                 thousands(cap.lost),
                 thousands(cap.duplicated),
                 "-".into(),

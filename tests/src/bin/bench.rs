@@ -1922,6 +1922,10 @@ fn at_rate(
             }
         }
     }
+    // The load stops by itself after `d`; `finish` would cut it short.
+    while !load.is_finished() && started.elapsed() < d + Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let report = load.finish();
     sup.stop();
     (report, cycles)
@@ -1994,9 +1998,8 @@ fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
                             label.to_string(),
                             thousands(rate),
                             thousands(r.sent),
-                            format!(
-                                "{:.0}",
-                                r.received as f64 / r.duration.as_secs_f64().max(1e-9)
+                            thousands(
+                                (r.received as f64 / r.duration.as_secs_f64().max(1e-9)) as u64,
                             ),
                             thousands(r.lost),
                             thousands(r.duplicated),

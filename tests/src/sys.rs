@@ -130,7 +130,8 @@ pub fn load_select_first_program(sockarray: BorrowedFd<'_>) -> io::Result<OwnedF
     const MOV64_K: u8 = 0x07 | 0xb0;
     const ADD64_K: u8 = 0x07;
     const ST_MEM_W: u8 = 0x02 | 0x60;
-    const LD_IMM64: u8 = 0x00 | 0x18;
+    // BPF_LD | BPF_DW | BPF_IMM: the 16-byte 64-bit immediate load.
+    const LD_IMM64: u8 = 0x18;
     const CALL: u8 = 0x05 | 0x80;
     const EXIT: u8 = 0x05 | 0x90;
     const BPF_PSEUDO_MAP_FD: u8 = 1;

@@ -967,6 +967,10 @@ fn cost_run(
     out
 }
 
+#[expect(
+    clippy::needless_range_loop,
+    reason = "the round number also orders the rows and names the progress line, not only an index"
+)]
 fn selector_cost(plan: &Plan, addr: SocketAddr) -> Section {
     let (modes, refused) = supported_modes(addr);
     let mut programs = vec![CostProgram::Empty, CostProgram::SelectFirst];
@@ -2024,7 +2028,9 @@ fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
             }
             if let [Some(c), Some(u)] = lost {
                 s.notes.push(format!(
-                    "upgrades added {} lost datagrams over the control row (the cold start of each new generation next to the draining one)",
+                    "lost with upgrades minus lost in the control row: {} (what the cold start of each new generation \
+                     next to the draining one costs; the control row shows what this shared machine loses at this rate \
+                     with nothing replaced)",
                     u as i64 - c as i64
                 ));
             }

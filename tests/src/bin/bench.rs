@@ -1684,6 +1684,9 @@ fn pin_count(pins: &PinDir) -> usize {
 
 struct ScaleRun {
     report: Report,
+    /// Datagrams the namespace's kernel dropped at a full socket receive buffer
+    /// (workers' or load generator's): loss from CPU starvation, not from upgrades.
+    rcvbuf_drops: Option<u64>,
     cycles: Vec<Cycle>,
     refused: u64,
     failed: Vec<String>,
@@ -1715,6 +1718,7 @@ fn upgrade_series(
         Some(r) => cfg.rate(r),
         None => cfg.flat_out(),
     };
+    let drops_before = stage.net.run_in(procfs::udp_rcvbuf_errors);
     let load = BackgroundLoad::start(&stage.net, cfg);
     std::thread::sleep(LEAD_IN);
     let mut cycles = Vec::new();
@@ -1742,6 +1746,7 @@ fn upgrade_series(
     }
     std::thread::sleep(LEAD_OUT);
     let report = load.finish();
+    let drops_after = stage.net.run_in(procfs::udp_rcvbuf_errors);
     let fds_after = supervisor_tests::leaks::FdCensus::of(pid)
         .map(|c| c.total())
         .unwrap_or(0);
@@ -1750,6 +1755,9 @@ fn upgrade_series(
     sup.stop();
     ScaleRun {
         report,
+        rcvbuf_drops: drops_before
+            .zip(drops_after)
+            .map(|(b, a)| a.saturating_sub(b)),
         cycles,
         refused,
         failed,
@@ -1831,6 +1839,10 @@ fn upgrades_at_scale(plan: &Plan, addr: SocketAddr) -> Section {
                 ),
             ]);
             t.row([
+                "dropped by the kernel at a full socket receive buffer (RcvbufErrors)".to_string(),
+                run.rcvbuf_drops.map_or("-".into(), thousands),
+            ]);
+            t.row([
                 "per upgrade, request to old generation gone".to_string(),
                 wall,
             ]);
@@ -1902,9 +1914,10 @@ fn at_rate(
     rate: u64,
     d: Duration,
     upgrades: bool,
-) -> (Report, Vec<Cycle>) {
+) -> (Report, Vec<Cycle>, Option<u64>) {
     let stage = Stage::new();
     let mut sup = Supervisor::start(&stage.net, stage.config(addr, workers, "random"));
+    let drops_before = stage.net.run_in(procfs::udp_rcvbuf_errors);
     let load = BackgroundLoad::start(
         &stage.net,
         LoadConfig::new(addr)
@@ -1931,8 +1944,11 @@ fn at_rate(
         std::thread::sleep(Duration::from_millis(20));
     }
     let report = load.finish();
+    let drops = drops_before
+        .zip(stage.net.run_in(procfs::udp_rcvbuf_errors))
+        .map(|(b, a)| a.saturating_sub(b));
     sup.stop();
-    (report, cycles)
+    (report, cycles, drops)
 }
 
 fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
@@ -1956,6 +1972,7 @@ fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
         ">sent",
         ">replies/s",
         ">lost",
+        ">of which at a full receive buffer",
         ">duplicated",
         ">upgrades",
         "request to gone ms (median / p99 / max)",
@@ -1973,6 +1990,7 @@ fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
                 thousands(cap.sent),
                 thousands(per_s as u64),
                 thousands(cap.lost),
+                "-".into(),
                 thousands(cap.duplicated),
                 "-".into(),
                 "-".into(),
@@ -1996,7 +2014,7 @@ fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
                         upgrades,
                     )
                 }) {
-                    Ok((r, cycles)) => {
+                    Ok((r, cycles, drops)) => {
                         lost[k] = Some(r.lost);
                         t.row([
                             label.to_string(),
@@ -2006,6 +2024,7 @@ fn saturation(plan: &Plan, addr: SocketAddr) -> Section {
                                 (r.received as f64 / r.duration.as_secs_f64().max(1e-9)) as u64,
                             ),
                             thousands(r.lost),
+                            drops.map_or("-".into(), thousands),
                             thousands(r.duplicated),
                             if upgrades {
                                 cycles.len().to_string()

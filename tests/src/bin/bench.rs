@@ -6,7 +6,7 @@
 //! stdout (progress goes to stderr); `--json FILE` also writes the raw figures.
 //! Run it as root through `scripts/bench.sh` (release build); on a 2-core machine the
 //! default run takes about ten minutes (half of it the 1000 consecutive upgrades),
-//! `--quick` about two and a half.
+//! `--quick` about two.
 //!
 //! Figures: spread of one sender over 4 workers; the selector's cost per datagram
 //! (kernel BPF statistics) per balance mode and path (flow hit, cookie miss and hit)
@@ -50,7 +50,7 @@ use supervisor_tests::{
     about = "Benchmark of the UDP upgrade supervisor against plain SO_REUSEPORT (run as root; markdown on stdout)."
 )]
 struct Args {
-    /// About two and a half minutes instead of ten: fewer datagrams, rounds and upgrades, shorter runs.
+    /// About two minutes instead of ten: fewer datagrams, rounds and upgrades, shorter runs.
     #[arg(long)]
     quick: bool,
     /// Also write every figure as JSON to this file.

@@ -2741,6 +2741,45 @@ fn xdp_filter_row(
     }
 }
 
+/// Allowed traffic (echoed, every datagram counted) while `switches` upgrades each
+/// switch the filter to another ruleset of `prefixes` deny prefixes per family (the
+/// sender never denied, the rate limit far above the rate).
+fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Report, u32) {
+    let pins = PinDir::new();
+    let runtime = TempDir::new("sup-run");
+    let config = |round: u32| {
+        let mut cfg = ServiceConfig::echo(1, lab.target, &pins, runtime.path());
+        // Each ruleset differs from the last: one more /24 on odd rounds.
+        let mut deny = deny_list(prefixes);
+        if round % 2 == 1 {
+            deny.push("198.51.100.0/24".into());
+        }
+        let deny: Vec<String> = deny.iter().map(|p| format!("\"{p}\"")).collect();
+        cfg.extra_toml = format!(
+            "[xdp]\ninterface = \"{}\"\nrate_limit = {{ packets_per_second = 1000000000 }}\ndeny = [{}]\n",
+            lab.ifname,
+            deny.join(", ")
+        );
+        cfg
+    };
+    let mut sup = Supervisor::start(&lab.server, config(0));
+    let load = BackgroundLoad::start(&lab.client, LoadConfig::new(lab.target).rate(20_000));
+    std::thread::sleep(LEAD_IN);
+    let mut done = 0;
+    for round in 1..=switches {
+        sup.set_config(config(round));
+        if sup.upgrade().status.success() {
+            done += 1;
+        }
+    }
+    std::thread::sleep(LEAD_OUT);
+    let report = load.finish();
+    sup.stop();
+    let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
+    bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
+    (report, done)
+}
+
 fn xdp_cost(plan: &Plan) -> Section {
     let d = plan.xdp;
     let prefixes = plan.xdp_prefixes;
@@ -2815,6 +2854,10 @@ fn xdp_cost(plan: &Plan) -> Section {
     ));
     let user = measure("xdp cost: user-space discard", || {
         discard_in_user_space(&lab, d)
+    });
+    let switches = if plan.quick { 5 } else { 20 };
+    let switched = measure("xdp: ruleset switches under load", || {
+        xdp_switches_under_load(&lab, prefixes, switches)
     });
     drop(lab);
     let floor = |mode: &str| {
@@ -2891,6 +2934,24 @@ fn xdp_cost(plan: &Plan) -> Section {
         }
     }
     s.tables.push(t);
+    match &switched {
+        Ok((r, done)) => {
+            s.notes.push(format!(
+                "Ruleset switches under load: {done} upgrades, each switching the filter to a new ruleset ({} prefixes \
+                 per family, one /24 more or less than the last; the sender allowed), while 20 000 datagrams/s were \
+                 echoed: {} sent, {} lost, {} duplicated, {} refused.",
+                thousands(prefixes as u64),
+                thousands(r.sent),
+                thousands(r.lost),
+                thousands(r.duplicated),
+                thousands(r.refused)
+            ));
+            s.json["switches"] = json!({"upgrades": done, "report": r.to_json()});
+        }
+        Err(e) => s
+            .notes
+            .push(format!("Ruleset switches under load: failed: {e}")),
+    }
     s.notes.push(
         "The veth floor: native XDP on veth turns every skb the peer transmits into an XDP buffer in the receiving \
          veth's NAPI poll, so the empty program's CPU per packet in that thread is the cost of veth's XDP path itself, \
@@ -2902,6 +2963,7 @@ fn xdp_cost(plan: &Plan) -> Section {
         "Target (issue 15): the filter at most 30 ns above the empty program with this ruleset."
             .into(),
     );
-    s.json = json!({"prefixes_per_family": prefixes, "rows": j});
+    let switches_json = s.json["switches"].take();
+    s.json = json!({"prefixes_per_family": prefixes, "rows": j, "switches": switches_json});
     s
 }

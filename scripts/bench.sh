@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark, from a fresh machine of this kind, as root:
-#   sudo ./scripts/bench.sh                 # about two and a half minutes on 2 cores
-#   sudo ./scripts/bench.sh --quick         # about one minute
+#   sudo ./scripts/bench.sh                 # about ten minutes on 2 cores (1000 upgrades: 5 of them)
+#   sudo ./scripts/bench.sh --quick         # about two minutes
 #   sudo ./scripts/bench.sh --json out.json # also write the raw figures
 # Builds the release binaries (the benchmark drives target/release/{supervisor,
 # echo-worker}), then prints a markdown report on stdout; progress goes to stderr.

@@ -49,6 +49,12 @@ for tool in ip python3; do
     fi
 done
 
+# bpftool for docs/selector-cost.md's instruction counts (`bpftool prog dump xlated`).
+if ! command -v bpftool >/dev/null && [ ! -x /usr/sbin/bpftool ]; then
+    log "missing bpftool"; export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq; apt-get install -y -qq bpftool >/dev/null
+fi
+
 if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | grep -q "${BPF_LINKER_VERSION}"; then
     log "building bpf-linker ${BPF_LINKER_VERSION} against LLVM ${LLVM_MAJOR} (about two minutes)"
     LLVM_SYS_221_PREFIX="${LLVM_PREFIX}" PATH="${LLVM_PREFIX}/bin:${PATH}" \

@@ -15,6 +15,8 @@
 //! | `COUNTERS`     | `PERCPU_ARRAY`                         | [`counter_index`]           | [`SocketCounters`]    |
 //! | `FLOWS`        | `LRU_HASH` (`flow_table_size` entries) | [`FlowKey`]                 | [`FlowEntry`]         |
 //! | `FLOW_COUNTERS`| `PERCPU_ARRAY` (1 entry)               | `0`                         | [`FlowCounters`]      |
+//! | `PROBES`       | `HASH`                                 | probe source port           | [`ProbeTarget`]       |
+//! | `RANDOM_STATE` | `PERCPU_ARRAY` (1 entry), not pinned   | `0`                         | `u64` generator state |
 //!
 //! A generation's `REUSEPORT_SOCKARRAY` is created fresh by user space for every
 //! generation, filled, pinned as `gen-<N>`, and stored in slot `N % GENERATION_SLOTS`
@@ -37,6 +39,9 @@ pub mod map_names {
     pub const FLOWS: &str = "FLOWS";
     pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
     pub const PROBES: &str = "PROBES";
+    /// The `random` mode's per-CPU generator state; private to the program (not
+    /// pinned, never read by user space).
+    pub const RANDOM_STATE: &str = "RANDOM_STATE";
 }
 
 /// Program names, as the eBPF object declares them.
@@ -51,8 +56,8 @@ pub enum BalanceMode {
     /// A fresh random socket for every datagram: even spread even when a single
     /// sender (one 4-tuple) sends everything.
     Random = 0,
-    /// The kernel's 4-tuple hash modulo the socket count: one flow stays on one
-    /// socket while the generation serves.
+    /// The kernel's 4-tuple hash mapped onto the socket count (multiply and shift):
+    /// one flow stays on one socket while the generation serves.
     Hash = 1,
     /// Sticky across generations: a flow (remote address and port) keeps the
     /// socket, and so the generation, it started on until it has been idle for

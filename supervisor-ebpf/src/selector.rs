@@ -28,6 +28,8 @@ use aya_ebpf::{
     macros::{btf_map, sk_reuseport},
     programs::SkReuseportContext,
 };
+use core::mem::MaybeUninit;
+
 use supervisor_common::{
     BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FlowCounters, FlowEntry,
     FlowKey, GENERATION_SLOTS, MAX_PROBES, MAX_SOCKETS, ProbeTarget, Settings, SocketCounters,
@@ -55,6 +57,11 @@ static FLOWS: LruHashMap<FlowKey, FlowEntry, { DEFAULT_FLOW_TABLE_SIZE as usize 
 #[btf_map]
 static FLOW_COUNTERS: PerCpuArray<FlowCounters, 1> = PerCpuArray::new();
 
+/// Per-CPU state of the `random` mode's generator (xorshift64). Not pinned and not
+/// read by user space: it lives as long as the program that holds it.
+#[btf_map]
+static RANDOM_STATE: PerCpuArray<u64, 1> = PerCpuArray::new();
+
 /// Readiness probes under way: probe socket's source port -> target socket.
 #[btf_map]
 static PROBES: HashMap<u16, ProbeTarget, { MAX_PROBES as usize }> = HashMap::new();
@@ -64,6 +71,8 @@ static PROBES: HashMap<u16, ProbeTarget, { MAX_PROBES as usize }> = HashMap::new
 const ETH_P_IP_BE: u32 = (0x0800u16).to_be() as u32;
 const ETH_P_IPV6_BE: u32 = (0x86DDu16).to_be() as u32;
 const UDP_HEADER_LEN: u32 = 8;
+/// Cookies this far into the datagram (a power of two) are read in place.
+const DIRECT_COOKIE_LIMIT: u32 = 1 << 12;
 
 #[sk_reuseport]
 pub fn select_socket(ctx: SkReuseportContext) -> u32 {
@@ -105,7 +114,9 @@ fn select(ctx: &SkReuseportContext) {
     let slot = control.working_slot as u32 % GENERATION_SLOTS;
     match BalanceMode::from_u8(control.balance_mode) {
         Some(BalanceMode::Hash) => {
-            select_in(ctx, slot, ctx.hash() % sockets, false);
+            // The kernel's 4-tuple hash is uniform over 32 bits: a multiply and a
+            // shift map it onto the sockets as evenly as `%` would, without a division.
+            select_in(ctx, slot, scale(ctx.hash(), sockets), false);
         }
         Some(BalanceMode::Flow) => select_flow(ctx, &control, slot),
         Some(BalanceMode::Cookie) => select_cookie(ctx, slot, sockets),
@@ -216,15 +227,8 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
 #[inline(always)]
 fn select_cookie(ctx: &SkReuseportContext, working_slot: u32, sockets: u32) {
     let settings = Settings::from_word(word(control_index::SLOT_SETTINGS + working_slot));
-    let mut cookie = [0u8; 2];
-    // `data` starts at the UDP header; the payload follows it.
-    let offset = UDP_HEADER_LEN + settings.cookie_offset as u32;
-    // SAFETY: the helper writes at most the 2 bytes asked for into `cookie`, a live
-    // 2-byte local; it checks `offset` against the packet and fails (non-zero)
-    // rather than read past it.
-    let loaded = unsafe { bpf_skb_load_bytes(ctx.as_ptr(), offset, cookie.as_mut_ptr().cast(), 2) };
-    if loaded == 0 {
-        let (generation_byte, socket) = parse_cookie(u16::from_be_bytes(cookie));
+    if let Some(cookie) = read_cookie(ctx, settings.cookie_offset as u32) {
+        let (generation_byte, socket) = parse_cookie(cookie);
         let slot = generation_byte as u32 % GENERATION_SLOTS;
         let owner = word(control_index::SLOT_GENERATION + slot);
         if owner != 0 && owner as u8 == generation_byte && select_in(ctx, slot, socket as u32, true)
@@ -234,6 +238,32 @@ fn select_cookie(ctx: &SkReuseportContext, working_slot: u32, sockets: u32) {
     }
     flow_count(|c| c.cookie_invalid += 1);
     select_in(ctx, working_slot, random_below(sockets), false);
+}
+
+/// The 16-bit big-endian cookie at `payload_offset` of the UDP payload: read in
+/// place when it lies in the packet's linear data (loopback and most drivers put
+/// small datagrams there), else copied out by the helper.
+#[inline(always)]
+fn read_cookie(ctx: &SkReuseportContext, payload_offset: u32) -> Option<u16> {
+    // `data` starts at the UDP header; the payload follows it.
+    let offset = UDP_HEADER_LEN + payload_offset;
+    // Bounded for the verifier (a packet offset must stay below 64 KiB); larger
+    // offsets take the helper.
+    if offset < DIRECT_COOKIE_LIMIT {
+        let at = ctx.data() + (offset & (DIRECT_COOKIE_LIMIT - 1)) as usize;
+        if at + 2 <= ctx.data_end() {
+            // SAFETY: the two bytes at `at` are inside [data, data_end), checked
+            // just above; unaligned, so read as bytes.
+            let bytes = unsafe { core::ptr::read_unaligned(at as *const [u8; 2]) };
+            return Some(u16::from_be_bytes(bytes));
+        }
+    }
+    let mut cookie = [0u8; 2];
+    // SAFETY: the helper writes at most the 2 bytes asked for into `cookie`, a live
+    // 2-byte local; it checks `offset` against the packet and fails (non-zero)
+    // rather than read past it.
+    let loaded = unsafe { bpf_skb_load_bytes(ctx.as_ptr(), offset, cookie.as_mut_ptr().cast(), 2) };
+    (loaded == 0).then(|| u16::from_be_bytes(cookie))
 }
 
 /// Steers a datagram from one of the supervisor's probe sockets to the socket it
@@ -267,48 +297,78 @@ fn steer_probe(ctx: &SkReuseportContext) -> bool {
 /// The remote address and port of the datagram.
 #[inline(always)]
 fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
-    let mut key = FlowKey::default();
-    let protocol = ctx.eth_protocol();
-    let (offset, len, family) = if protocol == ETH_P_IP_BE {
-        (12u32, 4u32, 4u16) // iphdr.saddr
-    } else if protocol == ETH_P_IPV6_BE {
-        (8, 16, 6) // ipv6hdr.saddr
-    } else {
-        return None;
-    };
-    // SAFETY: the helper writes `len` (4 or 16) bytes into `key.addr`, a live 16-byte
-    // local; it checks the offset against the packet and fails rather than read
-    // past it.
-    let loaded = unsafe {
-        bpf_skb_load_bytes_relative(
-            ctx.as_ptr(),
-            offset,
-            key.addr.as_mut_ptr().cast(),
-            len,
-            BPF_HDR_START_NET,
-        )
-    };
-    if loaded != 0 {
-        return None;
-    }
     // The UDP source port: the first two bytes at `data`.
     let data = ctx.data();
     if data + 2 > ctx.data_end() {
         return None;
     }
     // SAFETY: bounds-checked against data_end just above.
-    key.port = unsafe { core::ptr::read_unaligned(data as *const u16) };
-    key.family = family;
-    Some(key)
+    let port = unsafe { core::ptr::read_unaligned(data as *const u16) };
+    let protocol = ctx.eth_protocol();
+    // The address is built from loaded words rather than zeroed first: zeroing the
+    // 20-byte key compiles to a call of a memset subprogram on every datagram.
+    let (addr, family) = if protocol == ETH_P_IP_BE {
+        let mut v4 = MaybeUninit::<u32>::uninit();
+        load_network_header(ctx, 12, v4.as_mut_ptr().cast(), 4)?; // iphdr.saddr
+        // SAFETY: the helper succeeded, so it wrote all 4 bytes.
+        ([unsafe { v4.assume_init() }, 0, 0, 0], 4u16)
+    } else if protocol == ETH_P_IPV6_BE {
+        let mut v6 = MaybeUninit::<[u32; 4]>::uninit();
+        load_network_header(ctx, 8, v6.as_mut_ptr().cast(), 16)?; // ipv6hdr.saddr
+        // SAFETY: the helper succeeded, so it wrote all 16 bytes.
+        (unsafe { v6.assume_init() }, 6)
+    } else {
+        return None;
+    };
+    Some(FlowKey { addr, port, family })
 }
 
-/// Maps a uniform 32-bit random number onto `0..n` with a multiply and a shift
-/// instead of a division (Lemire's reduction; the bias is below 2^-26 for n <= 64).
+/// Copies `len` bytes at `offset` of the network header into `to`; None if the
+/// packet is shorter.
+#[inline(always)]
+fn load_network_header(
+    ctx: &SkReuseportContext,
+    offset: u32,
+    to: *mut core::ffi::c_void,
+    len: u32,
+) -> Option<()> {
+    // SAFETY: callers pass `to` pointing at a live local of at least `len` bytes (the
+    // helper takes uninitialised memory); it checks the offset against the packet
+    // and fails rather than read past it.
+    let loaded =
+        unsafe { bpf_skb_load_bytes_relative(ctx.as_ptr(), offset, to, len, BPF_HDR_START_NET) };
+    (loaded == 0).then_some(())
+}
+
+/// Maps a uniform 32-bit number onto `0..n` with a multiply and a shift instead of
+/// a division (Lemire's reduction; the bias is below 2^-26 for n <= 64).
+#[inline(always)]
+fn scale(uniform: u32, n: u32) -> u32 {
+    ((uniform as u64 * n as u64) >> 32) as u32
+}
+
+/// A uniform random number below `n`, from this CPU's xorshift64 generator: a few
+/// instructions on a per-CPU word instead of a helper call per datagram. Seeded
+/// from the kernel's generator on first use on each CPU.
 #[inline(always)]
 fn random_below(n: u32) -> u32 {
-    // SAFETY: a helper that takes no arguments.
-    let random = unsafe { bpf_get_prandom_u32() };
-    ((random as u64 * n as u64) >> 32) as u32
+    let Some(state) = RANDOM_STATE.get_ptr_mut(0) else {
+        // SAFETY: a helper that takes no arguments.
+        return scale(unsafe { bpf_get_prandom_u32() }, n);
+    };
+    // SAFETY: per-CPU slot of a preallocated array; this program is its only user
+    // and runs with migration disabled, so nothing else touches it meanwhile.
+    let mut x = unsafe { *state };
+    if x == 0 {
+        // SAFETY: a helper that takes no arguments. The `| 1` keeps the state non-zero.
+        x = unsafe { ((bpf_get_prandom_u32() as u64) << 32) | bpf_get_prandom_u32() as u64 } | 1;
+    }
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    // SAFETY: as above.
+    unsafe { *state = x };
+    scale((x >> 32) as u32, n)
 }
 
 #[inline(always)]

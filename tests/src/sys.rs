@@ -59,6 +59,13 @@ const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
 const BPF_SK_REUSEPORT_SELECT: u32 = 39;
 /// `SK_PASS` from `enum sk_action`: "no selection, let the kernel pick".
 const SK_PASS: i32 = 1;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+/// `BPF_XDP` from `enum bpf_attach_type`: the load-time attach type of an XDP program
+/// meant for an interface, and the link's attach type.
+const BPF_XDP: u32 = 37;
+/// `XDP_DROP` from `enum xdp_action`.
+const XDP_DROP: i32 = 1;
 
 /// One eBPF instruction (`struct bpf_insn`). Both register fields of the two
 /// instructions below are r0, so the nibble order within `regs` does not matter.
@@ -100,6 +107,70 @@ struct ProgLoadAttr {
 /// directly keeps the supervisor binary free of a program only the benchmark uses,
 /// and needs no second eBPF build.
 pub fn load_floor_program() -> io::Result<OwnedFd> {
+    load_return_program(
+        BPF_PROG_TYPE_SK_REUSEPORT,
+        BPF_SK_REUSEPORT_SELECT,
+        SK_PASS,
+        b"select_nothing",
+    )
+}
+
+/// The XDP floor: `r0 = XDP_DROP; exit`, what any XDP program that drops a packet pays
+/// at least (the driver's call, and the statistics' clock reads).
+pub fn load_xdp_drop_program() -> io::Result<OwnedFd> {
+    load_return_program(BPF_PROG_TYPE_XDP, BPF_XDP, XDP_DROP, b"xdp_drop_all")
+}
+
+/// The selection floor: an `SK_REUSEPORT` program that makes one
+/// `bpf_sk_select_reuseport` call for socket 0 of `sockarray` (a
+/// `REUSEPORT_SOCKARRAY`) and returns `SK_PASS`: the least any program that selects
+/// a socket does.
+pub fn load_select_first_program(sockarray: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    const MOV64_X: u8 = 0x07 | 0xb0 | 0x08;
+    const MOV64_K: u8 = 0x07 | 0xb0;
+    const ADD64_K: u8 = 0x07;
+    const ST_MEM_W: u8 = 0x02 | 0x60;
+    // BPF_LD | BPF_DW | BPF_IMM: the 16-byte 64-bit immediate load.
+    const LD_IMM64: u8 = 0x18;
+    const CALL: u8 = 0x05 | 0x80;
+    const EXIT: u8 = 0x05 | 0x90;
+    const BPF_PSEUDO_MAP_FD: u8 = 1;
+    const BPF_FUNC_SK_SELECT_REUSEPORT: i32 = 82;
+    // `regs`: destination register in the low nibble, source in the high one.
+    let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| Insn {
+        code,
+        regs: dst | (src << 4),
+        off,
+        imm,
+    };
+    let insns = [
+        insn(MOV64_X, 6, 1, 0, 0),                                      // r6 = ctx
+        insn(ST_MEM_W, 10, 0, -4, 0),                                   // key = 0
+        insn(MOV64_X, 1, 6, 0, 0),                                      // r1 = ctx
+        insn(LD_IMM64, 2, BPF_PSEUDO_MAP_FD, 0, sockarray.as_raw_fd()), // r2 = map
+        insn(0, 0, 0, 0, 0),
+        insn(MOV64_X, 3, 10, 0, 0), // r3 = &key
+        insn(ADD64_K, 3, 0, 0, -4),
+        insn(MOV64_K, 4, 0, 0, 0), // flags
+        insn(CALL, 0, 0, 0, BPF_FUNC_SK_SELECT_REUSEPORT),
+        insn(MOV64_K, 0, 0, 0, SK_PASS),
+        insn(EXIT, 0, 0, 0, 0),
+    ];
+    load_program(
+        BPF_PROG_TYPE_SK_REUSEPORT,
+        BPF_SK_REUSEPORT_SELECT,
+        &insns,
+        b"select_first",
+    )
+}
+
+/// Loads the two-instruction program `r0 = ret; exit` of type `prog_type`.
+fn load_return_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    ret: i32,
+    name: &[u8],
+) -> io::Result<OwnedFd> {
     const BPF_ALU64_MOV_K: u8 = 0x07 | 0xb0;
     const BPF_JMP_EXIT: u8 = 0x05 | 0x90;
     let insns = [
@@ -107,7 +178,7 @@ pub fn load_floor_program() -> io::Result<OwnedFd> {
             code: BPF_ALU64_MOV_K,
             regs: 0,
             off: 0,
-            imm: SK_PASS,
+            imm: ret,
         },
         Insn {
             code: BPF_JMP_EXIT,
@@ -116,12 +187,22 @@ pub fn load_floor_program() -> io::Result<OwnedFd> {
             imm: 0,
         },
     ];
+    load_program(prog_type, expected_attach_type, &insns, name)
+}
+
+/// Loads `insns` as a program of type `prog_type` named `name`.
+fn load_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    insns: &[Insn],
+    name: &[u8],
+) -> io::Result<OwnedFd> {
     let license = c"MIT";
     let mut prog_name = [0u8; 16];
-    let name = b"select_nothing";
-    prog_name[..name.len()].copy_from_slice(name);
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name[..len]);
     let attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
+        prog_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -132,12 +213,13 @@ pub fn load_floor_program() -> io::Result<OwnedFd> {
         prog_flags: 0,
         prog_name,
         prog_ifindex: 0,
-        expected_attach_type: BPF_SK_REUSEPORT_SELECT,
+        expected_attach_type,
     };
     // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_PROG_LOAD and its
     // size is passed with it; the pointers in it (`insns`, `license`) point to live
-    // locals for the duration of the call, and the kernel only reads through them
-    // (no log buffer is given, so it writes nothing back).
+    // memory for the duration of the call, and the kernel only reads through them
+    // (no log buffer is given, so it writes nothing back). A map fd in `insns` is
+    // only read, and must be open, which the caller's borrow guarantees.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -150,6 +232,48 @@ pub fn load_floor_program() -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: BPF_PROG_LOAD returned a new fd for the program, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The leading fields of `union bpf_attr` for `BPF_LINK_CREATE`.
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// Attaches an XDP `program` to interface `ifindex` of the calling thread's network
+/// namespace through a BPF link (native mode with `native`, else generic). The
+/// program stays attached as long as the returned link fd is open.
+pub fn attach_xdp_link(program: BorrowedFd<'_>, ifindex: u32, native: bool) -> io::Result<OwnedFd> {
+    const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    let attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags: if native {
+            XDP_FLAGS_DRV_MODE
+        } else {
+            XDP_FLAGS_SKB_MODE
+        },
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for BPF_LINK_CREATE, passed
+    // with its size; it holds no pointers, and `program` is an open fd for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &attr as *const LinkCreateAttr,
+            std::mem::size_of::<LinkCreateAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_LINK_CREATE returned a new fd for the link, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 

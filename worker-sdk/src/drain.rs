@@ -9,9 +9,10 @@
 //! 1. notes the request in a flag (a signal handler can do little else
 //!    safely; setting an `AtomicBool` is async-signal-safe);
 //! 2. keeps reading, now with a short *read deadline*: every read that
-//!    returns a datagram is served, and the first read that waits the whole
-//!    deadline without one means the socket is idle — everything queued has
-//!    been served;
+//!    returns a datagram is served, and once the socket has gone the whole
+//!    deadline without one (counted from its last datagram, so idle time
+//!    before the request counts, and at least one read is made after it) it is
+//!    idle — everything queued has been served;
 //! 3. returns, so the worker can exit 0.
 //!
 //! The std helpers poll the flag between reads. While not draining, reads
@@ -28,7 +29,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libc::c_int;
 use nix::sys::signal::Signal;
@@ -254,29 +255,49 @@ where
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut served = Served::default();
     let mut draining = false;
+    // Idle is counted from the last datagram, not from when the drain request
+    // was noticed: time the socket already spent idle before (up to a poll
+    // interval, typically the time since the flip) counts toward the deadline.
+    let mut last_datagram = Instant::now();
+    // The read timeout now set, to change it only when needed.
+    let mut timeout = POLL_INTERVAL;
+    // Whether a read has been made since draining began: at least one is, so
+    // whatever is queued at that moment is served.
+    let mut read_while_draining = false;
     loop {
-        if !draining && drain.requested() {
+        if drain.requested() {
             draining = true;
-            socket.set_read_timeout(Some(read_deadline))?;
+            let idle = last_datagram.elapsed();
+            if read_while_draining && idle >= read_deadline {
+                // A whole read deadline without a datagram: idle, done.
+                return Ok(served);
+            }
+            // The rest of the deadline (at least 1 ms: see above).
+            let wait = read_deadline
+                .saturating_sub(idle)
+                .max(Duration::from_millis(1));
+            if wait != timeout {
+                socket.set_read_timeout(Some(wait))?;
+                timeout = wait;
+            }
         }
-        match socket.recv_from(&mut buf) {
+        let received = socket.recv_from(&mut buf);
+        read_while_draining |= draining;
+        match received {
             Ok((len, peer)) => {
                 handler(socket, &buf[..len], peer);
                 served.datagrams += 1;
                 served.after_drain += u64::from(draining);
+                last_datagram = Instant::now();
             }
-            // A read timeout shows up as WouldBlock on Linux (EAGAIN).
+            // A read timeout shows up as WouldBlock on Linux (EAGAIN); while
+            // draining, the loop's head decides whether the socket was idle long
+            // enough.
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if draining {
-                    // A whole read deadline without a datagram: idle, done.
-                    return Ok(served);
-                }
-            }
+                ) => {}
             // A signal (likely the drain signal itself): loop to look at the flag.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // An ICMP error for an earlier reply, reported on this socket

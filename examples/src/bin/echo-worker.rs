@@ -32,7 +32,9 @@ use worker_sdk::{DrainSignal, Listeners, MAX_DATAGRAM, NamedSocket, Served};
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// How often the main thread looks at the drain flag and the serving threads.
-const TICK: Duration = Duration::from_millis(50);
+/// Short, because the exit waits for the tick that sees the last thread done:
+/// it is part of every upgrade cycle.
+const TICK: Duration = Duration::from_millis(10);
 
 #[derive(Parser, Debug)]
 #[command(

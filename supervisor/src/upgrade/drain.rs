@@ -10,9 +10,11 @@ use crate::worker::{Policy, WorkerStatus};
 
 /// How long the queues must read empty before the drain signal goes out: a
 /// datagram selected just before the flip may still be on its way into an old
-/// socket on another CPU for a few microseconds.
-const QUEUE_QUIET_POLLS: u32 = 3;
-const QUEUE_POLL: Duration = Duration::from_millis(10);
+/// socket on another CPU for a few microseconds, so two empty reads
+/// `QUEUE_POLL` apart (thousands of times that) are enough. The whole wait is
+/// the supervisor's own share of an upgrade cycle, so it is kept this short.
+const QUEUE_QUIET_POLLS: u32 = 2;
+const QUEUE_POLL: Duration = Duration::from_millis(5);
 /// Of `drain_timeout`, what waiting for idle flows leaves (at most) for the drain
 /// signal and the workers' exit.
 const DRAIN_RESERVE: Duration = Duration::from_secs(5);
@@ -26,7 +28,6 @@ pub(super) async fn drain(
 ) {
     let started = tokio::time::Instant::now();
     let deadline = started + drain_timeout;
-    tokio::time::sleep(QUEUE_POLL).await;
     // Flows may hold the old generation for most of drain_timeout, but not all of
     // it: its workers still need time to empty their queues and exit.
     let reserve = (drain_timeout / 4).min(DRAIN_RESERVE);
@@ -76,21 +77,20 @@ async fn wait_queues_empty(
     deadline: tokio::time::Instant,
 ) -> Option<u32> {
     let mut quiet = 0;
-    let mut queued = 0;
-    while quiet < QUEUE_QUIET_POLLS {
-        queued = shared
+    loop {
+        let queued = shared
             .lock()
             .unwrap()
             .generation(number)?
             .queues()
             .queued_bytes;
         quiet = if queued == 0 { quiet + 1 } else { 0 };
-        if tokio::time::Instant::now() >= deadline {
-            break;
+        // No sleep after the last read: the drain signal follows at once.
+        if quiet >= QUEUE_QUIET_POLLS || tokio::time::Instant::now() >= deadline {
+            return Some(queued);
         }
         tokio::time::sleep(QUEUE_POLL).await;
     }
-    Some(queued)
 }
 
 /// With `flow` or `cookie` balance an old generation keeps its flows after the

@@ -116,6 +116,7 @@ pub async fn run(
 
     crate::metrics::upgrade_phase("ready", phase.elapsed());
     // The flip phase: the XDP switch (its grace period included) and the stores.
+    // It starts when the last worker's READY=1 has been taken in.
     let phase = std::time::Instant::now();
     // Waited here, with no lock held: the event loop keeps running meanwhile.
     let readers = xdp_change.readers_gone().await;
@@ -133,8 +134,12 @@ pub async fn run(
         }
     }
     let previous = flip(shared, number, &config, spec);
-    crate::metrics::upgrade_phase("flip", phase.elapsed());
-    progress.emit(format!("generation {number}: flipped, now serving"));
+    let flip_latency = phase.elapsed();
+    crate::metrics::upgrade_phase("flip", flip_latency);
+    progress.emit(format!(
+        "generation {number}: flipped, now serving ({:.3} ms after the last READY=1)",
+        flip_latency.as_secs_f64() * 1e3
+    ));
 
     let draining = {
         let mut state = shared.lock().unwrap();

@@ -393,8 +393,9 @@ async fn drain_timeout_kills_old_workers_that_ignore_the_drain_signal() {
 async fn a_crash_restart_racing_an_upgrade_is_drained_with_its_generation() {
     let h = Harness::new(config(1, "drain_timeout = \"10s\""));
     // Generation 1's workers crash 50 ms after they start, again and again; the
-    // upgrade to generation 2 takes 120 ms to get ready, so restarts (100 ms
-    // backoff) happen while it runs and while generation 1 drains.
+    // upgrade to generation 2 takes 260 ms to get ready, so restarts (100 ms
+    // backoff) happen while it runs, and one may be due while generation 1
+    // drains (the drain signal follows the flip within a few ms).
     h.launcher.script(
         1,
         Script {
@@ -409,7 +410,7 @@ async fn a_crash_restart_racing_an_upgrade_is_drained_with_its_generation() {
     h.launcher.script(
         2,
         Script {
-            ready_after: Some(Duration::from_millis(120)),
+            ready_after: Some(Duration::from_millis(260)),
             ..Script::GOOD
         },
     );

@@ -163,6 +163,40 @@ pub fn attach_floor(addr: SocketAddr) -> Result<(OwnedFd, u32), String> {
     Ok((program, id))
 }
 
+/// Loads the selection floor ([`crate::sys::load_select_first_program`]: one
+/// `bpf_sk_select_reuseport` for socket 0 of the `REUSEPORT_SOCKARRAY` pinned at
+/// `sockarray`, nothing else) and attaches it to the group bound to `addr`, like
+/// [`attach_floor`]. Returns the program's fd and id.
+pub fn attach_select_first(addr: SocketAddr, sockarray: &Path) -> Result<(OwnedFd, u32), String> {
+    let map = aya::maps::MapData::from_pin(sockarray)
+        .map_err(|e| format!("open {}: {e}", sockarray.display()))?;
+    let program = sys::load_select_first_program(map.fd().as_fd())
+        .map_err(|e| format!("load the select-first program: {e}"))?;
+    let id = program_id(&program)?;
+    let member = group_member(addr).map_err(|e| format!("join the group at {addr}: {e}"))?;
+    sys::attach_reuseport_program(member.as_fd(), program.as_fd())
+        .map_err(|e| format!("attach the select-first program to the group at {addr}: {e}"))?;
+    drop(member);
+    Ok((program, id))
+}
+
+/// Loads the empty XDP program ([`crate::sys::load_xdp_drop_program`]: it drops every
+/// packet) and attaches it to interface `ifindex` of the calling thread's network
+/// namespace, natively or in generic mode. Returns the program's and the link's fds
+/// (closing the link detaches it) and the program's id for [`prog_stats`].
+pub fn attach_xdp_floor(ifindex: u32, native: bool) -> Result<(OwnedFd, OwnedFd, u32), String> {
+    let program =
+        sys::load_xdp_drop_program().map_err(|e| format!("load the empty XDP program: {e}"))?;
+    let id = program_id(&program)?;
+    let link = sys::attach_xdp_link(program.as_fd(), ifindex, native).map_err(|e| {
+        format!(
+            "attach the empty XDP program ({} mode): {e}",
+            if native { "native" } else { "generic" }
+        )
+    })?;
+    Ok((program, link, id))
+}
+
 /// The kernel's id of the program behind `program` (the `prog_id:` line of its fdinfo).
 fn program_id(program: &OwnedFd) -> Result<u32, String> {
     let path = format!("/proc/self/fdinfo/{}", program.as_raw_fd());

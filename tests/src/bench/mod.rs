@@ -13,5 +13,6 @@ pub mod handrun;
 pub mod phases;
 pub mod plot;
 pub mod procfs;
+pub mod rounds;
 pub mod table;
 pub mod xdp;

@@ -52,6 +52,15 @@ pub fn timing(phases: &[Phase]) -> UpgradeTiming {
     }
 }
 
+/// The flip latency the daemon appends to its "flipped" line: `(... 0.123 ms after
+/// the last READY=1)`.
+pub fn after_ready(text: &str) -> Option<Duration> {
+    let end = text.find(" ms after the last READY=1")?;
+    let start = text[..end].rfind('(')? + 1;
+    let ms: f64 = text[start..end].trim().parse().ok()?;
+    (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1e3))
+}
+
 /// Median and maximum; `None` for no values.
 pub fn median_max(values: &[Duration]) -> Option<(Duration, Duration)> {
     if values.is_empty() {
@@ -87,6 +96,16 @@ mod tests {
         assert_eq!(t.gone, Some(Duration::from_millis(12_480)));
         assert_eq!(parse_line("upgrade succeeded: x"), None);
         assert_eq!(timing(&[]), UpgradeTiming::default());
+    }
+
+    #[test]
+    fn flip_latency_from_the_flipped_line() {
+        let us = Duration::from_micros;
+        assert_eq!(
+            after_ready("generation 2: flipped, now serving (0.041 ms after the last READY=1)"),
+            Some(us(41))
+        );
+        assert_eq!(after_ready("generation 2: flipped, now serving"), None);
     }
 
     #[test]

@@ -222,3 +222,73 @@ pub fn read_and_discard<R>(
         result,
     ))
 }
+
+/// Pids of the kernel threads whose name starts with `napi/<ifname>-` (threaded NAPI;
+/// the name is cut at 15 bytes like every thread name).
+pub fn napi_threads(ifname: &str) -> Vec<u32> {
+    let prefix: String = format!("napi/{ifname}-").chars().take(15).collect();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim_end().starts_with(&prefix))
+        })
+        .collect()
+}
+
+/// Gives `ifname`'s NAPI instances in `net` kernel threads of their own
+/// (`/sys/class/net/<ifname>/threaded`, written from a sysfs mounted for `net`, which
+/// `ip netns exec` provides) and pins those threads to `cpu`. Returns their pids:
+/// the `napi/<ifname>-*` threads that did not exist before (other namespaces may have
+/// an interface of the same name). Needs NAPI enabled, i.e. a native XDP program on a
+/// veth.
+pub fn threaded_napi_on(net: &TestNet, ifname: &str, cpu: usize) -> Result<Vec<u32>, String> {
+    let before = napi_threads(ifname);
+    let write = |v: u8| {
+        output_with_timeout(
+            std::process::Command::new("ip").args([
+                "netns",
+                "exec",
+                net.name(),
+                "sh",
+                "-c",
+                &format!("echo {v} > /sys/class/net/{ifname}/threaded"),
+            ]),
+            Duration::from_secs(10),
+        )
+    };
+    // Off first: a thread left from an earlier program on this interface is replaced.
+    let _ = write(0);
+    let out = write(1);
+    if !out.status.success() {
+        return Err(format!(
+            "threaded NAPI on {ifname}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let ours: Vec<u32> = napi_threads(ifname)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    if ours.is_empty() {
+        return Err(format!(
+            "no new napi/{ifname}-* thread after `threaded = 1`"
+        ));
+    }
+    let mut set = CpuSet::new();
+    set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
+    for &pid in &ours {
+        sched_setaffinity(Pid::from_raw(pid as i32), &set)
+            .map_err(|e| format!("pin napi thread {pid} to CPU {cpu}: {e}"))?;
+    }
+    Ok(ours)
+}
+
+/// The index of `ifname` in `net`.
+pub fn ifindex(net: &TestNet, ifname: &str) -> Result<u32, String> {
+    net.run_in(|| nix::net::if_::if_nametoindex(ifname))
+        .map_err(|e| format!("ifindex of {ifname}: {e}"))
+}

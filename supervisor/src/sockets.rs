@@ -84,17 +84,7 @@ pub fn check_address(address: SocketAddr, listener: &str) -> Result<()> {
     if address.port() == 0 {
         return Ok(());
     }
-    let table = procfs::udp_sockets(address.is_ipv6())
-        .map_err(|e| anyhow::anyhow!("reading the kernel's UDP socket table: {e}"))?;
-    let overlapping: Vec<_> = table
-        .into_iter()
-        .filter(|s| {
-            s.local.port() == address.port()
-                && (s.local.ip() == address.ip()
-                    || s.local.ip().is_unspecified()
-                    || address.ip().is_unspecified())
-        })
-        .collect();
+    let overlapping = overlapping(address)?;
     if overlapping.is_empty() {
         return Ok(());
     }
@@ -129,6 +119,41 @@ pub fn check_address(address: SocketAddr, listener: &str) -> Result<()> {
         foreign.join("; ")
     ))
     .into())
+}
+
+/// The UDP sockets bound where `address` would be (same port; same address, or
+/// either a wildcard).
+fn overlapping(address: SocketAddr) -> Result<Vec<procfs::UdpSocket>> {
+    let table = procfs::udp_sockets(address.is_ipv6())
+        .map_err(|e| anyhow::anyhow!("reading the kernel's UDP socket table: {e}"))?;
+    Ok(table
+        .into_iter()
+        .filter(|s| {
+            s.local.port() == address.port()
+                && (s.local.ip() == address.ip()
+                    || s.local.ip().is_unspecified()
+                    || address.ip().is_unspecified())
+        })
+        .collect())
+}
+
+/// The processes (not this one) that hold a socket on `address` and are workers
+/// a supervisor started with `listener`'s sockets: what a supervisor of this
+/// service that died left serving there, whether or not its state file says so.
+pub fn leftover_workers(address: SocketAddr, listener: &str) -> Vec<i32> {
+    if address.port() == 0 {
+        return Vec::new();
+    }
+    let me = std::process::id() as i32;
+    let mut pids: Vec<i32> = overlapping(address)
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|socket| procfs::socket_holders(socket.inode))
+        .filter(|&pid| pid != me && is_worker_of(pid, listener))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// Whether `pid` is a worker a supervisor started with `listener`'s sockets

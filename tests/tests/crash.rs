@@ -679,8 +679,8 @@ fn a_worker_it_cannot_verify_is_refused_unless_fresh() {
     );
     fs::write(&state, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
     assert_refused(&net, &pins, &sup, &[&old[0].to_string()]);
-    // --fresh kills only what it can verify: the mismatching workers stay (they
-    // might be anyone's process); the test's namespace teardown removes them.
+    // --fresh discards them: they are a supervisor's workers on the listener's
+    // address, whatever the state file says of them.
     sup.respawn(&["--fresh"]);
     let status = sup.wait_settled(1, SETTLE);
     let fresh: BTreeSet<i32> = all_worker_pids(&status).keys().copied().collect();

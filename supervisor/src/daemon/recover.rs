@@ -173,14 +173,7 @@ pub(super) fn recover(
     spec: WorkerSpec,
 ) -> Result<Recovered> {
     let pin_dir = config.pin_dir();
-    // The kernel's word on who serves. Listeners flip one after the other, so a
-    // supervisor that died in the middle leaves some on the new generation: the
-    // newest one named wins, and every listener is set to it below.
-    let serving = dataplanes
-        .iter()
-        .map(|d| d.working().generation)
-        .max()
-        .unwrap_or(0);
+    let serving = serving_generation(dataplanes);
     let mut pool: HashMap<u64, OwnedFd> = HashMap::new();
     for fd in stored {
         if let Ok(cookie) = sys::socket_cookie(fd.as_fd()) {
@@ -202,12 +195,7 @@ pub(super) fn recover(
         collect_sockets(&record, &verified, &mut pool);
         let state = if record.number == serving {
             GenerationState::Serving
-        } else if record.number < serving
-            && matches!(
-                record.state,
-                GenerationState::Serving | GenerationState::Draining
-            )
-        {
+        } else if taken_over(&record, serving) {
             GenerationState::Draining
         } else {
             discarded.push((record, verified));
@@ -310,6 +298,94 @@ pub(super) fn recover(
         spec: Arc::try_unwrap(spec).unwrap_or_else(|spec| (*spec).clone()),
         needs_new_generation,
     })
+}
+
+/// The kernel's word on who serves. Listeners flip one after the other, so a
+/// supervisor that died in the middle leaves some on the new generation: the
+/// newest one named wins, and `recover` sets every listener to it.
+fn serving_generation(dataplanes: &[Box<dyn Dataplane>]) -> u32 {
+    dataplanes
+        .iter()
+        .map(|d| d.working().generation)
+        .max()
+        .unwrap_or(0)
+}
+
+/// What `recover` would refuse, found before anything is changed (the daemon's
+/// own sockets are not bound yet): see [`refuse_unverifiable`].
+pub(super) fn check(
+    config: &Config,
+    snapshot: &Snapshot,
+    dataplanes: &[Box<dyn Dataplane>],
+) -> Result<()> {
+    refuse_unverifiable(
+        config,
+        &snapshot.generations,
+        serving_generation(dataplanes),
+    )
+}
+
+/// Whether `record` is taken over (rather than torn down) when `serving` serves.
+fn taken_over(record: &GenerationRecord, serving: u32) -> bool {
+    record.number == serving
+        || (record.number < serving
+            && matches!(
+                record.state,
+                GenerationState::Serving | GenerationState::Draining
+            ))
+}
+
+/// Refuses, before anything is changed, when a process holds a socket of a
+/// generation to be taken over without being one of its recorded workers (pid
+/// and start time), a descendant of one (a wrapper's child), or the service
+/// manager (pid 1 keeps systemd's fd store): taking over beside it would leave a
+/// process nobody supervises in the reuseport group.
+fn refuse_unverifiable(config: &Config, records: &[GenerationRecord], serving: u32) -> Result<()> {
+    for record in records.iter().filter(|r| taken_over(r, serving)) {
+        let workers: HashSet<i32> = record
+            .workers
+            .iter()
+            .filter_map(|w| verify(w.pid, w.start_time).map(|v| v.pid))
+            .collect();
+        let inodes: HashSet<u64> = record
+            .listeners
+            .iter()
+            .flat_map(|l| l.inodes.iter().copied())
+            .collect();
+        let strangers: Vec<String> = holders_of(&inodes)
+            .into_iter()
+            .filter(|&pid| pid != 1 && !descends_from(pid, &workers))
+            .map(procfs::describe)
+            .collect();
+        if !strangers.is_empty() {
+            return Err(refuse(
+                config,
+                format!(
+                    "generation {}'s sockets are held by processes its state file does not record \
+                     (pid and start time): {}",
+                    record.number,
+                    strangers.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `pid` is one of `ancestors` or below one of them.
+fn descends_from(pid: i32, ancestors: &HashSet<i32>) -> bool {
+    let mut current = pid;
+    // Bounded: a ppid chain ends at 1 (or 0) well before this.
+    for _ in 0..64 {
+        if ancestors.contains(&current) {
+            return true;
+        }
+        match procfs::parent_pid(current) {
+            Some(parent) if parent > 1 => current = parent,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Copies out of each verified worker the sockets it holds that `record` lists
@@ -602,19 +678,33 @@ fn remove_unrecorded_arrays(
 
 /// Discards what a dead supervisor of this service left (`run --fresh`,
 /// `supervisor cleanup`): the workers the state file names and that can be
-/// verified are killed, with whatever else holds their sockets; the state file
+/// verified are killed, with whatever else holds their sockets, and so is every
+/// supervisor's worker still serving on a listener address (what a state file
+/// of another format, a lost one, or an unverifiable worker leaves: else they
+/// would stay in the reuseport group beside the new generation); the state file
 /// goes. The pins are removed by the caller (a fresh start replaces them).
 /// Returns how many processes were killed.
 pub fn discard(config: &Config) -> usize {
     let path = journal::path(config);
     let snapshot = journal::read(&path).ok().flatten();
-    let mut killed = 0;
+    let mut doomed: Vec<(i32, OwnedFd)> = Vec::new();
+    let mut open = |pid: i32| {
+        if !doomed.iter().any(|(p, _)| *p == pid)
+            && let Ok(pidfd) = sys::pidfd_open(pid)
+        {
+            doomed.push((pid, pidfd));
+        }
+    };
+    for listener in &config.listeners {
+        for pid in crate::sockets::leftover_workers(listener.address, &listener.name) {
+            open(pid);
+        }
+    }
     if let Some(snapshot) = snapshot.filter(|s| s.service == config.service.name) {
         for record in &snapshot.generations {
             for worker in &record.workers {
                 if let Some(v) = verify(worker.pid, worker.start_time) {
-                    kill(v.pidfd.as_fd(), v.pid);
-                    killed += 1;
+                    open(v.pid);
                 }
             }
             let inodes: HashSet<u64> = record
@@ -623,13 +713,31 @@ pub fn discard(config: &Config) -> usize {
                 .flat_map(|l| l.inodes.iter().copied())
                 .collect();
             for pid in holders_of(&inodes) {
-                if let Ok(pidfd) = sys::pidfd_open(pid) {
-                    kill(pidfd.as_fd(), pid);
-                    killed += 1;
-                }
+                open(pid);
             }
         }
     }
+    for (pid, pidfd) in &doomed {
+        kill(pidfd.as_fd(), *pid);
+    }
+    // Gone before the caller goes on: a socket a dying process still holds would
+    // look like another program's to the fresh start's address check.
+    wait_exited(&doomed, Duration::from_secs(5));
     journal::remove(&path);
-    killed
+    doomed.len()
+}
+
+/// Waits (at most `limit`) until every one of these processes has exited: a
+/// pidfd becomes readable when its process exits, after its files are closed.
+fn wait_exited(processes: &[(i32, OwnedFd)], limit: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = std::time::Instant::now() + limit;
+    for (pid, pidfd) in processes {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::ZERO);
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
+            tracing::warn!("pid {pid} was killed but has not exited yet");
+        }
+    }
 }

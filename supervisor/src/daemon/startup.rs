@@ -380,6 +380,7 @@ async fn take_over(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
+    recover::check(config, &snapshot, &dataplanes)?;
     let xdp = match &config.xdp {
         Some(xdp) => Some(XdpFilter::start(
             xdp,

@@ -128,6 +128,24 @@ pub struct GenerationRecord {
     pub workers: Vec<WorkerRecord>,
 }
 
+impl GenerationRecord {
+    /// The inodes of all its sockets, every listener's.
+    pub fn socket_inodes(&self) -> std::collections::HashSet<u64> {
+        self.listeners
+            .iter()
+            .flat_map(|l| l.inodes.iter().copied())
+            .collect()
+    }
+
+    /// The cookies of all its sockets, every listener's.
+    pub fn socket_cookies(&self) -> std::collections::HashSet<u64> {
+        self.listeners
+            .iter()
+            .flat_map(|l| l.cookies.iter().copied())
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ListenerRecord {
     pub name: String,

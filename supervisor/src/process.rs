@@ -64,6 +64,22 @@ pub trait Process: Send {
     }
 }
 
+/// SIGKILL to the process behind `pidfd` (pid `pid`) and to its process group.
+/// A killed worker takes what it started with it: a shell wrapper's `sleep`, a
+/// helper. Every worker leads its own process group (set between fork and exec),
+/// and that group id cannot name anything else while the worker is unreaped or a
+/// member of its group lives. A process already gone is not an error.
+pub fn kill_with_group(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) -> io::Result<()> {
+    sys::pidfd_signal(pidfd, libc::SIGKILL)?;
+    match nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The real launcher: fork + exec (see [`sys::spawn_worker`]), watched through pidfds.
 pub struct ForkExec;
 
@@ -127,23 +143,12 @@ impl Process for PidfdProcess {
     }
 
     fn signal(&self, signal: i32) -> io::Result<()> {
-        sys::pidfd_signal(self.pidfd.get_ref().as_fd(), signal)?;
         if signal == libc::SIGKILL {
-            // A killed worker takes what it started with it: a shell wrapper's
-            // `sleep`, a helper. Every worker leads its own process group (set
-            // between fork and exec), and that group id cannot name anything else
-            // while the worker is unreaped or a member of its group lives. The
-            // drain signal goes to the worker alone: what it does with its
-            // children is its own business.
-            match nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(self.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            ) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => return Err(e.into()),
-            }
+            return kill_with_group(self.pidfd.get_ref().as_fd(), self.pid);
         }
-        Ok(())
+        // The drain signal goes to the worker alone: what it does with its
+        // children is its own business.
+        sys::pidfd_signal(self.pidfd.get_ref().as_fd(), signal)
     }
 
     fn take_bind_listener(&mut self) -> Option<OwnedFd> {

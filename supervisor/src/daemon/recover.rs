@@ -204,7 +204,7 @@ pub(super) fn recover(
         match take_generation(
             &record,
             state,
-            verified,
+            &verified,
             &mut pool,
             &pin_dir,
             &spec,
@@ -222,12 +222,7 @@ pub(super) fn recover(
                     "generation {}: cannot take it over ({e:#}); tearing it down",
                     record.number
                 );
-                // Its workers were not adopted: found again to be killed.
-                let verified = record
-                    .workers
-                    .iter()
-                    .map(|w| verify(w.pid, w.start_time))
-                    .collect();
+                // Its workers were not adopted: killed with it.
                 discarded.push((record, verified));
             }
         }
@@ -347,11 +342,7 @@ fn refuse_unverifiable(config: &Config, records: &[GenerationRecord], serving: u
             .iter()
             .filter_map(|w| verify(w.pid, w.start_time).map(|v| v.pid))
             .collect();
-        let inodes: HashSet<u64> = record
-            .listeners
-            .iter()
-            .flat_map(|l| l.inodes.iter().copied())
-            .collect();
+        let inodes = record.socket_inodes();
         let strangers: Vec<String> = holders_of(&inodes)
             .into_iter()
             .filter(|&pid| pid != 1 && !descends_from(pid, &workers))
@@ -395,16 +386,8 @@ fn collect_sockets(
     verified: &[Option<Verified>],
     pool: &mut HashMap<u64, OwnedFd>,
 ) {
-    let inodes: HashSet<u64> = record
-        .listeners
-        .iter()
-        .flat_map(|l| l.inodes.iter().copied())
-        .collect();
-    let cookies: HashSet<u64> = record
-        .listeners
-        .iter()
-        .flat_map(|l| l.cookies.iter().copied())
-        .collect();
+    let inodes = record.socket_inodes();
+    let cookies = record.socket_cookies();
     for worker in verified.iter().flatten() {
         for (fd, inode) in procfs::socket_fds(worker.pid) {
             if !inodes.contains(&inode) {
@@ -428,7 +411,7 @@ fn collect_sockets(
 fn take_generation(
     record: &GenerationRecord,
     state: GenerationState,
-    verified: Vec<Option<Verified>>,
+    verified: &[Option<Verified>],
     pool: &mut HashMap<u64, OwnedFd>,
     pin_dir: &Path,
     spec: &Arc<WorkerSpec>,
@@ -564,11 +547,7 @@ fn tear_down(
         killed += 1;
     }
     // Workers the dead supervisor started but had not recorded yet.
-    let inodes: HashSet<u64> = record
-        .listeners
-        .iter()
-        .flat_map(|l| l.inodes.iter().copied())
-        .collect();
+    let inodes = record.socket_inodes();
     for pid in holders_of(&inodes) {
         if let Ok(pidfd) = sys::pidfd_open(pid) {
             kill(pidfd.as_fd(), pid);
@@ -585,11 +564,7 @@ fn tear_down(
     for listener in &record.listeners {
         remove_pin(&generation_pin(pin_dir, &listener.name, record.number));
     }
-    let cookies: Vec<u64> = record
-        .listeners
-        .iter()
-        .flat_map(|l| l.cookies.iter().copied())
-        .collect();
+    let cookies: Vec<u64> = record.socket_cookies().into_iter().collect();
     crate::fdstore::remove(&cookies);
     tracing::warn!(
         "generation {} ({}, never served or newer than the serving one): torn down, {killed} processes killed",
@@ -598,13 +573,11 @@ fn tear_down(
     );
 }
 
+/// Its process group too, as for every worker the supervisor kills.
 fn kill(pidfd: std::os::fd::BorrowedFd<'_>, pid: i32) {
-    let _ = sys::pidfd_signal(pidfd, libc::SIGKILL);
-    // Its process group too, as for every worker killed (see `process`).
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    if let Err(e) = crate::process::kill_with_group(pidfd, pid) {
+        tracing::warn!("killing pid {pid}: {e}");
+    }
 }
 
 /// Pids (other than this one) holding any socket in `inodes`: one pass over /proc.
@@ -707,11 +680,7 @@ pub fn discard(config: &Config) -> usize {
                     open(v.pid);
                 }
             }
-            let inodes: HashSet<u64> = record
-                .listeners
-                .iter()
-                .flat_map(|l| l.inodes.iter().copied())
-                .collect();
+            let inodes = record.socket_inodes();
             for pid in holders_of(&inodes) {
                 open(pid);
             }

@@ -50,6 +50,14 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
+/// This process's environment without the supervisor's own variables: what its
+/// workers inherit.
+pub fn worker_inherited_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(key, _)| !is_supervisor_only_env(key))
+        .collect()
+}
+
 /// Removes the supervisor's own systemd variables so its workers do not inherit them.
 pub fn is_supervisor_only_env(key: &str) -> bool {
     matches!(

@@ -381,22 +381,13 @@ async fn take_over(
         })
         .collect::<Result<Vec<_>>>()?;
     recover::check(config, &snapshot, &dataplanes)?;
-    let xdp = match &config.xdp {
-        Some(xdp) => Some(XdpFilter::start(
-            xdp,
-            &pin_dir,
-            &config.listener_addresses(),
-        )?),
-        None => None,
-    };
+    let xdp = adopt_xdp(config, &pin_dir)?;
     // The same path as the dead supervisor's: its workers can still notify.
     let notify = NotifySocket::bind(&config.notify_socket())?;
     undo.notify_socket = Some(config.notify_socket());
     undo.control_socket = Some(config.control_socket());
     let control = control::bind(&config.control_socket())?;
-    let inherited_env = std::env::vars()
-        .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
-        .collect();
+    let inherited_env = systemd::worker_inherited_env();
     let spec = snapshot
         .spec
         .to_spec(inherited_env, notify.env_value.clone())?;
@@ -466,6 +457,16 @@ async fn take_over(
     Ok(daemon)
 }
 
+/// The XDP filter of a start that takes over (a re-exec, or after a crash): the
+/// pinned link adopted, or attached if there is none.
+fn adopt_xdp(config: &Config, pin_dir: &Path) -> Result<Option<XdpFilter>> {
+    config
+        .xdp
+        .as_ref()
+        .map(|xdp| XdpFilter::start(xdp, pin_dir, &config.listener_addresses()))
+        .transpose()
+}
+
 /// Binds `[metrics] listen`, if configured; a failure names the key.
 fn bind_metrics(config: &Config) -> Result<Option<std::net::TcpListener>> {
     let Some(metrics) = &config.metrics else {
@@ -521,21 +522,12 @@ pub(super) fn adopt(config: &Config, adopted: Adopted) -> Result<Daemon> {
             )?))
         })
         .collect::<Result<Vec<_>>>()?;
-    let xdp = match &config.xdp {
-        Some(xdp) => Some(XdpFilter::start(
-            xdp,
-            &pin_dir,
-            &config.listener_addresses(),
-        )?),
-        None => None,
-    };
+    let xdp = adopt_xdp(config, &pin_dir)?;
     let notify = NotifySocket::from_fd(adopted.notify, adopted.handoff.notify_name.clone())?;
     let control = std::os::unix::net::UnixListener::from(adopted.control);
     control.set_nonblocking(true)?;
     let control = UnixListener::from_std(control)?;
-    let inherited_env = std::env::vars()
-        .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
-        .collect();
+    let inherited_env = systemd::worker_inherited_env();
     let spec = reexec::spec(&adopted.handoff, inherited_env)?;
     let context = slot_context(config);
     let generation = reexec::adopt_generation(

@@ -76,9 +76,7 @@ impl WorkerSpec {
                 crate::procfs::has_effective_capability(crate::bpffs::CAP_SYS_ADMIN),
             )?;
         }
-        let inherited_env = std::env::vars()
-            .filter(|(key, _)| !systemd::is_supervisor_only_env(key))
-            .collect();
+        let inherited_env = systemd::worker_inherited_env();
         Ok(WorkerSpec {
             program: program.to_string_lossy().into_owned(),
             argv: command.clone(),

@@ -17,6 +17,7 @@
 //! | `FLOW_COUNTERS`| `PERCPU_ARRAY` (1 entry)               | `0`                         | [`FlowCounters`]      |
 //! | `PROBES`       | `HASH`                                 | probe source port           | [`ProbeTarget`]       |
 //! | `RANDOM_STATE` | `PERCPU_ARRAY` (1 entry), not pinned   | `0`                         | `u64` generator state |
+//! | `FLOW_CACHE`   | `PERCPU_ARRAY` ([`FLOW_CACHE_ENTRIES`]), not pinned | low bits of [`FlowKey::hash`] | the program's own copy of a `FLOWS` entry |
 //!
 //! A generation's `REUSEPORT_SOCKARRAY` is created fresh by user space for every
 //! generation, filled, pinned as `gen-<N>`, and stored in slot `N % GENERATION_SLOTS`
@@ -42,6 +43,9 @@ pub mod map_names {
     /// The `random` mode's per-CPU generator state; private to the program (not
     /// pinned, never read by user space).
     pub const RANDOM_STATE: &str = "RANDOM_STATE";
+    /// The `flow` mode's per-CPU front cache of `FLOWS`; private to the program
+    /// (not pinned, never read by user space).
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
 }
 
 /// Program names, as the eBPF object declares them.
@@ -153,15 +157,31 @@ pub const fn parse_cookie(cookie: u16) -> (u8, u8) {
     ((cookie >> 8) as u8, cookie as u8)
 }
 
-/// Key of the flow table: the remote address and port, as they are in the packet
-/// (network byte order). IPv4 uses `addr[0]`.
+/// Key of the flow table: the kernel's 32-bit hash of the datagram's 4-tuple (the
+/// `hash` the kernel hands every `SK_REUSEPORT` program, the one `hash` mode
+/// spreads by) and the remote port, as it is in the packet (network byte order).
+///
+/// The kernel computes that hash anyway and the port lies in the UDP header the
+/// program can read in place, so neither a lookup nor a miss has to copy the
+/// remote address out of the IP header with a helper call (see
+/// `docs/selector-cost.md`). Two remote endpoints share an entry only if they use
+/// the same port and their 4-tuples hash alike (about one pair in 4 * 10^9 of
+/// those with the same port); sharing only means they stick to the same socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowKey {
-    pub addr: [u32; 4],
+    pub hash: u32,
     pub port: u16,
     /// 4 or 6.
     pub family: u16,
+}
+
+impl FlowKey {
+    /// The key as one word: one comparison instead of three.
+    #[inline(always)]
+    pub const fn to_word(self) -> u64 {
+        (self.hash as u64) | ((self.port as u64) << 32) | ((self.family as u64) << 48)
+    }
 }
 
 /// Where a flow goes and when it was last seen.
@@ -201,6 +221,10 @@ pub const MAX_PROBES: u32 = MAX_SOCKETS;
 
 /// Default `flow_table_size`.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65536;
+
+/// Entries of the `flow` mode's per-CPU front cache (a power of two: the index is
+/// the low bits of the flow's hash). 4096 entries of 24 bytes: 96 KiB per CPU.
+pub const FLOW_CACHE_ENTRIES: u32 = 4096;
 
 /// Per-CPU counters of the flow and cookie stages' slow paths. (Hits, the fast
 /// path, are `SocketCounters::affinity_hits`.)
@@ -357,7 +381,7 @@ mod user {
     // SAFETY: plain old data: #[repr(C)], only u64 fields, no padding, any bit
     // pattern is valid.
     unsafe impl aya::Pod for super::SocketCounters {}
-    // SAFETY: as above; FlowKey has no padding (16 + 2 + 2 bytes), FlowEntry's
+    // SAFETY: as above; FlowKey has no padding (4 + 2 + 2 bytes), FlowEntry's
     // padding byte is an explicit field.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowEntry {}

@@ -11,8 +11,10 @@
 //! Modes:
 //! - `random`: a fresh random socket of the working generation per datagram.
 //! - `hash`: the kernel's 4-tuple hash modulo the working generation's sockets.
-//! - `flow`: the LRU table `FLOWS` keeps each remote (address, port) on the socket
-//!   it started on, across generations, until it has been idle for `flow_idle`.
+//! - `flow`: the LRU table `FLOWS` keeps each flow (the kernel's 4-tuple hash and
+//!   the remote port, see `FlowKey`) on the socket it started on, across
+//!   generations, until it has been idle for `flow_idle`. A per-CPU front cache
+//!   (`FLOW_CACHE`) answers a busy flow's datagrams without the hash table.
 //! - `cookie`: the datagram carries the cookie of its socket in its payload.
 #![no_std]
 #![no_main]
@@ -31,9 +33,9 @@ use aya_ebpf::{
 use core::mem::MaybeUninit;
 
 use supervisor_common::{
-    BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FlowCounters, FlowEntry,
-    FlowKey, GENERATION_SLOTS, MAX_PROBES, MAX_SOCKETS, ProbeTarget, Settings, SocketCounters,
-    control_index, counter_index, parse_cookie,
+    BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_ENTRIES,
+    FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_PROBES, MAX_SOCKETS, ProbeTarget,
+    Settings, SocketCounters, control_index, counter_index, parse_cookie,
 };
 
 #[btf_map]
@@ -61,6 +63,33 @@ static FLOW_COUNTERS: PerCpuArray<FlowCounters, 1> = PerCpuArray::new();
 /// read by user space: it lives as long as the program that holds it.
 #[btf_map]
 static RANDOM_STATE: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// This CPU's copy of the `FLOWS` entries of the flows it saw last, one per
+/// `FlowKey::hash & (FLOW_CACHE_ENTRIES - 1)`: a hit costs an inlined array read
+/// instead of a hash-table lookup (a call that hashes the key and walks a bucket).
+/// Not pinned and not read by user space: it lives as long as the program.
+#[btf_map]
+static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_ENTRIES as usize }> = PerCpuArray::new();
+
+/// A `FLOWS` entry as this CPU last saw or wrote it, with its key.
+///
+/// Trusted only while `last_seen_ms` is younger than `flow_idle / 4`: that is when
+/// the table's entry is due for a refresh anyway, so the slow path then reads the
+/// table (which another CPU may have changed), refreshes it and this copy. Within
+/// that window the table's entry cannot have expired, and a socket or generation
+/// that went away is caught by the same checks the table's entries get.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CachedFlow {
+    /// `FlowKey::to_word`; 0 (an empty entry) matches no key, whose family is 4 or 6.
+    key: u64,
+    /// The table entry's `last_seen_ms` when this copy was made.
+    last_seen_ms: u64,
+    generation: u32,
+    socket: u16,
+    slot: u8,
+    _pad: u8,
+}
 
 /// Readiness probes under way: probe socket's source port -> target socket.
 #[btf_map]
@@ -163,7 +192,7 @@ fn select_in(ctx: &SkReuseportContext, slot: u32, index: u32, affinity_hit: bool
 fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
     let sockets = control.socket_count as u32;
     let Some(key) = flow_key(ctx) else {
-        // Not IPv4/IPv6 or unreadable: no key to stick to.
+        // Not IPv4/IPv6 or too short for a UDP header: no key to stick to.
         select_in(ctx, working_slot, random_below(sockets), false);
         return;
     };
@@ -176,12 +205,27 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
         now = unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000;
     }
 
+    // The fast path: this CPU saw the flow recently (see `CachedFlow`).
+    let cached = FLOW_CACHE.get_ptr_mut(key.hash & (FLOW_CACHE_ENTRIES - 1));
+    if let Some(cached) = cached {
+        // SAFETY: this CPU's slot of a preallocated per-CPU array; only this program
+        // uses it, with migration disabled, so nothing writes it meanwhile.
+        let copy = unsafe { *cached };
+        if copy.key == key.to_word()
+            && now.saturating_sub(copy.last_seen_ms) < idle_ms / 4
+            && word(control_index::SLOT_GENERATION + copy.slot as u32) == copy.generation as u64
+            && select_in(ctx, copy.slot as u32, copy.socket as u32, true)
+        {
+            return;
+        }
+    }
+
     let known_entry = FLOWS.get_ptr_mut(&key);
     if let Some(entry) = known_entry {
         // SAFETY: a pointer to the value of a successful lookup; LRU entries stay
         // valid for the program's run (RCU), and a concurrent refresh of
         // `last_seen_ms` by another CPU is a benign race on a timestamp.
-        let known = unsafe { *entry };
+        let mut known = unsafe { *entry };
         let age = now.saturating_sub(known.last_seen_ms);
         let slot = known.slot as u32 % GENERATION_SLOTS;
         if age >= idle_ms {
@@ -194,7 +238,9 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
                 // aligned 8-byte store, racing at worst with another CPU storing
                 // its own, equally recent, timestamp.
                 unsafe { (*entry).last_seen_ms = now };
+                known.last_seen_ms = now;
             }
+            remember(cached, &key, &known);
             return;
         } else {
             flow_count(|c| c.socket_gone += 1);
@@ -211,6 +257,7 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
             _pad: 0,
         };
         if FLOWS.insert(&key, &entry, BPF_ANY as u64).is_ok() {
+            remember(cached, &key, &entry);
             let first_seen = known_entry.is_none() as u64;
             flow_count(|c| {
                 c.new_flows += 1;
@@ -219,6 +266,24 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
         } else {
             flow_count(|c| c.insert_failed += 1);
         }
+    }
+}
+
+/// Copies a `FLOWS` entry into this CPU's cache slot for its key.
+#[inline(always)]
+fn remember(cached: Option<*mut CachedFlow>, key: &FlowKey, entry: &FlowEntry) {
+    if let Some(cached) = cached {
+        // SAFETY: as in `select_flow`: this CPU's slot, this program its only user.
+        unsafe {
+            *cached = CachedFlow {
+                key: key.to_word(),
+                last_seen_ms: entry.last_seen_ms,
+                generation: entry.generation,
+                socket: entry.socket,
+                slot: entry.slot,
+                _pad: 0,
+            }
+        };
     }
 }
 
@@ -285,16 +350,17 @@ fn steer_probe(ctx: &SkReuseportContext) -> bool {
         return false;
     };
     let target = *target;
-    let Some(key) = flow_key(ctx) else {
+    let Some((addr, family)) = remote_address(ctx) else {
         return false;
     };
-    if key.family != target.family as u16 || key.addr != target.addr {
+    if family != target.family || addr != target.addr {
         return false;
     }
     select_in(ctx, target.slot as u32, target.socket as u32, false)
 }
 
-/// The remote address and port of the datagram.
+/// The flow a datagram belongs to: the kernel's 4-tuple hash and the remote port,
+/// both read in place (no helper call).
 #[inline(always)]
 fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
     // The UDP source port: the first two bytes at `data`.
@@ -304,23 +370,38 @@ fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
     }
     // SAFETY: bounds-checked against data_end just above.
     let port = unsafe { core::ptr::read_unaligned(data as *const u16) };
+    let family = match ctx.eth_protocol() {
+        ETH_P_IP_BE => 4,
+        ETH_P_IPV6_BE => 6,
+        _ => return None,
+    };
+    Some(FlowKey {
+        hash: ctx.hash(),
+        port,
+        family,
+    })
+}
+
+/// The remote address (IPv4 in `[0]`, network byte order) and family (4 or 6) of
+/// the datagram, copied out of the IP header.
+#[inline(always)]
+fn remote_address(ctx: &SkReuseportContext) -> Option<([u32; 4], u8)> {
     let protocol = ctx.eth_protocol();
-    // The address is built from loaded words rather than zeroed first: zeroing the
-    // 20-byte key compiles to a call of a memset subprogram on every datagram.
-    let (addr, family) = if protocol == ETH_P_IP_BE {
+    // The address is built from loaded words rather than zeroed first: zeroing
+    // the 16 bytes compiles to a call of a memset subprogram.
+    if protocol == ETH_P_IP_BE {
         let mut v4 = MaybeUninit::<u32>::uninit();
         load_network_header(ctx, 12, v4.as_mut_ptr().cast(), 4)?; // iphdr.saddr
         // SAFETY: the helper succeeded, so it wrote all 4 bytes.
-        ([unsafe { v4.assume_init() }, 0, 0, 0], 4u16)
+        Some(([unsafe { v4.assume_init() }, 0, 0, 0], 4))
     } else if protocol == ETH_P_IPV6_BE {
         let mut v6 = MaybeUninit::<[u32; 4]>::uninit();
         load_network_header(ctx, 8, v6.as_mut_ptr().cast(), 16)?; // ipv6hdr.saddr
         // SAFETY: the helper succeeded, so it wrote all 16 bytes.
-        (unsafe { v6.assume_init() }, 6)
+        Some((unsafe { v6.assume_init() }, 6))
     } else {
-        return None;
-    };
-    Some(FlowKey { addr, port, family })
+        None
+    }
 }
 
 /// Copies `len` bytes at `offset` of the network header into `to`; None if the

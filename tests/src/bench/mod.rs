@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod crash;
 pub mod figure;
 pub mod handrun;
+pub mod many_flows;
 pub mod phases;
 pub mod plot;
 pub mod procfs;

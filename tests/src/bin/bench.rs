@@ -35,6 +35,7 @@ use supervisor_tests::bench::cleanup;
 use supervisor_tests::bench::crash::{self as bench_crash, CrashPlan};
 use supervisor_tests::bench::figure::Figure;
 use supervisor_tests::bench::handrun::{HandWorker, NotifyListener, terminate_all};
+use supervisor_tests::bench::many_flows::{self, ManyFlows};
 use supervisor_tests::bench::phases::{self, UpgradeTiming, median_max};
 use supervisor_tests::bench::plot::{self, CostBar, Mark, MarkKind};
 use supervisor_tests::bench::procfs::{self, CpuMeter, CpuUse};
@@ -647,6 +648,9 @@ enum Path {
     Only,
     /// flow: one sender is one flow, known after its first datagram.
     FlowHit,
+    /// flow: the senders go round `many_flows::FLOWS` flows, all known before the
+    /// run, one datagram per flow in turn (the flow cache's worst case).
+    FlowMany,
     /// cookie: no valid cookie in the payload (padding where the cookie would be).
     CookieMiss,
     /// cookie: every datagram carries a live socket's cookie, rotating over the sockets.
@@ -667,7 +671,7 @@ impl Case {
             .iter()
             .flat_map(|&mode| {
                 let paths: &[Path] = match mode {
-                    "flow" => &[Path::FlowHit],
+                    "flow" => &[Path::FlowHit, Path::FlowMany],
                     "cookie" => &[Path::CookieMiss, Path::CookieHit],
                     _ => &[Path::Only],
                 };
@@ -680,6 +684,7 @@ impl Case {
         match self.path {
             Path::Only => None,
             Path::FlowHit | Path::CookieHit => Some("hit"),
+            Path::FlowMany => Some("hit, 16 384 flows"),
             Path::CookieMiss => Some("miss"),
         }
     }
@@ -695,7 +700,7 @@ impl Case {
     fn spread_label(&self, sockets: u32) -> String {
         let base = format!("supervisor, balance = {}", self.mode);
         match self.path {
-            Path::Only | Path::FlowHit => base,
+            Path::Only | Path::FlowHit | Path::FlowMany => base,
             Path::CookieMiss => base + " (miss: no valid cookie in the payload)",
             Path::CookieHit => {
                 base + &format!(" (hit: valid cookies rotating over the {sockets} sockets)")
@@ -771,7 +776,11 @@ fn spread(plan: &Plan, addr: SocketAddr) -> Section {
     ]);
     let mut sj = Vec::new();
 
-    for case in Case::all(&modes) {
+    // One flow row is enough for the spread: many flows spread like one.
+    for case in Case::all(&modes)
+        .into_iter()
+        .filter(|c| c.path != Path::FlowMany)
+    {
         let r = measure(&format!("spread, balance={}", case.balance()), || {
             spread_run(plan, addr, case)
         });
@@ -971,6 +980,12 @@ fn cost_run(
     let stats_fd = bpf::enable_stats();
     let mut out = Vec::new();
     for &n in senders {
+        if let CostProgram::Selector(c) = program
+            && c.path == Path::FlowMany
+        {
+            out.push((n, many_flows_sample(&stage, &sup, id.clone(), &stats_fd, plan, addr, n)));
+            continue;
+        }
         let mut load = LoadConfig::new(addr)
             .senders(n)
             .count(plan.cost_count)
@@ -1014,6 +1029,50 @@ fn cost_run(
     drop(stats_fd);
     sup.stop();
     out
+}
+
+/// The "many flows" row's measurement: [`many_flows::FLOWS`] flows from `n`
+/// threads, all known to the selector before the statistics are read (see
+/// [`ManyFlows`]).
+fn many_flows_sample(
+    stage: &Stage,
+    sup: &Supervisor,
+    id: Result<u32, String>,
+    stats_fd: &std::io::Result<std::os::fd::OwnedFd>,
+    plan: &Plan,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<CostSample, String> {
+    let id = id?;
+    if let Err(e) = stats_fd {
+        return Err(format!("BPF_ENABLE_STATS: {e}"));
+    }
+    let generation = sup.serving_generation();
+    let flows = stage
+        .net
+        .run_in(|| ManyFlows::open(addr, n))
+        .map_err(|e| format!("open {} flows: {e}", many_flows::FLOWS))?;
+    let status_before = sup.status_json();
+    let before = bpf::prog_stats(id)?;
+    let sent = flows
+        .send(plan.cost_count, plan.cost_rate, || {
+            pin_to_cpu(0);
+        })
+        .map_err(|e| format!("many-flows sender: {e}"))?;
+    let after = bpf::prog_stats(id)?;
+    let status_after = sup.status_json();
+    if sent == 0 {
+        return Err("nothing sent".into());
+    }
+    let (runs, ns) = after.since(&before);
+    let (s0, h0) = cost_cell_sum(&status_before, generation);
+    let (s1, h1) = cost_cell_sum(&status_after, generation);
+    let selected = s1.saturating_sub(s0);
+    Ok(CostSample {
+        runs,
+        ns: ns.ok_or("no runs counted")?,
+        hit_share: (selected > 0).then(|| h1.saturating_sub(h0) as f64 / selected as f64),
+    })
 }
 
 #[expect(

@@ -63,7 +63,7 @@ pub enum BalanceMode {
     /// The kernel's 4-tuple hash mapped onto the socket count (multiply and shift):
     /// one flow stays on one socket while the generation serves.
     Hash = 1,
-    /// Sticky across generations: a flow (remote address and port) keeps the
+    /// Sticky across generations: a flow ([`FlowKey`]) keeps the
     /// socket, and so the generation, it started on until it has been idle for
     /// `flow_idle`; new flows go to the working generation (spread at random).
     Flow = 2,
@@ -223,8 +223,17 @@ pub const MAX_PROBES: u32 = MAX_SOCKETS;
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65536;
 
 /// Entries of the `flow` mode's per-CPU front cache (a power of two: the index is
-/// the low bits of the flow's hash). 4096 entries of 24 bytes: 96 KiB per CPU.
+/// the low bits of the flow's hash). 4096 entries of 32 bytes: 128 KiB per CPU.
 pub const FLOW_CACHE_ENTRIES: u32 = 4096;
+
+/// How long a CPU answers a flow from its cache before it reads the flow table
+/// again: two ticks of the supervisor's clock word, so between 10 and 20 ms.
+///
+/// The table is an LRU: what keeps a busy flow's entry from being evicted by a
+/// flood of new flows is that it is looked up. Reading it again this often keeps
+/// every flow that sends at least every 10-20 ms as recent as a lookup per datagram
+/// did, unless the table turns over completely within that time.
+pub const FLOW_CACHE_TRUST_MS: u64 = 2 * CLOCK_TICK_MS;
 
 /// Per-CPU counters of the flow and cookie stages' slow paths. (Hits, the fast
 /// path, are `SocketCounters::affinity_hits`.)

@@ -34,6 +34,7 @@ use core::mem::MaybeUninit;
 
 use supervisor_common::{
     BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_ENTRIES,
+    FLOW_CACHE_TRUST_MS,
     FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_PROBES, MAX_SOCKETS, ProbeTarget,
     Settings, SocketCounters, control_index, counter_index, parse_cookie,
 };
@@ -71,18 +72,22 @@ static RANDOM_STATE: PerCpuArray<u64, 1> = PerCpuArray::new();
 #[btf_map]
 static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_ENTRIES as usize }> = PerCpuArray::new();
 
-/// A `FLOWS` entry as this CPU last saw or wrote it, with its key.
+/// A `FLOWS` entry as this CPU last read or wrote it, with its key.
 ///
-/// Trusted only while `last_seen_ms` is younger than `flow_idle / 4`: that is when
-/// the table's entry is due for a refresh anyway, so the slow path then reads the
-/// table (which another CPU may have changed), refreshes it and this copy. Within
-/// that window the table's entry cannot have expired, and a socket or generation
-/// that went away is caught by the same checks the table's entries get.
+/// Trusted for `FLOW_CACHE_TRUST_MS` after that read, and only while the table's
+/// entry is not due for its refresh (`last_seen_ms` younger than `flow_idle / 4`).
+/// Then the slow path reads the table again: that lookup keeps the entry recent in
+/// the LRU, picks up what another CPU changed, and refreshes the entry and this
+/// copy when due. Within that window the table's entry cannot have expired, and a
+/// socket or generation that went away is caught by the same checks the table's
+/// entries get.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct CachedFlow {
     /// `FlowKey::to_word`; 0 (an empty entry) matches no key, whose family is 4 or 6.
     key: u64,
+    /// When this CPU last read the table's entry (`CLOCK_MS`).
+    read_ms: u64,
     /// The table entry's `last_seen_ms` when this copy was made.
     last_seen_ms: u64,
     generation: u32,
@@ -212,6 +217,7 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
         // uses it, with migration disabled, so nothing writes it meanwhile.
         let copy = unsafe { *cached };
         if copy.key == key.to_word()
+            && now.saturating_sub(copy.read_ms) < FLOW_CACHE_TRUST_MS
             && now.saturating_sub(copy.last_seen_ms) < idle_ms / 4
             && word(control_index::SLOT_GENERATION + copy.slot as u32) == copy.generation as u64
             && select_in(ctx, copy.slot as u32, copy.socket as u32, true)
@@ -240,7 +246,7 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
                 unsafe { (*entry).last_seen_ms = now };
                 known.last_seen_ms = now;
             }
-            remember(cached, &key, &known);
+            remember(cached, &key, &known, now);
             return;
         } else {
             flow_count(|c| c.socket_gone += 1);
@@ -257,7 +263,7 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
             _pad: 0,
         };
         if FLOWS.insert(&key, &entry, BPF_ANY as u64).is_ok() {
-            remember(cached, &key, &entry);
+            remember(cached, &key, &entry, now);
             let first_seen = known_entry.is_none() as u64;
             flow_count(|c| {
                 c.new_flows += 1;
@@ -269,14 +275,15 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
     }
 }
 
-/// Copies a `FLOWS` entry into this CPU's cache slot for its key.
+/// Copies a `FLOWS` entry, read at `now`, into this CPU's cache slot for its key.
 #[inline(always)]
-fn remember(cached: Option<*mut CachedFlow>, key: &FlowKey, entry: &FlowEntry) {
+fn remember(cached: Option<*mut CachedFlow>, key: &FlowKey, entry: &FlowEntry, now: u64) {
     if let Some(cached) = cached {
         // SAFETY: as in `select_flow`: this CPU's slot, this program its only user.
         unsafe {
             *cached = CachedFlow {
                 key: key.to_word(),
+                read_ms: now,
                 last_seen_ms: entry.last_seen_ms,
                 generation: entry.generation,
                 socket: entry.socket,

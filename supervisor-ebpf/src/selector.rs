@@ -34,9 +34,8 @@ use core::mem::MaybeUninit;
 
 use supervisor_common::{
     BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_ENTRIES,
-    FLOW_CACHE_TRUST_MS,
-    FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_PROBES, MAX_SOCKETS, ProbeTarget,
-    Settings, SocketCounters, control_index, counter_index, parse_cookie,
+    FLOW_CACHE_TRUST_MS, FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_PROBES,
+    MAX_SOCKETS, ProbeTarget, Settings, SocketCounters, control_index, counter_index, parse_cookie,
 };
 
 #[btf_map]

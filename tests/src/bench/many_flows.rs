@@ -100,7 +100,7 @@ fn send_round_robin(sockets: &[UdpSocket], quota: u64, rate: f64) -> io::Result<
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(e) => return Err(e),
         }
-        if sent % 256 == 0 {
+        if sent.is_multiple_of(256) {
             let due = start + Duration::from_secs_f64(sent as f64 / rate);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);

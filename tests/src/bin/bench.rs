@@ -983,7 +983,10 @@ fn cost_run(
         if let CostProgram::Selector(c) = program
             && c.path == Path::FlowMany
         {
-            out.push((n, many_flows_sample(&stage, &sup, id.clone(), &stats_fd, plan, addr, n)));
+            out.push((
+                n,
+                many_flows_sample(&stage, &sup, id.clone(), &stats_fd, plan, addr, n),
+            ));
             continue;
         }
         let mut load = LoadConfig::new(addr)

@@ -14,7 +14,8 @@
 //! the same sockets; loss across upgrades against the two ways of restarting a plain
 //! `SO_REUSEPORT` service by hand; upgrade timing; the supervisor's own footprint; and
 //! the XDP filter's discard rate and per-packet cost against discarding in user space,
-//! over a veth pair. The selector costs and the upgrades are also drawn as SVG files
+//! over a veth pair; and the XDP program replaced under load, in place (link update)
+//! against detaching and attaching again. The selector costs and the upgrades are also drawn as SVG files
 //! (`target/bench/selector-cost.svg`, `target/bench/upgrade.svg`, or `--svg-dir`).
 
 #![deny(unsafe_code)]

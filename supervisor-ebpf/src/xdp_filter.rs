@@ -104,6 +104,13 @@ const PASSED: Verdict = (XDP_PASS, counter::PASSED);
 
 #[xdp]
 pub fn xdp_filter(ctx: XdpContext) -> u32 {
+    // The test build `selector-variant` (see supervisor/Cargo.toml) differs from the
+    // real one by this check, which never holds (a packet never ends before it
+    // starts): another program, for the tests of replacing the filter in place.
+    #[cfg(feature = "variant")]
+    if ctx.data_end() < ctx.data() {
+        return XDP_PASS;
+    }
     let (action, reason) = filter(&ctx);
     count(reason, (ctx.data_end() - ctx.data()) as u64);
     action

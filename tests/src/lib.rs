@@ -112,8 +112,9 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// The test-only supervisor build whose selector program differs harmlessly from
-/// the real one (feature `selector-variant`), built by scripts/test.sh.
+/// The test-only supervisor build whose selector and XDP filter programs differ
+/// harmlessly from the real ones (feature `selector-variant`), built by
+/// scripts/test.sh (and, in release, by scripts/bench.sh).
 pub fn selector_variant_path() -> PathBuf {
     let path = bin_path("supervisor").with_file_name("supervisor-selector-variant");
     assert!(

@@ -58,6 +58,10 @@ pub struct LoadConfig {
     /// Record when each lost and each duplicated datagram was sent
     /// ([`Report::lost_at`], [`Report::duplicated_at`]), to the millisecond.
     pub record_losses: bool,
+    /// The sending sockets' source address (one of this namespace's own); `None`: the
+    /// kernel picks it. A second source lets a test send as a sender that the XDP
+    /// filter denies.
+    pub source: Option<IpAddr>,
 }
 
 /// A 16-bit big-endian value written at a fixed payload offset of every request.
@@ -96,6 +100,7 @@ impl LoadConfig {
             stamp: None,
             timeline: None,
             record_losses: false,
+            source: None,
         }
     }
     pub fn senders(mut self, n: usize) -> Self {
@@ -151,6 +156,11 @@ impl LoadConfig {
     /// [`Report::lost_at`]), to attribute losses to what happened at that moment.
     pub fn record_losses(mut self) -> Self {
         self.record_losses = true;
+        self
+    }
+    /// Sends from `addr` (see [`LoadConfig::source`]).
+    pub fn source(mut self, addr: IpAddr) -> Self {
+        self.source = Some(addr);
         self
     }
 }
@@ -709,7 +719,7 @@ fn open_socket(cfg: &LoadConfig) -> io::Result<UdpSocket> {
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
-    let sock = UdpSocket::bind((any, 0))?;
+    let sock = UdpSocket::bind((cfg.source.unwrap_or(any), 0))?;
     // Connected: one fixed 4-tuple per socket (the point of the single-sender tests), and
     // the kernel only hands us datagrams from the target.
     sock.connect(cfg.target)?;

@@ -1,5 +1,6 @@
 //! The XDP filter as the supervisor runs it: configured with `[xdp]`, rules changed
-//! on `upgrade`, kept across a supervisor restart, shown by `status`. (The
+//! on `upgrade`, kept across a supervisor restart, its program replaced in place by a
+//! re-exec into another build, shown by `status`. (The
 //! filter's own behaviour, packet by packet, is tested in `xdp.rs` through the
 //! library.)
 
@@ -10,9 +11,10 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::{ProgramInfo, loaded_links, loaded_programs};
 use supervisor_tests::{
-    BackgroundLoad, LoadConfig, PinDir, ServiceConfig, Supervisor, TempDir, TestNet, netns::ip,
-    require_root,
+    BackgroundLoad, LoadConfig, PinDir, ServiceConfig, Supervisor, TempDir, TestNet, bin_path,
+    netns::ip, require_root, selector_variant_path,
 };
 
 struct Lab {
@@ -228,4 +230,166 @@ fn removing_xdp_from_the_config_detaches_the_filter() {
     assert!(supervisor.status_json()["xdp"].is_null());
     supervisor.stop();
     pins.assert_empty_after_stop();
+}
+
+/// The program the kernel runs behind link `link_id` (its own record, not the
+/// supervisor's).
+fn linked_program(link_id: u64) -> u32 {
+    loaded_links()
+        .flatten()
+        .find(|l| u64::from(l.id()) == link_id)
+        .unwrap_or_else(|| panic!("link {link_id} is gone"))
+        .program_id()
+}
+
+fn program(id: u32) -> ProgramInfo {
+    loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .unwrap_or_else(|| panic!("program {id} is not loaded"))
+}
+
+/// A counter of the filter's status (summed over CPUs).
+fn xdp_counter(supervisor: &Supervisor, name: &str) -> u64 {
+    xdp_status(supervisor)["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no xdp counter {name}"))
+}
+
+/// Waits until the filter has passed `more` datagrams beyond `from` (the load is
+/// running: the filter now in place judges it).
+fn wait_passed(supervisor: &Supervisor, from: u64, more: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while xdp_counter(supervisor, "passed") < from + more {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the filter passed no traffic: {}",
+            xdp_status(supervisor)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn replacing_the_filter_program_under_load_loses_no_allowed_datagram() {
+    let lab = Lab::new();
+    let variant = selector_variant_path();
+    let real = bin_path("supervisor");
+    let pins = PinDir::new();
+    let run = TempDir::new("xdp-replace");
+    let denied = lab.source(20);
+    let config = lab.config(&pins, &run, &[denied]);
+    let target = config.address;
+    let mut supervisor = Supervisor::start(&lab.server, config);
+    let before = xdp_status(&supervisor);
+    let pid = supervisor.status_json()["pid"].clone();
+    let link_id = before["link_id"].as_u64().unwrap();
+    let mut program_id = before["program_id"].as_u64().unwrap() as u32;
+    assert_eq!(linked_program(link_id), program_id);
+    let original_tag = program(program_id).tag();
+    let pins_before = pins.entries();
+
+    // Allowed: two flows from the client's own address. Denied: one flow from a
+    // source on the deny list, whose replies would be datagrams that got through.
+    let allowed = BackgroundLoad::start(&lab.client, LoadConfig::new(target).senders(2).rate(4000));
+    let denied_before = xdp_counter(&supervisor, "denied");
+    let denied_load = BackgroundLoad::start(
+        &lab.client,
+        LoadConfig::new(target)
+            .source(denied.into())
+            .rate(1000)
+            .grace(Duration::from_millis(300)),
+    );
+    wait_passed(&supervisor, xdp_counter(&supervisor, "passed"), 500);
+
+    // Into the variant build and back, three times: each re-exec finds the link
+    // pinned and moves it onto its own program with a link update.
+    let swaps = [&variant, &real, &variant, &real, &variant, &real];
+    for (done, binary) in swaps.iter().enumerate() {
+        let output = supervisor
+            .cli(&["reexec", "--binary", &binary.to_string_lossy()])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "re-exec into {} failed: {}{}",
+            binary.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // The re-executed daemon answers `status` once it has adopted everything.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let now = loop {
+            let status = supervisor.try_status_json().ok();
+            let xdp = status.as_ref().map(|s| s["xdp"].clone());
+            if let Some(xdp) = xdp.filter(|x| x["program_id"].as_u64() != Some(program_id.into())) {
+                break xdp;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "re-exec {} into {}: the XDP program was not replaced",
+                done + 1,
+                binary.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let new_id = now["program_id"].as_u64().unwrap() as u32;
+        assert_eq!(
+            now["link_id"].as_u64().unwrap(),
+            link_id,
+            "re-exec {}: the link was replaced: {now}",
+            done + 1
+        );
+        assert_eq!(
+            linked_program(link_id),
+            new_id,
+            "the kernel's link runs another program than status says"
+        );
+        let tag = program(new_id).tag();
+        if done % 2 == 0 {
+            assert_ne!(
+                tag, original_tag,
+                "the variant's filter is the same program"
+            );
+        } else {
+            assert_eq!(tag, original_tag, "back on the real build, another program");
+        }
+        program_id = new_id;
+        // Traffic goes through the new program before the next swap.
+        wait_passed(&supervisor, xdp_counter(&supervisor, "passed"), 500);
+    }
+    let (_, log) = supervisor.logs();
+    assert_eq!(
+        log.matches("(link update)").count(),
+        swaps.len(),
+        "one link update per re-exec:\n{log}"
+    );
+
+    let denied_report = denied_load.finish();
+    let report = allowed.finish();
+    eprintln!("allowed across {} replacements: {report}", swaps.len());
+    eprintln!("denied sender: {denied_report}");
+    assert_eq!(report.lost, 0, "allowed datagrams lost: {report}");
+    assert_eq!(
+        report.duplicated, 0,
+        "allowed datagrams duplicated: {report}"
+    );
+    assert!(denied_report.sent > 0);
+    assert_eq!(
+        denied_report.received, 0,
+        "denied datagrams got through the filter: {denied_report}"
+    );
+    assert_eq!(
+        xdp_counter(&supervisor, "denied") - denied_before,
+        denied_report.sent,
+        "the filter did not deny every datagram of the denied sender"
+    );
+    assert_eq!(
+        supervisor.status_json()["pid"],
+        pid,
+        "not a re-exec in place"
+    );
+    assert_eq!(pins.entries(), pins_before, "pins left behind or missing");
+    supervisor.stop();
+    // PinDir's drop removes the XDP pins, which detaches the filter.
 }

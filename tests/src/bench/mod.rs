@@ -1,7 +1,7 @@
 //! Building blocks of the benchmark (`src/bin/bench.rs`) and the demo
 //! (`src/bin/demo.rs`): BPF run-time statistics, hand-run baselines, /proc readings,
-//! upgrade phase lines, markdown tables, SVG pictures, the XDP figure's veth lab, and cleanup
-//! on Ctrl-C.
+//! upgrade phase lines, markdown tables, SVG pictures, the XDP figure's veth lab, the XDP replacement figure, and
+//! cleanup on Ctrl-C.
 //! Their few system calls without a safe wrapper are in the crate's `sys` module.
 
 pub mod bpf;
@@ -17,3 +17,4 @@ pub mod procfs;
 pub mod rounds;
 pub mod table;
 pub mod xdp;
+pub mod xdp_replace;

@@ -14,7 +14,8 @@
 //! the same sockets; loss across upgrades against the two ways of restarting a plain
 //! `SO_REUSEPORT` service by hand; upgrade timing; the supervisor's own footprint; and
 //! the XDP filter's discard rate and per-packet cost against discarding in user space,
-//! over a veth pair. The selector costs and the upgrades are also drawn as SVG files
+//! over a veth pair; and the XDP program replaced under load, in place (link update)
+//! against detaching and attaching again. The selector costs and the upgrades are also drawn as SVG files
 //! (`target/bench/selector-cost.svg`, `target/bench/upgrade.svg`, or `--svg-dir`).
 
 #![deny(unsafe_code)]
@@ -42,6 +43,7 @@ use supervisor_tests::bench::procfs::{self, CpuMeter, CpuUse};
 use supervisor_tests::bench::rounds;
 use supervisor_tests::bench::table::{Table, ms, percent, thousands};
 use supervisor_tests::bench::xdp as bench_xdp;
+use supervisor_tests::bench::xdp_replace::{self as bench_xdp_replace, XdpReplacePlan};
 use supervisor_tests::plain::run_plain_baseline;
 use supervisor_tests::{
     BackgroundLoad, Balance, LoadConfig, PinDir, Report, ServiceConfig, Supervisor, TempDir,
@@ -113,10 +115,16 @@ struct Args {
     xdp_secs: Option<f64>,
     /// Run only these figures: spread, selector (cost per datagram), throughput, upgrades (with
     /// timing), scale (many upgrades under load), saturation (upgrades at 90% of capacity),
-    /// footprint, xdp (filter versus user-space discard), crash (supervisor SIGKILL), chaos
-    /// (random events at 100 000/s).
+    /// footprint, xdp (filter versus user-space discard), xdp-replace (the XDP program replaced
+    /// under load), crash (supervisor SIGKILL), chaos (random events at 100 000/s).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// XDP program replacements per row of the xdp-replace figure [default: 20; --quick: 6].
+    #[arg(long)]
+    xdp_replacements: Option<u32>,
+    /// Allowed datagrams per second during the XDP program replacements [default: 20000].
+    #[arg(long)]
+    xdp_replace_rate: Option<u64>,
     /// Events of the chaos figure [default: 1000; --quick: 20].
     #[arg(long)]
     chaos_events: Option<u32>,
@@ -272,6 +280,7 @@ fn main() -> ExitCode {
             "saturation",
             "footprint",
             "xdp",
+            "xdp-replace",
             "crash",
             "chaos",
         ];
@@ -298,6 +307,19 @@ fn main() -> ExitCode {
         seed: args.chaos_seed,
         workers: 4,
     };
+    let xdp_replace_plan = XdpReplacePlan {
+        replacements: args
+            .xdp_replacements
+            .unwrap_or(if args.quick { 6 } else { 20 }),
+        rate: args.xdp_replace_rate.unwrap_or(20_000),
+        senders: 4,
+        denied_rate: 5_000,
+        workers: 2,
+    };
+    if xdp_replace_plan.replacements == 0 || xdp_replace_plan.rate == 0 {
+        eprintln!("bench: error: --xdp-replacements and --xdp-replace-rate must be positive");
+        return ExitCode::from(2);
+    }
     if let Err(e) = plan.check() {
         eprintln!("bench: error: {e}");
         return ExitCode::from(2);
@@ -305,8 +327,9 @@ fn main() -> ExitCode {
     // Measurement failures are caught per figure (and reported in the table); a panic
     // that still gets here has unwound through the harness' drops. Whatever might be
     // left is swept up by name.
-    let result =
-        std::panic::catch_unwind(AssertUnwindSafe(|| run(&plan, &crash_plan, &chaos_plan)));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        run(&plan, &crash_plan, &chaos_plan, &xdp_replace_plan)
+    }));
     for l in cleanup::remove_own_leftovers() {
         eprintln!("bench: cleanup: {l}");
     }
@@ -391,7 +414,12 @@ impl Section {
 /// Runs the figures, printing the markdown report as it goes (a figure's section as
 /// soon as it is measured, so an interrupted run still shows what it got). Returns the
 /// JSON document.
-fn run(plan: &Plan, crash_plan: &CrashPlan, chaos_plan: &ChaosPlan) -> Value {
+fn run(
+    plan: &Plan,
+    crash_plan: &CrashPlan,
+    chaos_plan: &ChaosPlan,
+    xdp_replace_plan: &XdpReplacePlan,
+) -> Value {
     let started = Instant::now();
     let addr: SocketAddr = ADDR.parse().expect("valid address");
     let machine = procfs::machine();
@@ -444,6 +472,12 @@ fn run(plan: &Plan, crash_plan: &CrashPlan, chaos_plan: &ChaosPlan) -> Value {
     if plan.wants("xdp") {
         emit(xdp(plan, addr));
         emit(xdp_cost(plan));
+    }
+    if plan.wants("xdp-replace") {
+        emit(Section::of(
+            "xdp_replace",
+            bench_xdp_replace::xdp_replace(xdp_replace_plan),
+        ));
     }
     if plan.wants("crash") {
         emit(Section::of("crash", bench_crash::crash(crash_plan, addr)));

@@ -197,6 +197,81 @@ pub fn attach_xdp_floor(ifindex: u32, native: bool) -> Result<(OwnedFd, OwnedFd,
     Ok((program, link, id))
 }
 
+/// A floor for part of the XDP filter's work, loaded next to the empty program.
+pub enum XdpLookupFloor<'a> {
+    /// `bpf_ktime_get_ns` and one lookup of a 20-byte source key that hits in an
+    /// `LRU_HASH` shaped like the filter's `RATE`: the least a per-source rate limit
+    /// pays.
+    ClockAndRateEntry,
+    /// One lookup of `source` in an `LPM_TRIE` holding these IPv4 prefixes
+    /// (prefix length, address): what one trie walk costs.
+    PrefixTrie {
+        prefixes: &'a [(u32, [u8; 4])],
+        source: [u8; 4],
+    },
+}
+
+/// Loads a lookup floor ([`crate::sys::load_xdp_lookup_program`] over a map built
+/// here) and attaches it to interface `ifindex` like [`attach_xdp_floor`]. Returns
+/// the map (to keep until measured), the program's and the link's fds, and the
+/// program's id.
+pub fn attach_xdp_lookup_floor(
+    ifindex: u32,
+    native: bool,
+    floor: XdpLookupFloor<'_>,
+) -> Result<(aya::maps::Map, OwnedFd, OwnedFd, u32), String> {
+    use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+    use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH};
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let (map, key, clock, name): (Map, Vec<u8>, bool, &[u8]) = match floor {
+        XdpLookupFloor::ClockAndRateEntry => {
+            let def =
+                aya_obj::Map::new_from_params(BPF_MAP_TYPE_LRU_HASH as u32, 20, 8, 64 * 1024, 0);
+            let data = MapData::create(def, "floor_rate", None)
+                .map_err(|e| format!("create the floor's LRU hash: {e}"))?;
+            let mut map = Map::LruHashMap(data);
+            let key = [0u8; 20];
+            HashMap::<_, [u8; 20], u64>::try_from(&mut map)
+                .and_then(|mut m| m.insert(key, 0, 0))
+                .map_err(|e| format!("fill the floor's LRU hash: {e}"))?;
+            (map, key.to_vec(), true, b"xdp_clock_rate")
+        }
+        XdpLookupFloor::PrefixTrie { prefixes, source } => {
+            let def = aya_obj::Map::new_from_params(
+                BPF_MAP_TYPE_LPM_TRIE as u32,
+                8,
+                4,
+                16 * 1024,
+                BPF_F_NO_PREALLOC,
+            );
+            let data = MapData::create(def, "floor_trie", None)
+                .map_err(|e| format!("create the floor's LPM trie: {e}"))?;
+            let mut map = Map::LpmTrie(data);
+            {
+                let mut trie = LpmTrie::<_, [u8; 4], u32>::try_from(&mut map)
+                    .map_err(|e| format!("open the floor's LPM trie: {e}"))?;
+                for (len, addr) in prefixes {
+                    trie.insert(&Key::new(*len, *addr), 1, 0)
+                        .map_err(|e| format!("fill the floor's LPM trie: {e}"))?;
+                }
+            }
+            let mut key = 32u32.to_ne_bytes().to_vec();
+            key.extend_from_slice(&source);
+            (map, key, false, b"xdp_one_trie")
+        }
+    };
+    let fd = match &map {
+        Map::LruHashMap(d) | Map::LpmTrie(d) => d.fd().as_fd(),
+        _ => unreachable!("built above as one of these"),
+    };
+    let program = sys::load_xdp_lookup_program(fd, &key, clock, name)
+        .map_err(|e| format!("load the lookup floor: {e}"))?;
+    let id = program_id(&program)?;
+    let link = sys::attach_xdp_link(program.as_fd(), ifindex, native)
+        .map_err(|e| format!("attach the lookup floor: {e}"))?;
+    Ok((map, program, link, id))
+}
+
 /// The kernel's id of the program behind `program` (the `prog_id:` line of its fdinfo).
 fn program_id(program: &OwnedFd) -> Result<u32, String> {
     let path = format!("/proc/self/fdinfo/{}", program.as_raw_fd());

@@ -2662,10 +2662,25 @@ fn per_packet(
 /// The empty program (`XDP_DROP`) on the receiving veth, natively (in its threaded
 /// NAPI, pinned to the receiving CPU) or in generic mode.
 fn xdp_empty_row(lab: &XdpLab, d: Duration, native: bool) -> XdpCostRun {
+    xdp_floor_row(lab, d, native, None)
+}
+
+/// A floor program on the receiving veth: the empty one, or one lookup (see
+/// [`bpf::XdpLookupFloor`]), measured like [`xdp_empty_row`].
+fn xdp_floor_row(
+    lab: &XdpLab,
+    d: Duration,
+    native: bool,
+    lookup: Option<bpf::XdpLookupFloor<'_>>,
+) -> XdpCostRun {
     let ifindex = bench_xdp::ifindex(&lab.server, &lab.ifname).unwrap_or_else(|e| panic!("{e}"));
-    let (program, link, id) = lab
+    let (map, program, link, id) = lab
         .server
-        .run_in(|| bpf::attach_xdp_floor(ifindex, native))
+        .run_in(|| match lookup {
+            None => bpf::attach_xdp_floor(ifindex, native).map(|(p, l, id)| (None, p, l, id)),
+            Some(floor) => bpf::attach_xdp_lookup_floor(ifindex, native, floor)
+                .map(|(m, p, l, id)| (Some(m), p, l, id)),
+        })
         .unwrap_or_else(|e| panic!("{e}"));
     let recv = lab.recv_cpu.unwrap_or(0);
     let napi = if native {
@@ -2703,6 +2718,7 @@ fn xdp_empty_row(lab: &XdpLab, d: Duration, native: bool) -> XdpCostRun {
     };
     drop(link);
     drop(program);
+    drop(map);
     XdpCostRun {
         sent: report.sent,
         seconds: report.duration.as_secs_f64(),
@@ -2870,6 +2886,38 @@ fn xdp_cost(plan: &Plan) -> Section {
         "native",
         measure("xdp cost: empty program, native", || {
             xdp_empty_row(&lab, d, true)
+        }),
+    ));
+    rows.push((
+        "floor: `bpf_ktime_get_ns` + one LRU hash lookup (20-byte key, hit)",
+        "native",
+        measure("xdp cost: clock + rate entry floor, native", || {
+            xdp_floor_row(&lab, d, true, Some(bpf::XdpLookupFloor::ClockAndRateEntry))
+        }),
+    ));
+    let v4_prefixes: Vec<(u32, [u8; 4])> = deny_list(prefixes)
+        .iter()
+        .filter_map(|p| {
+            let (addr, len) = p.split_once('/')?;
+            Some((
+                len.parse().ok()?,
+                addr.parse::<std::net::Ipv4Addr>().ok()?.octets(),
+            ))
+        })
+        .collect();
+    rows.push((
+        "floor: one LPM trie lookup (IPv4 /24s above, a miss)",
+        "native",
+        measure("xdp cost: one LPM trie lookup floor, native", || {
+            xdp_floor_row(
+                &lab,
+                d,
+                true,
+                Some(bpf::XdpLookupFloor::PrefixTrie {
+                    prefixes: &v4_prefixes,
+                    source: lab.source.octets(),
+                }),
+            )
         }),
     ));
     rows.push((

@@ -1175,6 +1175,18 @@ fn bad_input_attaches_nothing() {
         burst: None,
     });
     refused(&config, "xdp.rate_limit.packets_per_second");
+    // Within the prefix count, but beyond the IPv4 table: every /32 in its own /16
+    // takes two of its 4 096 chunks.
+    let mut config = lab.config();
+    config.deny = (0..2049u32)
+        .map(|i| format!("{}.{}.0.1/32", 1 + i / 256, i % 256))
+        .collect();
+    refused(&config, "xdp.deny/xdp.allow: the IPv4 prefixes need 4098 tables");
+    let mut config = lab.config();
+    config.rate_limit = Some(RateLimit {
+        packets_per_second: 0,
+        burst: None,
+    });
 
     // validate() names the file too.
     let err = config

@@ -164,16 +164,27 @@ pub fn load_select_first_program(sockarray: BorrowedFd<'_>) -> io::Result<OwnedF
     )
 }
 
-/// An XDP floor that looks `key` up in `map` (one `bpf_map_lookup_elem`, which the
-/// verifier turns into a direct call to the map type's lookup, as for the filter's
-/// own top-level maps), after a `bpf_ktime_get_ns` call when `with_clock`, and drops
+/// A clock helper an XDP floor may call (the value is the helper's number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpClock {
+    /// `bpf_ktime_get_ns`: the monotonic clock, read from the clocksource.
+    Ktime = 5,
+    /// `bpf_ktime_get_coarse_ns`: the monotonic clock as of the last tick.
+    Coarse = 160,
+    /// `bpf_jiffies64`: the tick counter (inlined by the verifier on 64-bit JITs).
+    Jiffies = 118,
+}
+
+/// An XDP floor that looks `key` up in `map` if given (one `bpf_map_lookup_elem`,
+/// which the verifier turns into a direct call to the map type's lookup, as for the
+/// filter's own maps), after a call of `clock` when given, and drops
 /// the packet. `key` is stored on the stack in 4-byte words, so its length must be a
 /// multiple of 4 (at most 64 bytes). With an LRU hash of 20-byte keys and the clock it
 /// is the least a per-source rate limit pays; with an LPM trie, one prefix lookup.
 pub fn load_xdp_lookup_program(
-    map: BorrowedFd<'_>,
+    map: Option<BorrowedFd<'_>>,
     key: &[u8],
-    with_clock: bool,
+    clock: Option<XdpClock>,
     name: &[u8],
 ) -> io::Result<OwnedFd> {
     const MOV64_X: u8 = 0x07 | 0xb0 | 0x08;
@@ -185,7 +196,6 @@ pub fn load_xdp_lookup_program(
     const EXIT: u8 = 0x05 | 0x90;
     const BPF_PSEUDO_MAP_FD: u8 = 1;
     const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
-    const BPF_FUNC_KTIME_GET_NS: i32 = 5;
     if key.len() % 4 != 0 || key.is_empty() || key.len() > 64 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -204,18 +214,19 @@ pub fn load_xdp_lookup_program(
         let value = i32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
         insns.push(insn(ST_MEM_W, 10, 0, base + 4 * i as i16, value));
     }
-    if with_clock {
-        insns.push(insn(CALL, 0, 0, 0, BPF_FUNC_KTIME_GET_NS));
+    if let Some(clock) = clock {
+        insns.push(insn(CALL, 0, 0, 0, clock as i32));
     }
-    insns.extend([
-        insn(LD_IMM64, 1, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()), // r1 = map
-        insn(0, 0, 0, 0, 0),
-        insn(MOV64_X, 2, 10, 0, 0), // r2 = &key
-        insn(ADD64_K, 2, 0, 0, i32::from(base)),
-        insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
-        insn(MOV64_K, 0, 0, 0, XDP_DROP),
-        insn(EXIT, 0, 0, 0, 0),
-    ]);
+    if let Some(map) = map {
+        insns.extend([
+            insn(LD_IMM64, 1, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()), // r1 = map
+            insn(0, 0, 0, 0, 0),
+            insn(MOV64_X, 2, 10, 0, 0), // r2 = &key
+            insn(ADD64_K, 2, 0, 0, i32::from(base)),
+            insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        ]);
+    }
+    insns.extend([insn(MOV64_K, 0, 0, 0, XDP_DROP), insn(EXIT, 0, 0, 0, 0)]);
     load_program(BPF_PROG_TYPE_XDP, BPF_XDP, &insns, name)
 }
 

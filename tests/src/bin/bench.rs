@@ -2888,13 +2888,31 @@ fn xdp_cost(plan: &Plan) -> Section {
             xdp_empty_row(&lab, d, true)
         }),
     ));
-    rows.push((
-        "floor: `bpf_ktime_get_ns` + one LRU hash lookup (20-byte key, hit)",
-        "native",
-        measure("xdp cost: clock + rate entry floor, native", || {
-            xdp_floor_row(&lab, d, true, Some(bpf::XdpLookupFloor::ClockAndRateEntry))
-        }),
-    ));
+    use bpf::XdpClock;
+    for (what, clock, key_len) in [
+        (
+            "floor: `bpf_ktime_get_ns` + one LRU hash lookup (20-byte key, hit)",
+            Some(XdpClock::Ktime),
+            20,
+        ),
+        ("floor: `bpf_ktime_get_ns` only", Some(XdpClock::Ktime), 0),
+        ("floor: `bpf_ktime_get_coarse_ns` only", Some(XdpClock::Coarse), 0),
+        ("floor: `bpf_jiffies64` only (inlined)", Some(XdpClock::Jiffies), 0),
+        ("floor: one LRU hash lookup (20-byte key, hit)", None, 20),
+    ] {
+        rows.push((
+            what,
+            "native",
+            measure(&format!("xdp cost: {what}, native"), || {
+                xdp_floor_row(
+                    &lab,
+                    d,
+                    true,
+                    Some(bpf::XdpLookupFloor::RateEntry { clock, key_len }),
+                )
+            }),
+        ));
+    }
     let v4_prefixes: Vec<(u32, [u8; 4])> = deny_list(prefixes)
         .iter()
         .filter_map(|p| {

@@ -13,7 +13,7 @@
 //! | `PREFIXES_V4`        | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_FIRST_ENTRIES`]) | ruleset slot | first 16 bits of the source → [`v4_table`] entry |
 //! | `PREFIXES_V4_CHUNKS` | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_CHUNK_TABLE_ENTRIES`]) | ruleset slot | chunk × 256 + next 8 bits → [`v4_table`] entry |
 //! | `PREFIXES_V6`        | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 16]>` → verdict (`u32`) |
-//! | `RATE`               | `LRU_HASH`                            | [`SourceKey`]            | theoretical arrival time (`u64`, ns) |
+//! | `RATE`               | `ARRAY` ([`RATE_ENTRIES`])            | [`rate_bucket`] of the source | theoretical arrival time (`u64`, ns); the last entry the hash seed |
 //! | `COUNTERS`           | `PERCPU_ARRAY`                        | [`counter`] index        | [`XdpCounter`] |
 //!
 //! A *ruleset* is the inner maps of one slot (listener ports, listeners, IPv4 tables,
@@ -44,9 +44,35 @@ pub const MAX_PREFIXES: u32 = 16 * 1024;
 /// (address, port) and its (address, port 0) "address only" entry.
 pub const MAX_LISTENER_KEYS: u32 = 512;
 
-/// Sources tracked by the rate limiter. LRU: a flood of new sources evicts the
-/// oldest buckets, which only hands those sources a fresh burst.
-pub const RATE_ENTRIES: u32 = 64 * 1024;
+/// Bits of a source's rate bucket index.
+pub const RATE_BUCKET_BITS: u32 = 20;
+
+/// Rate limiter buckets: each source address is hashed (keyed with a random seed) to
+/// one of them, and sources that share a bucket share one rate. An array, so the
+/// program reads a bucket inline instead of calling a hash table lookup; with
+/// 2^20 buckets, 10 000 busy sources share a bucket with another one about 1% of the
+/// time. The seed makes it hard to aim a source at another's bucket.
+pub const RATE_BUCKETS: u32 = 1 << RATE_BUCKET_BITS;
+
+/// The entry of `RATE` after the buckets that holds the hash seed (a random non-zero
+/// `u64` user space writes when it creates the map; kept with the map).
+pub const RATE_SEED_INDEX: u32 = RATE_BUCKETS;
+
+/// Entries of `RATE`: the buckets and the seed.
+pub const RATE_ENTRIES: u32 = RATE_BUCKETS + 1;
+
+/// The rate limiter's hash: the source's words, each mixed in with a multiply, the
+/// bucket from the top bits. Shared by the program and the tests.
+#[inline(always)]
+pub fn rate_bucket(seed: u64, family: u8, addr: [u32; 4]) -> u32 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = (seed ^ u64::from(family)).wrapping_mul(K);
+    h = (h ^ u64::from(addr[0])).wrapping_mul(K);
+    h = (h ^ u64::from(addr[1])).wrapping_mul(K);
+    h = (h ^ u64::from(addr[2])).wrapping_mul(K);
+    h = (h ^ u64::from(addr[3])).wrapping_mul(K);
+    (h >> (64 - RATE_BUCKET_BITS)) as u32
+}
 
 /// Entries of a `LISTENER_PORTS` table: one per UDP port (host order index).
 pub const LISTENER_PORT_ENTRIES: u32 = 1 << 16;
@@ -181,7 +207,7 @@ impl RulesetControl {
     }
 }
 
-/// Address families as they appear in [`ListenerKey::family`] and [`SourceKey::family`].
+/// Address families as they appear in [`ListenerKey::family`] and [`rate_bucket`].
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
@@ -259,15 +285,6 @@ pub struct ListenerRule {
     pub tolerance_ns: u64,
 }
 
-/// A source address for the rate limiter, laid out like [`ListenerKey`]'s address.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SourceKey {
-    pub addr: [u8; 16],
-    pub family: u8,
-    pub _pad: [u8; 3],
-}
-
 /// Values of the prefix tables: what the longest matching source prefix says.
 ///
 /// User space resolves deny/allow overlaps before it fills a trie, so one lookup
@@ -310,12 +327,11 @@ pub struct XdpCounter {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all five): plain old data: #[repr(C)], integer and byte-array fields
+    // SAFETY (all four): plain old data: #[repr(C)], integer and byte-array fields
     // only, explicit padding fields, any bit pattern is valid.
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::ListenerPort {}
     unsafe impl aya::Pod for super::ListenerRule {}
-    unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::XdpCounter {}
 }
 
@@ -340,7 +356,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<ListenerKey>(), 20);
         assert_eq!(core::mem::size_of::<ListenerPort>(), 24);
         assert_eq!(core::mem::size_of::<ListenerRule>(), 24);
-        assert_eq!(core::mem::size_of::<SourceKey>(), 20);
         assert_eq!(core::mem::size_of::<XdpCounter>(), 16);
     }
 }

@@ -18,10 +18,13 @@
 //!    entries user space built so that deny always wins: for IPv4 at most three
 //!    array reads in a 16-8-8 multibit table, for IPv6 one lookup in a trie.
 //! 3. **rate limited**: GCRA (a token bucket kept as one u64 "theoretical arrival
-//!    time" per source) in an LRU hash; time from `bpf_ktime_get_ns`. One lookup and
-//!    one 8-byte store per datagram. Two CPUs updating one source at the same instant
-//!    may both admit a datagram: the limit is exact per CPU, approximate across CPUs,
-//!    which is the usual trade for not taking a lock per packet.
+//!    time") in the source's bucket of an array (a keyed hash of the address picks
+//!    it; sources sharing a bucket share a rate); time from
+//!    `bpf_ktime_get_coarse_ns` (the tick's). One inlined array read, one helper
+//!    call and one 8-byte store per datagram. Two CPUs updating one bucket at the
+//!    same instant may both admit a datagram: the limit is exact per CPU,
+//!    approximate across CPUs, which is the usual trade for not taking a lock per
+//!    packet.
 //!
 //! Fragments: a non-first fragment (offset > 0) has no UDP header, so its port is
 //! unknown; it passes (counted as `FRAGMENT`). The first fragment carries the UDP
@@ -47,20 +50,20 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_MMAPABLE,
+        BPF_F_MMAPABLE,
         xdp_action::{XDP_DROP, XDP_PASS},
     },
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    helpers::bpf_ktime_get_ns,
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use supervisor_common::xdp::{
     FAMILY_V4, FAMILY_V6, LISTENER_PORT_ENTRIES, ListenerKey, ListenerPort, ListenerRule,
     MAX_LISTENER_KEYS, MAX_PREFIXES, PORT_V4_ANY, PORT_V4_MANY, PORT_V4_ONE, PORT_V6_ANY,
-    PORT_V6_MANY, PORT_V6_ONE, RATE_ENTRIES, RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS,
-    RulesetControl, SourceKey, V4_CHUNK_TABLE_ENTRIES, V4_FIRST_ENTRIES, VERDICT_DENY,
-    VERDICT_NOT_ALLOWED, XdpCounter, counter, v4_table,
+    PORT_V6_MANY, PORT_V6_ONE, RATE_ENTRIES, RATE_SEED_INDEX, RULE_DROP_MALFORMED, RULE_RATE_LIMIT,
+    RULESET_SLOTS, RulesetControl, V4_CHUNK_TABLE_ENTRIES, V4_FIRST_ENTRIES, VERDICT_DENY,
+    VERDICT_NOT_ALLOWED, XdpCounter, counter, rate_bucket, v4_table,
 };
 
 #[btf_map]
@@ -100,7 +103,7 @@ static PREFIXES_V6: ArrayOfMaps<
 > = ArrayOfMaps::new();
 
 #[btf_map]
-static RATE: LruHashMap<SourceKey, u64, { RATE_ENTRIES as usize }> = LruHashMap::new();
+static RATE: Array<u64, { RATE_ENTRIES as usize }> = Array::new();
 
 #[btf_map]
 static COUNTERS: PerCpuArray<XdpCounter, { counter::COUNT as usize }> = PerCpuArray::new();
@@ -446,40 +449,32 @@ fn listener(slot: u32, family: u8, dst: &Addr, port: u16) -> Option<ListenerRule
     Some(unsafe { *rule })
 }
 
-/// GCRA: admit when the source's theoretical arrival time is at most
-/// `tolerance_ns` ahead of now, then move it one interval on.
+/// GCRA: admit when the source bucket's theoretical arrival time is at most
+/// `tolerance_ns` ahead of now, then move it one interval on. The bucket is an
+/// inlined array read (see `supervisor_common::xdp::RATE_BUCKETS`); the time is the
+/// tick's (`bpf_ktime_get_coarse_ns`: it reads no clocksource, which costs half of
+/// `bpf_ktime_get_ns` here; the accuracy this gives is in docs/config.md).
 #[inline(always)]
 fn rate_limit(rule: &ListenerRule, addr: Addr, family: u8) -> Verdict {
     if rule.flags & RULE_RATE_LIMIT == 0 {
         return PASSED;
     }
-    // Built as five words (the family in the lowest byte of the fifth, which is
-    // `SourceKey::family` on this little-endian target, the padding zero) so the
-    // key is five stores, not a byte copy and a memset.
-    let words: [u32; 5] = [addr[0], addr[1], addr[2], addr[3], u32::from(family)];
-    // SAFETY: `SourceKey` is `repr(C)`, 20 bytes, made of bytes only: any bit pattern
-    // of five u32 is a valid value of it.
-    let key = unsafe { core::mem::transmute::<[u32; 5], SourceKey>(words) };
+    let seed = RATE.get(RATE_SEED_INDEX).copied().unwrap_or(0);
+    let Some(tat) = RATE.get_ptr_mut(rate_bucket(seed, family, addr)) else {
+        return PASSED;
+    };
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match RATE.get_ptr_mut(&key) {
-        Some(tat) => {
-            // SAFETY: a value pointer from a successful lookup; a concurrent
-            // eviction can at worst make this update land in a recycled entry,
-            // which costs one source one token.
-            let current = unsafe { *tat };
-            if current > now + rule.tolerance_ns {
-                return (XDP_DROP, counter::RATE_LIMITED);
-            }
-            let base = if current > now { current } else { now };
-            // SAFETY: as above; one aligned 8-byte store.
-            unsafe { *tat = base + rule.interval_ns };
-        }
-        None => {
-            // A full table evicts its least recently used source.
-            let _ = RATE.insert(&key, now + rule.interval_ns, BPF_ANY as u64);
-        }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: a pointer into a preallocated array, valid while the program runs.
+    // Two CPUs updating one bucket at once may both admit a datagram (see the
+    // module docs).
+    let current = unsafe { *tat };
+    if current > now + rule.tolerance_ns {
+        return (XDP_DROP, counter::RATE_LIMITED);
     }
+    let base = if current > now { current } else { now };
+    // SAFETY: as above; one aligned 8-byte store.
+    unsafe { *tat = base + rule.interval_ns };
     PASSED
 }
 

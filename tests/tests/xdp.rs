@@ -1181,7 +1181,10 @@ fn bad_input_attaches_nothing() {
     config.deny = (0..2049u32)
         .map(|i| format!("{}.{}.0.1/32", 1 + i / 256, i % 256))
         .collect();
-    refused(&config, "xdp.deny/xdp.allow: the IPv4 prefixes need 4098 tables");
+    refused(
+        &config,
+        "xdp.deny/xdp.allow: the IPv4 prefixes need 4098 tables",
+    );
     let mut config = lab.config();
     config.rate_limit = Some(RateLimit {
         packets_per_second: 0,

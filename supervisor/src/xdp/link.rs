@@ -160,7 +160,8 @@ impl XdpFilter {
         let prefixes_v4_chunks = ArrayOfMaps::try_from(take(map_names::PREFIXES_V4_CHUNKS)?)?;
         let prefixes_v6 = ArrayOfMaps::try_from(take(map_names::PREFIXES_V6)?)?;
         let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
-        let rate = take(map_names::RATE)?;
+        let mut rate = take(map_names::RATE)?;
+        super::rulesets::seed_rate_buckets(&mut rate)?;
         let Map::Array(control_data) = &control_map else {
             anyhow::bail!(
                 "the XDP filter's {} map is not an array",

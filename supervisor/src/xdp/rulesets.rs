@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use aya::maps::{Array, ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use supervisor_common::xdp::{
-    ListenerKey, ListenerRule, RULESET_SLOTS, RulesetControl, XdpCounter, counter, v4_table,
+    ListenerKey, ListenerRule, RATE_SEED_INDEX, RULESET_SLOTS, RulesetControl, XdpCounter, counter,
+    v4_table,
 };
 
 use super::{XdpConfig, XdpCounters, layout::InnerDefinitions, rules};
@@ -212,6 +213,25 @@ fn build_listeners(
         unreachable!("constructed as a HashMap above")
     };
     Ok(data)
+}
+
+/// Gives a fresh rate table its random hash seed (`RATE_SEED_INDEX`); a pinned
+/// table keeps its own, so its sources stay in their buckets across restarts.
+pub(super) fn seed_rate_buckets(rate: &mut Map) -> Result<()> {
+    let mut table = Array::<_, u64>::try_from(rate).context("opening the XDP rate table")?;
+    if table.get(&RATE_SEED_INDEX, 0)? != 0 {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 8];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?,
+        &mut bytes,
+    )
+    .context("reading /dev/urandom")?;
+    table
+        .set(RATE_SEED_INDEX, u64::from_ne_bytes(bytes).max(1), 0)
+        .context("storing the XDP rate table's hash seed")?;
+    Ok(())
 }
 
 /// A fresh inner array with these (index, value) entries; the rest stays zero.

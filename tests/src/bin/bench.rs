@@ -2896,8 +2896,16 @@ fn xdp_cost(plan: &Plan) -> Section {
             20,
         ),
         ("floor: `bpf_ktime_get_ns` only", Some(XdpClock::Ktime), 0),
-        ("floor: `bpf_ktime_get_coarse_ns` only", Some(XdpClock::Coarse), 0),
-        ("floor: `bpf_jiffies64` only (inlined)", Some(XdpClock::Jiffies), 0),
+        (
+            "floor: `bpf_ktime_get_coarse_ns` only",
+            Some(XdpClock::Coarse),
+            0,
+        ),
+        (
+            "floor: `bpf_jiffies64` only (inlined)",
+            Some(XdpClock::Jiffies),
+            0,
+        ),
         ("floor: one LRU hash lookup (20-byte key, hit)", None, 20),
     ] {
         rows.push((

@@ -443,7 +443,7 @@ fn listener(slot: u32, family: u8, dst: &Addr, port: u16) -> Option<ListenerRule
         family,
         _pad: 0,
     };
-    let rule = LISTENERS.get(slot)?.get_ptr(&key)?;
+    let rule = LISTENERS.get(slot)?.get_ptr(key)?;
     // SAFETY: user space never changes a ruleset's table after installing it, so
     // the entry cannot be reused under us.
     Some(unsafe { *rule })

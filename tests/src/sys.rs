@@ -196,7 +196,7 @@ pub fn load_xdp_lookup_program(
     const EXIT: u8 = 0x05 | 0x90;
     const BPF_PSEUDO_MAP_FD: u8 = 1;
     const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
-    if key.len() % 4 != 0 || key.is_empty() || key.len() > 64 {
+    if !key.len().is_multiple_of(4) || key.is_empty() || key.len() > 64 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "key length must be a multiple of 4 from 4 to 64",

@@ -13,7 +13,7 @@
 //! | `PREFIXES_V4`        | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_FIRST_ENTRIES`]) | ruleset slot | first 16 bits of the source → [`v4_table`] entry |
 //! | `PREFIXES_V4_CHUNKS` | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_CHUNK_TABLE_ENTRIES`]) | ruleset slot | chunk × 256 + next 8 bits → [`v4_table`] entry |
 //! | `PREFIXES_V6`        | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 16]>` → verdict (`u32`) |
-//! | `RATE`               | `ARRAY` ([`RATE_ENTRIES`])            | [`rate_bucket`] of the source | theoretical arrival time (`u64`, ns); the last entry the hash seed |
+//! | `RATE`               | `ARRAY` ([`RATE_ENTRIES`])            | [`rate_bucket`] of the source | theoretical arrival time (`u64`, ns); then the hash seed and the tick length |
 //! | `COUNTERS`           | `PERCPU_ARRAY`                        | [`counter`] index        | [`XdpCounter`] |
 //!
 //! A *ruleset* is the inner maps of one slot (listener ports, listeners, IPv4 tables,
@@ -58,8 +58,14 @@ pub const RATE_BUCKETS: u32 = 1 << RATE_BUCKET_BITS;
 /// `u64` user space writes when it creates the map; kept with the map).
 pub const RATE_SEED_INDEX: u32 = RATE_BUCKETS;
 
-/// Entries of `RATE`: the buckets and the seed.
-pub const RATE_ENTRIES: u32 = RATE_BUCKETS + 1;
+/// The entry of `RATE` that holds the length of a kernel tick in nanoseconds
+/// (`clock_getres(CLOCK_MONOTONIC_COARSE)`, i.e. 1e9 / `CONFIG_HZ`), which user
+/// space writes at every start. The program's clock is `bpf_jiffies64() × tick`: the
+/// verifier inlines `bpf_jiffies64`, so time costs no call.
+pub const RATE_TICK_NS_INDEX: u32 = RATE_BUCKETS + 1;
+
+/// Entries of `RATE`: the buckets, the seed and the tick length.
+pub const RATE_ENTRIES: u32 = RATE_BUCKETS + 2;
 
 /// The rate limiter's hash: the source's words, each mixed in with a multiply, the
 /// bucket from the top bits. Shared by the program and the tests.

@@ -19,9 +19,9 @@
 //!    array reads in a 16-8-8 multibit table, for IPv6 one lookup in a trie.
 //! 3. **rate limited**: GCRA (a token bucket kept as one u64 "theoretical arrival
 //!    time") in the source's bucket of an array (a keyed hash of the address picks
-//!    it; sources sharing a bucket share a rate); time from
-//!    `bpf_ktime_get_coarse_ns` (the tick's). One inlined array read, one helper
-//!    call and one 8-byte store per datagram. Two CPUs updating one bucket at the
+//!    it; sources sharing a bucket share a rate); time from `bpf_jiffies64` (the
+//!    tick's). Three inlined array reads (seed, tick length, bucket), no call, and
+//!    one 8-byte store per datagram. Two CPUs updating one bucket at the
 //!    same instant may both admit a datagram: the limit is exact per CPU,
 //!    approximate across CPUs, which is the usual trade for not taking a lock per
 //!    packet.
@@ -54,16 +54,17 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS},
     },
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    helpers::generated::bpf_jiffies64,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use supervisor_common::xdp::{
     FAMILY_V4, FAMILY_V6, LISTENER_PORT_ENTRIES, ListenerKey, ListenerPort, ListenerRule,
     MAX_LISTENER_KEYS, MAX_PREFIXES, PORT_V4_ANY, PORT_V4_MANY, PORT_V4_ONE, PORT_V6_ANY,
-    PORT_V6_MANY, PORT_V6_ONE, RATE_ENTRIES, RATE_SEED_INDEX, RULE_DROP_MALFORMED, RULE_RATE_LIMIT,
-    RULESET_SLOTS, RulesetControl, V4_CHUNK_TABLE_ENTRIES, V4_FIRST_ENTRIES, VERDICT_DENY,
-    VERDICT_NOT_ALLOWED, XdpCounter, counter, rate_bucket, v4_table,
+    PORT_V6_MANY, PORT_V6_ONE, RATE_ENTRIES, RATE_SEED_INDEX, RATE_TICK_NS_INDEX,
+    RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS, RulesetControl, V4_CHUNK_TABLE_ENTRIES,
+    V4_FIRST_ENTRIES, VERDICT_DENY, VERDICT_NOT_ALLOWED, XdpCounter, counter, rate_bucket,
+    v4_table,
 };
 
 #[btf_map]
@@ -452,8 +453,9 @@ fn listener(slot: u32, family: u8, dst: &Addr, port: u16) -> Option<ListenerRule
 /// GCRA: admit when the source bucket's theoretical arrival time is at most
 /// `tolerance_ns` ahead of now, then move it one interval on. The bucket is an
 /// inlined array read (see `supervisor_common::xdp::RATE_BUCKETS`); the time is the
-/// tick's (`bpf_ktime_get_coarse_ns`: it reads no clocksource, which costs half of
-/// `bpf_ktime_get_ns` here; the accuracy this gives is in docs/config.md).
+/// tick's, `bpf_jiffies64` (inlined) times the tick length user space stored: no
+/// call, where `bpf_ktime_get_ns` costs about 40 ns here (docs/xdp-cost.md; the
+/// accuracy this gives is in docs/config.md).
 #[inline(always)]
 fn rate_limit(rule: &ListenerRule, addr: Addr, family: u8) -> Verdict {
     if rule.flags & RULE_RATE_LIMIT == 0 {
@@ -463,8 +465,9 @@ fn rate_limit(rule: &ListenerRule, addr: Addr, family: u8) -> Verdict {
     let Some(tat) = RATE.get_ptr_mut(rate_bucket(seed, family, addr)) else {
         return PASSED;
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let tick_ns = RATE.get(RATE_TICK_NS_INDEX).copied().unwrap_or(0);
+    // SAFETY: a helper without arguments (the verifier inlines it: a load of jiffies).
+    let now = unsafe { bpf_jiffies64() } * tick_ns;
     // SAFETY: a pointer into a preallocated array, valid while the program runs.
     // Two CPUs updating one bucket at once may both admit a datagram (see the
     // module docs).

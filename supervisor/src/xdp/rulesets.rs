@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use aya::maps::{Array, ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use supervisor_common::xdp::{
-    ListenerKey, ListenerRule, RATE_SEED_INDEX, RULESET_SLOTS, RulesetControl, XdpCounter, counter,
-    v4_table,
+    ListenerKey, ListenerRule, RATE_SEED_INDEX, RATE_TICK_NS_INDEX, RULESET_SLOTS, RulesetControl,
+    XdpCounter, counter, v4_table,
 };
 
 use super::{XdpConfig, XdpCounters, layout::InnerDefinitions, rules};
@@ -215,10 +215,22 @@ fn build_listeners(
     Ok(data)
 }
 
-/// Gives a fresh rate table its random hash seed (`RATE_SEED_INDEX`); a pinned
-/// table keeps its own, so its sources stay in their buckets across restarts.
+/// Stores the kernel's tick length (`RATE_TICK_NS_INDEX`, the program's clock
+/// unit) and gives a fresh rate table its random hash seed (`RATE_SEED_INDEX`); a
+/// pinned table keeps its seed, so its sources stay in their buckets across restarts.
 pub(super) fn seed_rate_buckets(rate: &mut Map) -> Result<()> {
     let mut table = Array::<_, u64>::try_from(rate).context("opening the XDP rate table")?;
+    // The coarse clocks advance once per tick; their resolution is the tick length.
+    let tick = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .context("reading the kernel's tick length (clock_getres)")?;
+    let tick_ns = (tick.tv_sec() as u64) * 1_000_000_000 + tick.tv_nsec() as u64;
+    anyhow::ensure!(
+        tick_ns > 0,
+        "the kernel reports a tick of 0 ns for CLOCK_MONOTONIC_COARSE"
+    );
+    table
+        .set(RATE_TICK_NS_INDEX, tick_ns, 0)
+        .context("storing the kernel's tick length for the XDP rate limit")?;
     if table.get(&RATE_SEED_INDEX, 0)? != 0 {
         return Ok(());
     }

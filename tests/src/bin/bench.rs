@@ -2808,7 +2808,10 @@ fn xdp_filter_row(
 /// Allowed traffic (echoed, every datagram counted) while `switches` upgrades each
 /// switch the filter to another ruleset of `prefixes` deny prefixes per family (the
 /// sender never denied, the rate limit far above the rate).
-fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Report, u32) {
+/// Returns the load's report, the upgrades done, and the packets the filter dropped
+/// meanwhile (its `denied`, `not_allowed`, `rate_limited` and `malformed` counters):
+/// losses the filter did not count happened elsewhere (sockets, the upgrades).
+fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Report, u32, u64) {
     let pins = PinDir::new();
     let runtime = TempDir::new("sup-run");
     let config = |round: u32| {
@@ -2829,6 +2832,14 @@ fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Rep
     let mut sup = Supervisor::start(&lab.server, config(0));
     let load = BackgroundLoad::start(&lab.client, LoadConfig::new(lab.target).rate(20_000));
     std::thread::sleep(LEAD_IN);
+    let dropped = |sup: &Supervisor| {
+        let c = sup.status_json()["xdp"]["counters"].clone();
+        ["denied", "not_allowed", "rate_limited", "malformed"]
+            .iter()
+            .map(|k| c[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let dropped_before = dropped(&sup);
     let mut done = 0;
     for round in 1..=switches {
         sup.set_config(config(round));
@@ -2838,10 +2849,11 @@ fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Rep
     }
     std::thread::sleep(LEAD_OUT);
     let report = load.finish();
+    let filter_dropped = dropped(&sup).saturating_sub(dropped_before);
     sup.stop();
     let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
     bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
-    (report, done)
+    (report, done, filter_dropped)
 }
 
 fn xdp_cost(plan: &Plan) -> Section {
@@ -3057,18 +3069,20 @@ fn xdp_cost(plan: &Plan) -> Section {
     }
     s.tables.push(t);
     match &switched {
-        Ok((r, done)) => {
+        Ok((r, done, filter_dropped)) => {
             s.notes.push(format!(
                 "Ruleset switches under load: {done} upgrades, each switching the filter to a new ruleset ({} prefixes \
                  per family, one /24 more or less than the last; the sender allowed), while 20 000 datagrams/s were \
-                 echoed: {} sent, {} lost, {} duplicated, {} refused.",
+                 echoed: {} sent, {} lost, {} duplicated, {} refused; the filter dropped {} of them (its drop counters).",
                 thousands(prefixes as u64),
                 thousands(r.sent),
                 thousands(r.lost),
                 thousands(r.duplicated),
-                thousands(r.refused)
+                thousands(r.refused),
+                thousands(*filter_dropped)
             ));
-            s.json["switches"] = json!({"upgrades": done, "report": r.to_json()});
+            s.json["switches"] =
+                json!({"upgrades": done, "report": r.to_json(), "filter_dropped": filter_dropped});
         }
         Err(e) => s
             .notes

@@ -4,21 +4,32 @@
 //! (`supervisor/src/xdp/`) share everything below. Per service and interface it is
 //! pinned under `<bpffs>/<service>/xdp/<ifname>/`:
 //!
-//! | map           | type                                  | key                      | value |
-//! |---------------|---------------------------------------|--------------------------|-------|
-//! | `CONTROL`     | `ARRAY` (1 entry, mmapable)           | `0`                      | [`RulesetControl`] as `u64` |
-//! | `LISTENERS`   | `ARRAY_OF_MAPS` of `HASH`             | ruleset slot             | [`ListenerKey`] → [`ListenerRule`] |
-//! | `PREFIXES_V4` | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 4]>` → verdict (`u32`) |
-//! | `PREFIXES_V6` | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 16]>` → verdict (`u32`) |
-//! | `RATE`        | `LRU_HASH`                            | [`SourceKey`]            | theoretical arrival time (`u64`, ns) |
-//! | `COUNTERS`    | `PERCPU_ARRAY`                        | [`counter`] index        | [`XdpCounter`] |
+//! | map                  | type                                  | key                      | value |
+//! |----------------------|---------------------------------------|--------------------------|-------|
+//! | `CONTROL`            | `ARRAY` (1 entry, mmapable)           | `0`                      | [`RulesetControl`] as `u64` |
+//! | `LISTENER_PORTS`     | `ARRAY_OF_MAPS` of `ARRAY` (65 536)   | ruleset slot             | destination port → [`ListenerPort`] |
+//! | `RULES`              | `ARRAY` ([`RULESET_SLOTS`] entries)    | ruleset slot             | the ruleset's [`ListenerRule`] |
+//! | `LISTENERS`          | `ARRAY_OF_MAPS` of `HASH`             | ruleset slot             | [`ListenerKey`] → [`ListenerRule`] |
+//! | `PREFIXES_V4`        | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_FIRST_ENTRIES`]) | ruleset slot | first 16 bits of the source → [`v4_table`] entry |
+//! | `PREFIXES_V4_CHUNKS` | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_CHUNK_TABLE_ENTRIES`]) | ruleset slot | chunk × 256 + next 8 bits → [`v4_table`] entry |
+//! | `PREFIXES_V6`        | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 16]>` → verdict (`u32`) |
+//! | `RATE`               | `ARRAY` ([`RATE_ENTRIES`])            | [`rate_bucket`] of the source | theoretical arrival time (`u64`, ns); then the hash seed and the tick length |
+//! | `COUNTERS`           | `PERCPU_ARRAY`                        | [`counter`] index        | [`XdpCounter`] |
 //!
-//! A *ruleset* is the three inner maps of one slot (listeners, IPv4 and IPv6
-//! prefixes). User space builds every ruleset in fresh maps, stores them in the slot
-//! the program does not use, and switches with one 8-byte store of the control word.
+//! A *ruleset* is the inner maps of one slot (listener ports, listeners, IPv4 tables,
+//! IPv6 prefixes) and the slot's entry of `RULES`. User space builds every ruleset in
+//! fresh maps, stores them (and writes `RULES`) in the slot the program does not use,
+//! and switches with one 8-byte store of the control word.
 //! The program reads the word once per packet and uses that slot for every lookup,
 //! so a packet sees one ruleset whole. The rate table and the counters live outside
 //! the slots: a rules change keeps both.
+//!
+//! Why these shapes (see docs/xdp-cost.md): lookups in `ARRAY` maps, inner ones
+//! included, are inlined by the verifier (no call), while a hash or trie lookup is a
+//! call and a trie walk is a chain of dependent loads. So the per-packet listener
+//! match is one array read indexed by port, and the IPv4 source prefix match is at
+//! most three array reads (a 16-8-8 multibit table); the hash stays for ports with
+//! several listener addresses of a family, the trie for IPv6.
 
 /// Ruleset slots. Two are enough: user space only rewrites the slot the program does
 /// not use, and only after an RCU grace period has passed since the switch away from
@@ -33,29 +44,100 @@ pub const MAX_PREFIXES: u32 = 16 * 1024;
 /// (address, port) and its (address, port 0) "address only" entry.
 pub const MAX_LISTENER_KEYS: u32 = 512;
 
-/// Sources tracked by the rate limiter. LRU: a flood of new sources evicts the
-/// oldest buckets, which only hands those sources a fresh burst.
-pub const RATE_ENTRIES: u32 = 64 * 1024;
+/// Bits of a source's rate bucket index.
+pub const RATE_BUCKET_BITS: u32 = 20;
+
+/// Rate limiter buckets: each source address is hashed (keyed with a random seed) to
+/// one of them, and sources that share a bucket share one rate. An array, so the
+/// program reads a bucket inline instead of calling a hash table lookup; with
+/// 2^20 buckets, 10 000 busy sources share a bucket with another one about 1% of the
+/// time. The seed makes it hard to aim a source at another's bucket.
+pub const RATE_BUCKETS: u32 = 1 << RATE_BUCKET_BITS;
+
+/// The entry of `RATE` after the buckets that holds the hash seed (a random non-zero
+/// `u64` user space writes when it creates the map; kept with the map).
+pub const RATE_SEED_INDEX: u32 = RATE_BUCKETS;
+
+/// The entry of `RATE` that holds the length of a kernel tick in nanoseconds
+/// (`clock_getres(CLOCK_MONOTONIC_COARSE)`, i.e. 1e9 / `CONFIG_HZ`), which user
+/// space writes at every start. The program's clock is `bpf_jiffies64() × tick`: the
+/// verifier inlines `bpf_jiffies64`, so time costs no call.
+pub const RATE_TICK_NS_INDEX: u32 = RATE_BUCKETS + 1;
+
+/// Entries of `RATE`: the buckets, the seed and the tick length.
+pub const RATE_ENTRIES: u32 = RATE_BUCKETS + 2;
+
+/// The rate limiter's hash: the source's words, each mixed in with a multiply, the
+/// bucket from the top bits. Shared by the program and the tests.
+#[inline(always)]
+pub fn rate_bucket(seed: u64, family: u8, addr: [u32; 4]) -> u32 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = (seed ^ u64::from(family)).wrapping_mul(K);
+    h = (h ^ u64::from(addr[0])).wrapping_mul(K);
+    h = (h ^ u64::from(addr[1])).wrapping_mul(K);
+    h = (h ^ u64::from(addr[2])).wrapping_mul(K);
+    h = (h ^ u64::from(addr[3])).wrapping_mul(K);
+    (h >> (64 - RATE_BUCKET_BITS)) as u32
+}
+
+/// Entries of a `LISTENER_PORTS` table: one per UDP port (host order index).
+pub const LISTENER_PORT_ENTRIES: u32 = 1 << 16;
+
+/// Entries of a `PREFIXES_V4` first-level table: one per /16, plus
+/// [`v4_table::DEFAULT_INDEX`].
+pub const V4_FIRST_ENTRIES: u32 = (1 << 16) + 1;
+
+/// Second- and third-level chunks (256 entries each) one IPv4 table holds. A prefix
+/// longer than /16 needs a chunk for its /16 (shared by every prefix in that /16), one
+/// longer than /24 also a chunk for its /24.
+pub const MAX_V4_CHUNKS: u32 = 4096;
+
+/// Entries of a `PREFIXES_V4_CHUNKS` table.
+pub const V4_CHUNK_TABLE_ENTRIES: u32 = MAX_V4_CHUNKS * v4_table::CHUNK_ENTRIES;
+
+/// The IPv4 source prefix table: a 16-8-8 multibit trie made of arrays.
+///
+/// Every entry is a `u32`: `0` = no prefix longer than /0 covers these addresses (the
+/// program then reads [`DEFAULT_INDEX`], the /0 entry's verdict or 0), one of the
+/// `VERDICT_*` values (the verdict of the longest prefix covering them), or
+/// [`CHUNK`] `| n`: look the next 8 bits of the source up in chunk `n` of
+/// `PREFIXES_V4_CHUNKS` (entries `n * 256 ..`). User space expands the prefixes into
+/// the entries, longest last, so an entry always holds the longest match, as the
+/// trie did.
+pub mod v4_table {
+    /// The first-level entry holding the /0 prefix's verdict (0 if there is none).
+    pub const DEFAULT_INDEX: u32 = 1 << 16;
+    /// Entries per second- or third-level chunk (8 bits).
+    pub const CHUNK_ENTRIES: u32 = 256;
+    /// Marks an entry that points to a chunk.
+    pub const CHUNK: u32 = 1 << 31;
+}
 
 /// Bumped by hand when a map's *meaning* changes without its sizes changing. User
 /// space hashes it with every map definition into the layout fingerprint it stores in
 /// the control word: pinned maps from a build with another layout are never reused.
-pub const LAYOUT_VERSION: u8 = 1;
+pub const LAYOUT_VERSION: u8 = 2;
 
 /// Map names, as the eBPF object declares them.
 pub mod map_names {
     pub const CONTROL: &str = "CONTROL";
+    pub const LISTENER_PORTS: &str = "LISTENER_PORTS";
+    pub const RULES: &str = "RULES";
     pub const LISTENERS: &str = "LISTENERS";
     pub const PREFIXES_V4: &str = "PREFIXES_V4";
+    pub const PREFIXES_V4_CHUNKS: &str = "PREFIXES_V4_CHUNKS";
     pub const PREFIXES_V6: &str = "PREFIXES_V6";
     pub const RATE: &str = "RATE";
     pub const COUNTERS: &str = "COUNTERS";
 
     /// (map name, pin name) of every map, in one place for loading and checking.
-    pub const ALL: [(&str, &str); 6] = [
+    pub const ALL: [(&str, &str); 9] = [
         (CONTROL, super::pin_names::CONTROL),
+        (LISTENER_PORTS, super::pin_names::LISTENER_PORTS),
+        (RULES, super::pin_names::RULES),
         (LISTENERS, super::pin_names::LISTENERS),
         (PREFIXES_V4, super::pin_names::PREFIXES_V4),
+        (PREFIXES_V4_CHUNKS, super::pin_names::PREFIXES_V4_CHUNKS),
         (PREFIXES_V6, super::pin_names::PREFIXES_V6),
         (RATE, super::pin_names::RATE),
         (COUNTERS, super::pin_names::COUNTERS),
@@ -75,8 +157,11 @@ pub mod pin_names {
     /// The program the link runs (for inspection; the link keeps it alive anyway).
     pub const PROGRAM: &str = "program";
     pub const CONTROL: &str = "control";
+    pub const LISTENER_PORTS: &str = "listener-ports";
+    pub const RULES: &str = "rules";
     pub const LISTENERS: &str = "listeners";
     pub const PREFIXES_V4: &str = "prefixes-v4";
+    pub const PREFIXES_V4_CHUNKS: &str = "prefixes-v4-chunks";
     pub const PREFIXES_V6: &str = "prefixes-v6";
     pub const RATE: &str = "rate";
     pub const COUNTERS: &str = "counters";
@@ -88,7 +173,7 @@ pub mod pin_names {
 /// `Control`): one aligned store on the user-space side, one load in the program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RulesetControl {
-    /// Slot of `LISTENERS` / `PREFIXES_V4` / `PREFIXES_V6` in use.
+    /// Slot of the ruleset maps (and of `RULES`) in use.
     pub slot: u8,
     /// 1 once a ruleset is installed. Until then the program passes everything.
     pub armed: u8,
@@ -128,7 +213,7 @@ impl RulesetControl {
     }
 }
 
-/// Address families as they appear in [`ListenerKey::family`] and [`SourceKey::family`].
+/// Address families as they appear in [`ListenerKey::family`] and [`rate_bucket`].
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
@@ -154,6 +239,37 @@ pub struct ListenerKey {
     pub _pad: u8,
 }
 
+/// What the listeners on one destination port are, per family: one `LISTENER_PORTS`
+/// entry. The program matches a datagram's destination with this one array read:
+/// a wildcard listener of the family takes any address, a single address is
+/// compared here, and only several addresses of one family on one port send it to
+/// the `LISTENERS` hash (exact address). Port 0's entry describes every listener
+/// address whatever its port: the "address only" match of `ListenerKey`.
+/// A match's rule is the slot's `RULES` entry (one rule per ruleset).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerPort {
+    /// `PORT_*` bits.
+    pub flags: u32,
+    /// The IPv4 address with [`PORT_V4_ONE`], as on the wire.
+    pub v4: [u8; 4],
+    /// The IPv6 address with [`PORT_V6_ONE`].
+    pub v6: [u8; 16],
+}
+
+/// `ListenerPort::flags`: a wildcard IPv4 listener (`0.0.0.0`) on this port.
+pub const PORT_V4_ANY: u32 = 1;
+/// `ListenerPort::flags`: exactly one IPv4 listener address, in `v4`.
+pub const PORT_V4_ONE: u32 = 2;
+/// `ListenerPort::flags`: several IPv4 listener addresses: ask `LISTENERS`.
+pub const PORT_V4_MANY: u32 = 4;
+/// `ListenerPort::flags`: a wildcard IPv6 listener (`::`) on this port.
+pub const PORT_V6_ANY: u32 = 8;
+/// `ListenerPort::flags`: exactly one IPv6 listener address, in `v6`.
+pub const PORT_V6_ONE: u32 = 16;
+/// `ListenerPort::flags`: several IPv6 listener addresses: ask `LISTENERS`.
+pub const PORT_V6_MANY: u32 = 32;
+
 /// `ListenerRule::flags`: drop malformed datagrams.
 pub const RULE_DROP_MALFORMED: u32 = 1;
 /// `ListenerRule::flags`: apply the per-source rate limit.
@@ -175,19 +291,11 @@ pub struct ListenerRule {
     pub tolerance_ns: u64,
 }
 
-/// A source address for the rate limiter, laid out like [`ListenerKey`]'s address.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SourceKey {
-    pub addr: [u8; 16],
-    pub family: u8,
-    pub _pad: [u8; 3],
-}
-
-/// Values of the prefix tries: what the longest matching source prefix says.
+/// Values of the prefix tables: what the longest matching source prefix says.
 ///
 /// User space resolves deny/allow overlaps before it fills a trie, so one lookup
-/// answers: deny prefixes are stored as [`VERDICT_DENY`]; allow prefixes not inside
+/// answers (trie lookup for IPv6, [`v4_table`] walk for IPv4): deny prefixes are
+/// stored as [`VERDICT_DENY`]; allow prefixes not inside
 /// any deny prefix as [`VERDICT_ALLOW`]; and when the allow list is not empty, a
 /// `/0` entry says [`VERDICT_NOT_ALLOWED`] for everything else. No match = pass.
 pub const VERDICT_DENY: u32 = 1;
@@ -228,8 +336,8 @@ mod user {
     // SAFETY (all four): plain old data: #[repr(C)], integer and byte-array fields
     // only, explicit padding fields, any bit pattern is valid.
     unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::ListenerPort {}
     unsafe impl aya::Pod for super::ListenerRule {}
-    unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::XdpCounter {}
 }
 
@@ -252,8 +360,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<ListenerKey>(), 20);
+        assert_eq!(core::mem::size_of::<ListenerPort>(), 24);
         assert_eq!(core::mem::size_of::<ListenerRule>(), 24);
-        assert_eq!(core::mem::size_of::<SourceKey>(), 20);
         assert_eq!(core::mem::size_of::<XdpCounter>(), 16);
     }
 }

@@ -14,13 +14,17 @@
 //!    past length-based parsers). A UDP packet whose port cannot be read at all is
 //!    checked against the listeners' addresses only (the "address only" entries of
 //!    the listener table) and dropped as malformed if it is addressed to the service.
-//! 2. **denied / not allowed**: one longest-prefix lookup of the source in the
-//!    ruleset's trie, whose entries user space built so that deny always wins.
+//! 2. **denied / not allowed**: one longest-prefix match of the source, whose
+//!    entries user space built so that deny always wins: for IPv4 at most three
+//!    array reads in a 16-8-8 multibit table, for IPv6 one lookup in a trie.
 //! 3. **rate limited**: GCRA (a token bucket kept as one u64 "theoretical arrival
-//!    time" per source) in an LRU hash; time from `bpf_ktime_get_ns`. One lookup and
-//!    one 8-byte store per datagram. Two CPUs updating one source at the same instant
-//!    may both admit a datagram: the limit is exact per CPU, approximate across CPUs,
-//!    which is the usual trade for not taking a lock per packet.
+//!    time") in the source's bucket of an array (a keyed hash of the address picks
+//!    it; sources sharing a bucket share a rate); time from `bpf_jiffies64` (the
+//!    tick's). Three inlined array reads (seed, tick length, bucket), no call, and
+//!    one 8-byte store per datagram. Two CPUs updating one bucket at the
+//!    same instant may both admit a datagram: the limit is exact per CPU,
+//!    approximate across CPUs, which is the usual trade for not taking a lock per
+//!    packet.
 //!
 //! Fragments: a non-first fragment (offset > 0) has no UDP header, so its port is
 //! unknown; it passes (counted as `FRAGMENT`). The first fragment carries the UDP
@@ -34,6 +38,10 @@
 //! walked, at most `MAX_EXTENSION_HEADERS` of them; a chain longer than that, or one
 //! cut short, to one of the service's addresses is treated as malformed.
 //!
+//! The listener match is one array read of the destination port's entry (see
+//! `supervisor_common::xdp::ListenerPort`); only a port with several listener
+//! addresses of one family costs a hash lookup.
+//!
 //! Which ruleset applies is decided once per packet by one 8-byte load of the control
 //! word (see `supervisor_common::xdp::RulesetControl`); every lookup then uses that
 //! slot, so a packet never mixes two rulesets.
@@ -42,22 +50,34 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_F_MMAPABLE,
+        BPF_F_MMAPABLE,
         xdp_action::{XDP_DROP, XDP_PASS},
     },
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    helpers::bpf_ktime_get_ns,
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    helpers::generated::bpf_jiffies64,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use supervisor_common::xdp::{
-    FAMILY_V4, FAMILY_V6, ListenerKey, ListenerRule, MAX_LISTENER_KEYS, MAX_PREFIXES, RATE_ENTRIES,
-    RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS, RulesetControl, SourceKey, VERDICT_DENY,
-    VERDICT_NOT_ALLOWED, XdpCounter, counter,
+    FAMILY_V4, FAMILY_V6, LISTENER_PORT_ENTRIES, ListenerKey, ListenerPort, ListenerRule,
+    MAX_LISTENER_KEYS, MAX_PREFIXES, PORT_V4_ANY, PORT_V4_MANY, PORT_V4_ONE, PORT_V6_ANY,
+    PORT_V6_MANY, PORT_V6_ONE, RATE_ENTRIES, RATE_SEED_INDEX, RATE_TICK_NS_INDEX,
+    RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS, RulesetControl, V4_CHUNK_TABLE_ENTRIES,
+    V4_FIRST_ENTRIES, VERDICT_DENY, VERDICT_NOT_ALLOWED, XdpCounter, counter, rate_bucket,
+    v4_table,
 };
 
 #[btf_map]
 static CONTROL: Array<u64, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
+
+#[btf_map]
+static LISTENER_PORTS: ArrayOfMaps<
+    Array<ListenerPort, { LISTENER_PORT_ENTRIES as usize }>,
+    { RULESET_SLOTS as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+static RULES: Array<ListenerRule, { RULESET_SLOTS as usize }> = Array::new();
 
 #[btf_map]
 static LISTENERS: ArrayOfMaps<
@@ -67,7 +87,13 @@ static LISTENERS: ArrayOfMaps<
 
 #[btf_map]
 static PREFIXES_V4: ArrayOfMaps<
-    LpmTrie<[u8; 4], u32, { MAX_PREFIXES as usize }>,
+    Array<u32, { V4_FIRST_ENTRIES as usize }>,
+    { RULESET_SLOTS as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+static PREFIXES_V4_CHUNKS: ArrayOfMaps<
+    Array<u32, { V4_CHUNK_TABLE_ENTRIES as usize }>,
     { RULESET_SLOTS as usize },
 > = ArrayOfMaps::new();
 
@@ -78,7 +104,7 @@ static PREFIXES_V6: ArrayOfMaps<
 > = ArrayOfMaps::new();
 
 #[btf_map]
-static RATE: LruHashMap<SourceKey, u64, { RATE_ENTRIES as usize }> = LruHashMap::new();
+static RATE: Array<u64, { RATE_ENTRIES as usize }> = Array::new();
 
 #[btf_map]
 static COUNTERS: PerCpuArray<XdpCounter, { counter::COUNT as usize }> = PerCpuArray::new();
@@ -143,19 +169,51 @@ fn ruleset_slot() -> Option<u32> {
     Some(control.slot as u32 % RULESET_SLOTS)
 }
 
+/// The fixed IPv4 header. The addresses are read as 4-byte words, kept in wire
+/// order (never byte-swapped) for comparing and for keys.
+#[repr(C)]
+struct Ipv4Header {
+    version_ihl: u8,
+    tos: u8,
+    total_len: [u8; 2],
+    id: [u8; 2],
+    fragment: [u8; 2],
+    ttl: u8,
+    protocol: u8,
+    checksum: [u8; 2],
+    src: u32,
+    dst: u32,
+}
+
+/// The fixed IPv6 header, addresses as 4-byte words in wire order.
+#[repr(C)]
+struct Ipv6Header {
+    version_class_flow: [u8; 4],
+    payload_len: [u8; 2],
+    next: u8,
+    hop_limit: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+}
+
+/// An address as 4-byte words in wire order; IPv4 in the first word, the rest zero.
+type Addr = [u32; 4];
+
 #[inline(always)]
 fn ipv4(ctx: &XdpContext) -> Verdict {
     // Without the fixed header neither destination nor protocol can be read: not
     // identifiable as the service's; the kernel drops such a packet itself.
-    let Some(header) = ptr_at::<[u8; 20]>(ctx, ETH_HLEN) else {
+    let Some(header) = ptr_at::<Ipv4Header>(ctx, ETH_HLEN) else {
         return NOT_OURS;
     };
-    // SAFETY: bounds checked by ptr_at.
+    // SAFETY: bounds checked by ptr_at. The 4-byte address fields may be unaligned
+    // in the packet: the verifier accepts unaligned packet loads (the program is not
+    // loaded with BPF_F_STRICT_ALIGNMENT) and the JITs that run XDP do them.
     let h = unsafe { &*header };
-    if h[0] >> 4 != 4 || h[9] != IPPROTO_UDP {
+    if h.version_ihl >> 4 != 4 || h.protocol != IPPROTO_UDP {
         return NOT_OURS;
     }
-    let fragment = u16::from_be_bytes([h[6], h[7]]);
+    let fragment = u16::from_be_bytes(h.fragment);
     if fragment & 0x1fff != 0 {
         return FRAGMENT;
     }
@@ -163,11 +221,10 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
     let Some(slot) = ruleset_slot() else {
         return NOT_OURS;
     };
-    let src = [h[12], h[13], h[14], h[15]];
-    let mut dst = [0u8; 16];
-    dst[..4].copy_from_slice(&h[16..20]);
-    let ihl = ((h[0] & 0x0f) as usize) * 4;
-    let total_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    let src = h.src;
+    let dst = [h.dst, 0, 0, 0];
+    let ihl = ((h.version_ihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes(h.total_len) as usize;
     let frame_ip_len = ctx.data_end() - ctx.data() - ETH_HLEN;
 
     // The UDP header at IHL (options skipped). `ihl` is at most 60 here, which
@@ -181,7 +238,8 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
         Some(udp) => {
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
-            let Some(rule) = listener(slot, &dst, FAMILY_V4, [udp[2], udp[3]]) else {
+            let port = u16::from_be_bytes([udp[2], udp[3]]);
+            let Some(rule) = listener(slot, FAMILY_V4, &dst, port) else {
                 return NOT_OURS;
             };
             let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
@@ -190,7 +248,7 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
                 || udp_len_malformed(udp_len, total_len - ihl, more_fragments);
             (rule, malformed)
         }
-        None => match listener(slot, &dst, FAMILY_V4, [0, 0]) {
+        None => match listener(slot, FAMILY_V4, &dst, 0) {
             Some(rule) => (rule, true),
             None => return NOT_OURS,
         },
@@ -198,39 +256,56 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
     if malformed && rule.flags & RULE_DROP_MALFORMED != 0 {
         return (XDP_DROP, counter::MALFORMED);
     }
-    match PREFIXES_V4
-        .get(slot)
-        .and_then(|trie| trie.get(&Key::new(32, src)))
-    {
-        Some(&verdict) if verdict == VERDICT_DENY => return (XDP_DROP, counter::DENIED),
-        Some(&verdict) if verdict == VERDICT_NOT_ALLOWED => {
-            return (XDP_DROP, counter::NOT_ALLOWED);
-        }
+    match prefix_v4(slot, u32::from_be(src)) {
+        VERDICT_DENY => return (XDP_DROP, counter::DENIED),
+        VERDICT_NOT_ALLOWED => return (XDP_DROP, counter::NOT_ALLOWED),
         _ => {}
     }
-    let mut source = [0u8; 16];
-    source[..4].copy_from_slice(&src);
-    rate_limit(&rule, source, FAMILY_V4)
+    rate_limit(&rule, [src, 0, 0, 0], FAMILY_V4)
+}
+
+/// The verdict of the longest IPv4 prefix covering `src` (host order), or 0: at
+/// most three inlined array reads (see `supervisor_common::xdp::v4_table`).
+#[inline(always)]
+fn prefix_v4(slot: u32, src: u32) -> u32 {
+    let Some(first) = PREFIXES_V4.get(slot) else {
+        return 0;
+    };
+    let mut entry = first.get(src >> 16).copied().unwrap_or(0);
+    if entry & v4_table::CHUNK != 0 {
+        let Some(chunks) = PREFIXES_V4_CHUNKS.get(slot) else {
+            return 0;
+        };
+        let at = |entry: u32, bits: u32| {
+            (entry & !v4_table::CHUNK) * v4_table::CHUNK_ENTRIES + (bits & 0xff)
+        };
+        entry = chunks.get(at(entry, src >> 8)).copied().unwrap_or(0);
+        if entry & v4_table::CHUNK != 0 {
+            entry = chunks.get(at(entry, src)).copied().unwrap_or(0);
+        }
+    }
+    if entry == 0 {
+        entry = first.get(v4_table::DEFAULT_INDEX).copied().unwrap_or(0);
+    }
+    entry
 }
 
 #[inline(always)]
 fn ipv6(ctx: &XdpContext) -> Verdict {
-    let Some(header) = ptr_at::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN) else {
+    let Some(header) = ptr_at::<Ipv6Header>(ctx, ETH_HLEN) else {
         return NOT_OURS;
     };
-    // SAFETY: bounds checked by ptr_at.
+    // SAFETY: bounds checked by ptr_at; unaligned word loads as in `ipv4`.
     let h = unsafe { &*header };
-    if h[0] >> 4 != 6 {
+    if h.version_class_flow[0] >> 4 != 6 {
         return NOT_OURS;
     }
-    let payload_len = u16::from_be_bytes([h[4], h[5]]) as usize;
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&h[8..24]);
-    let mut dst = [0u8; 16];
-    dst.copy_from_slice(&h[24..40]);
+    let payload_len = u16::from_be_bytes(h.payload_len) as usize;
+    let src: Addr = h.src;
+    let dst: Addr = h.dst;
 
     // Walk the extension headers to the UDP header.
-    let mut next = h[6];
+    let mut next = h.next;
     let mut offset = ETH_HLEN + IPV6_HLEN;
     let mut more_fragments = false;
     let mut udp_at = None;
@@ -290,7 +365,8 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
         Some((at, udp)) => {
             // SAFETY: bounds checked by ptr_at.
             let udp = unsafe { &*udp };
-            let Some(rule) = listener(slot, &dst, FAMILY_V6, [udp[2], udp[3]]) else {
+            let port = u16::from_be_bytes([udp[2], udp[3]]);
+            let Some(rule) = listener(slot, FAMILY_V6, &dst, port) else {
                 return NOT_OURS;
             };
             let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
@@ -303,7 +379,7 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
         }
         // Cut short, too long a chain, or the UDP header missing: malformed if it is
         // addressed to the service (see the module docs).
-        None => match listener(slot, &dst, FAMILY_V6, [0, 0]) {
+        None => match listener(slot, FAMILY_V6, &dst, 0) {
             Some(rule) => (rule, true),
             None => return NOT_OURS,
         },
@@ -313,7 +389,7 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
     }
     match PREFIXES_V6
         .get(slot)
-        .and_then(|trie| trie.get(&Key::new(128, src)))
+        .and_then(|trie| trie.get(&Key::new(128, address_bytes(&src))))
     {
         Some(&verdict) if verdict == VERDICT_DENY => return (XDP_DROP, counter::DENIED),
         Some(&verdict) if verdict == VERDICT_NOT_ALLOWED => {
@@ -322,6 +398,14 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
         _ => {}
     }
     rate_limit(&rule, src, FAMILY_V6)
+}
+
+/// The 16 bytes of an address in wire order.
+#[inline(always)]
+fn address_bytes(addr: &Addr) -> [u8; 16] {
+    // SAFETY: four u32 and sixteen u8 have the same size and every bit pattern is
+    // valid for both; the words hold the bytes in wire order.
+    unsafe { core::mem::transmute::<Addr, [u8; 16]>(*addr) }
 }
 
 /// Whether the UDP length field disagrees with the IP payload carrying it. In a
@@ -337,66 +421,70 @@ fn udp_len_malformed(udp_len: usize, ip_payload: usize, more_fragments: bool) ->
         }
 }
 
-/// The rule for a listener: exact destination first, then the family's wildcard.
+/// The rule for a datagram to (`dst`, `port`), if a listener takes it: one inlined
+/// read of the port's `LISTENER_PORTS` entry, and a `LISTENERS` hash lookup only
+/// when several addresses of the family listen on that port.
 #[inline(always)]
-#[expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "passed by value, the keys are copied before each lookup: with `listener` and `rate_limit` so changed the filter grew from 1085 to 1324 instructions"
-)]
-fn listener(slot: u32, dst: &[u8; 16], family: u8, port: [u8; 2]) -> Option<ListenerRule> {
-    let listeners = LISTENERS.get(slot)?;
-    let mut key = ListenerKey {
-        addr: *dst,
-        port,
+fn listener(slot: u32, family: u8, dst: &Addr, port: u16) -> Option<ListenerRule> {
+    let entry = LISTENER_PORTS.get(slot)?.get(u32::from(port))?;
+    let (any, one, many) = if family == FAMILY_V4 {
+        (PORT_V4_ANY, PORT_V4_ONE, PORT_V4_MANY)
+    } else {
+        (PORT_V6_ANY, PORT_V6_ONE, PORT_V6_MANY)
+    };
+    let matches_one = || {
+        if family == FAMILY_V4 {
+            u32::from_ne_bytes(entry.v4) == dst[0]
+        } else {
+            address_bytes(dst) == entry.v6
+        }
+    };
+    if entry.flags & any != 0 || (entry.flags & one != 0 && matches_one()) {
+        return RULES.get(slot).copied();
+    }
+    if entry.flags & many == 0 {
+        return None;
+    }
+    let key = ListenerKey {
+        addr: address_bytes(dst),
+        port: port.to_be_bytes(),
         family,
         _pad: 0,
     };
-    if let Some(rule) = listeners.get_ptr(&key) {
-        // SAFETY: user space never changes a ruleset's table after installing it,
-        // so the entry cannot be reused under us.
-        return Some(unsafe { *rule });
-    }
-    key.addr = [0; 16];
-    // SAFETY: as above.
-    listeners.get_ptr(&key).map(|rule| unsafe { *rule })
+    let rule = LISTENERS.get(slot)?.get_ptr(key)?;
+    // SAFETY: user space never changes a ruleset's table after installing it, so
+    // the entry cannot be reused under us.
+    Some(unsafe { *rule })
 }
 
-/// GCRA: admit when the source's theoretical arrival time is at most
-/// `tolerance_ns` ahead of now, then move it one interval on.
+/// GCRA: admit when the source bucket's theoretical arrival time is at most
+/// `tolerance_ns` ahead of now, then move it one interval on. The bucket is an
+/// inlined array read (see `supervisor_common::xdp::RATE_BUCKETS`); the time is the
+/// tick's, `bpf_jiffies64` (inlined) times the tick length user space stored: no
+/// call, where `bpf_ktime_get_ns` costs about 40 ns here (docs/xdp-cost.md; the
+/// accuracy this gives is in docs/config.md).
 #[inline(always)]
-#[expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "passed by value, the keys are copied before each lookup: with `listener` and `rate_limit` so changed the filter grew from 1085 to 1324 instructions"
-)]
-fn rate_limit(rule: &ListenerRule, addr: [u8; 16], family: u8) -> Verdict {
+fn rate_limit(rule: &ListenerRule, addr: Addr, family: u8) -> Verdict {
     if rule.flags & RULE_RATE_LIMIT == 0 {
         return PASSED;
     }
-    let key = SourceKey {
-        addr,
-        family,
-        _pad: [0; 3],
+    let seed = RATE.get(RATE_SEED_INDEX).copied().unwrap_or(0);
+    let Some(tat) = RATE.get_ptr_mut(rate_bucket(seed, family, addr)) else {
+        return PASSED;
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match RATE.get_ptr_mut(&key) {
-        Some(tat) => {
-            // SAFETY: a value pointer from a successful lookup; a concurrent
-            // eviction can at worst make this update land in a recycled entry,
-            // which costs one source one token.
-            let current = unsafe { *tat };
-            if current > now + rule.tolerance_ns {
-                return (XDP_DROP, counter::RATE_LIMITED);
-            }
-            let base = if current > now { current } else { now };
-            // SAFETY: as above; one aligned 8-byte store.
-            unsafe { *tat = base + rule.interval_ns };
-        }
-        None => {
-            // A full table evicts its least recently used source.
-            let _ = RATE.insert(&key, now + rule.interval_ns, BPF_ANY as u64);
-        }
+    let tick_ns = RATE.get(RATE_TICK_NS_INDEX).copied().unwrap_or(0);
+    // SAFETY: a helper without arguments (the verifier inlines it: a load of jiffies).
+    let now = unsafe { bpf_jiffies64() } * tick_ns;
+    // SAFETY: a pointer into a preallocated array, valid while the program runs.
+    // Two CPUs updating one bucket at once may both admit a datagram (see the
+    // module docs).
+    let current = unsafe { *tat };
+    if current > now + rule.tolerance_ns {
+        return (XDP_DROP, counter::RATE_LIMITED);
     }
+    let base = if current > now { current } else { now };
+    // SAFETY: as above; one aligned 8-byte store.
+    unsafe { *tat = base + rule.interval_ns };
     PASSED
 }
 

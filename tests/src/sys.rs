@@ -164,6 +164,72 @@ pub fn load_select_first_program(sockarray: BorrowedFd<'_>) -> io::Result<OwnedF
     )
 }
 
+/// A clock helper an XDP floor may call (the value is the helper's number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpClock {
+    /// `bpf_ktime_get_ns`: the monotonic clock, read from the clocksource.
+    Ktime = 5,
+    /// `bpf_ktime_get_coarse_ns`: the monotonic clock as of the last tick.
+    Coarse = 160,
+    /// `bpf_jiffies64`: the tick counter (inlined by the verifier on 64-bit JITs).
+    Jiffies = 118,
+}
+
+/// An XDP floor that looks `key` up in `map` if given (one `bpf_map_lookup_elem`,
+/// which the verifier turns into a direct call to the map type's lookup, as for the
+/// filter's own maps), after a call of `clock` when given, and drops
+/// the packet. `key` is stored on the stack in 4-byte words, so its length must be a
+/// multiple of 4 (at most 64 bytes). With an LRU hash of 20-byte keys and the clock it
+/// is the least a per-source rate limit pays; with an LPM trie, one prefix lookup.
+pub fn load_xdp_lookup_program(
+    map: Option<BorrowedFd<'_>>,
+    key: &[u8],
+    clock: Option<XdpClock>,
+    name: &[u8],
+) -> io::Result<OwnedFd> {
+    const MOV64_X: u8 = 0x07 | 0xb0 | 0x08;
+    const MOV64_K: u8 = 0x07 | 0xb0;
+    const ADD64_K: u8 = 0x07;
+    const ST_MEM_W: u8 = 0x02 | 0x60;
+    const LD_IMM64: u8 = 0x18;
+    const CALL: u8 = 0x05 | 0x80;
+    const EXIT: u8 = 0x05 | 0x90;
+    const BPF_PSEUDO_MAP_FD: u8 = 1;
+    const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+    if !key.len().is_multiple_of(4) || key.is_empty() || key.len() > 64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "key length must be a multiple of 4 from 4 to 64",
+        ));
+    }
+    let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| Insn {
+        code,
+        regs: dst | (src << 4),
+        off,
+        imm,
+    };
+    let base = -(key.len() as i16);
+    let mut insns = Vec::new();
+    for (i, word) in key.chunks(4).enumerate() {
+        let value = i32::from_ne_bytes([word[0], word[1], word[2], word[3]]);
+        insns.push(insn(ST_MEM_W, 10, 0, base + 4 * i as i16, value));
+    }
+    if let Some(clock) = clock {
+        insns.push(insn(CALL, 0, 0, 0, clock as i32));
+    }
+    if let Some(map) = map {
+        insns.extend([
+            insn(LD_IMM64, 1, BPF_PSEUDO_MAP_FD, 0, map.as_raw_fd()), // r1 = map
+            insn(0, 0, 0, 0, 0),
+            insn(MOV64_X, 2, 10, 0, 0), // r2 = &key
+            insn(ADD64_K, 2, 0, 0, i32::from(base)),
+            insn(CALL, 0, 0, 0, BPF_FUNC_MAP_LOOKUP_ELEM),
+        ]);
+    }
+    insns.extend([insn(MOV64_K, 0, 0, 0, XDP_DROP), insn(EXIT, 0, 0, 0, 0)]);
+    load_program(BPF_PROG_TYPE_XDP, BPF_XDP, &insns, name)
+}
+
 /// Loads the two-instruction program `r0 = ret; exit` of type `prog_type`.
 fn load_return_program(
     prog_type: u32,

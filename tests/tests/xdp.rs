@@ -857,6 +857,75 @@ fn rules_change_under_load_loses_nothing_and_keeps_the_link() {
 }
 
 /// The rate limit admits a burst, then the sustained rate, per source.
+/// The listener match by port: several addresses of a family on one port (the hash),
+/// a wildcard, one address, and a port without listeners. Every frame comes from a
+/// denied source, so a listener match shows as `denied` and a miss as `not_ours`.
+#[test]
+fn listeners_match_by_port_with_one_several_or_any_address() {
+    let lab = Lab::new();
+    let source = lab.source(2);
+    let mut config = lab.config();
+    config.deny = vec![lab.prefix(2, 32)];
+    let other = |host: u8| Ipv4Addr::new(10, 200, lab.subnet, host);
+    let listeners = [
+        lab.listener(PORT),
+        SocketAddr::new(other(77).into(), PORT),
+        SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), PORT + 1),
+        SocketAddr::new(other(78).into(), PORT + 2),
+    ];
+    let filter = lab.start(&config, &listeners).expect("start the filter");
+    let cases = [
+        (
+            "the first of two addresses on a port",
+            lab.server_addr(),
+            PORT,
+            true,
+        ),
+        (
+            "the second of two addresses on a port",
+            other(77),
+            PORT,
+            true,
+        ),
+        ("a third address on that port", other(99), PORT, false),
+        (
+            "any address on a wildcard's port",
+            other(99),
+            PORT + 1,
+            true,
+        ),
+        (
+            "another address on a one-address port",
+            lab.server_addr(),
+            PORT + 2,
+            false,
+        ),
+        ("the one address on its port", other(78), PORT + 2, true),
+        (
+            "a port without listeners",
+            lab.server_addr(),
+            PORT + 3,
+            false,
+        ),
+    ];
+    let mut expected_denied = 0;
+    for (what, dst, port, ours) in cases {
+        let before = filter.status().counters;
+        let frame = Ipv4Packet::new(source, dst, lab.client_mac, lab.server_mac)
+            .udp(port, &[1, 2, 3], None)
+            .frame();
+        lab.send_frames(&[frame]);
+        let after = if ours {
+            expected_denied += 1;
+            counters_when(&filter, |c| c.denied > before.denied)
+        } else {
+            counters_when(&filter, |c| c.not_ours > before.not_ours)
+        };
+        assert_eq!(after.denied, expected_denied, "{what}: {after:?}");
+    }
+    drop(filter);
+}
+
 #[test]
 fn rate_limit_is_per_source() {
     let lab = Lab::new();
@@ -1175,6 +1244,21 @@ fn bad_input_attaches_nothing() {
         burst: None,
     });
     refused(&config, "xdp.rate_limit.packets_per_second");
+    // Within the prefix count, but beyond the IPv4 table: every /32 in its own /16
+    // takes two of its 4 096 chunks.
+    let mut config = lab.config();
+    config.deny = (0..2049u32)
+        .map(|i| format!("{}.{}.0.1/32", 1 + i / 256, i % 256))
+        .collect();
+    refused(
+        &config,
+        "xdp.deny/xdp.allow: the IPv4 prefixes need 4098 tables",
+    );
+    let mut config = lab.config();
+    config.rate_limit = Some(RateLimit {
+        packets_per_second: 0,
+        burst: None,
+    });
 
     // validate() names the file too.
     let err = config

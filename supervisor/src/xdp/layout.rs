@@ -10,8 +10,10 @@ use crate::ebpf::XDP_OBJECT;
 
 #[derive(Clone)]
 pub(super) struct InnerDefinitions {
+    pub(super) listener_ports: aya_obj::Map,
     pub(super) listeners: aya_obj::Map,
     pub(super) prefixes_v4: aya_obj::Map,
+    pub(super) prefixes_v4_chunks: aya_obj::Map,
     pub(super) prefixes_v6: aya_obj::Map,
 }
 
@@ -45,8 +47,10 @@ impl ObjectLayout {
             ))
         };
         let inner = InnerDefinitions {
+            listener_ports: inner(map_names::LISTENER_PORTS)?,
             listeners: inner(map_names::LISTENERS)?,
             prefixes_v4: inner(map_names::PREFIXES_V4)?,
+            prefixes_v4_chunks: inner(map_names::PREFIXES_V4_CHUNKS)?,
             prefixes_v6: inner(map_names::PREFIXES_V6)?,
         };
         // FNV-1a: stable across builds and Rust versions (unlike std's hasher).

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, os::fd::AsFd, path::Path};
 use anyhow::{Context, Result};
 use aya::{
     EbpfLoader,
-    maps::{ArrayOfMaps, Map, PerCpuArray},
+    maps::{Array, ArrayOfMaps, Map, PerCpuArray},
     programs::{
         ProgramInfo, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, LinkType, PinnedLink},
@@ -153,11 +153,15 @@ impl XdpFilter {
                 .with_context(|| format!("the eBPF object has no map {name}"))
         };
         let control_map = take(map_names::CONTROL)?;
+        let listener_ports = ArrayOfMaps::try_from(take(map_names::LISTENER_PORTS)?)?;
+        let rules = Array::try_from(take(map_names::RULES)?)?;
         let listeners = ArrayOfMaps::try_from(take(map_names::LISTENERS)?)?;
         let prefixes_v4 = ArrayOfMaps::try_from(take(map_names::PREFIXES_V4)?)?;
+        let prefixes_v4_chunks = ArrayOfMaps::try_from(take(map_names::PREFIXES_V4_CHUNKS)?)?;
         let prefixes_v6 = ArrayOfMaps::try_from(take(map_names::PREFIXES_V6)?)?;
         let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
-        let rate = take(map_names::RATE)?;
+        let mut rate = take(map_names::RATE)?;
+        super::rulesets::seed_rate_buckets(&mut rate)?;
         let Map::Array(control_data) = &control_map else {
             anyhow::bail!(
                 "the XDP filter's {} map is not an array",
@@ -170,8 +174,11 @@ impl XdpFilter {
         let mut maps = FilterMaps {
             layout: object.fingerprint,
             control,
+            listener_ports,
+            rules,
             listeners,
             prefixes_v4,
+            prefixes_v4_chunks,
             prefixes_v6,
             counters,
             inner: object.inner.clone(),

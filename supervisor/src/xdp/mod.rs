@@ -36,6 +36,7 @@ mod netlink;
 pub mod rules;
 mod rulesets;
 mod status;
+pub mod v4_table;
 
 use std::{
     net::SocketAddr,

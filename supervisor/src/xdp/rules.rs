@@ -7,11 +7,12 @@ use std::{
 };
 
 use supervisor_common::xdp::{
-    FAMILY_V4, FAMILY_V6, ListenerKey, ListenerRule, MAX_LISTENER_KEYS, MAX_PREFIXES,
+    FAMILY_V4, FAMILY_V6, ListenerKey, ListenerPort, ListenerRule, MAX_LISTENER_KEYS, MAX_PREFIXES,
+    PORT_V4_ANY, PORT_V4_MANY, PORT_V4_ONE, PORT_V6_ANY, PORT_V6_MANY, PORT_V6_ONE,
     RULE_DROP_MALFORMED, RULE_RATE_LIMIT, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NOT_ALLOWED,
 };
 
-use super::XdpConfig;
+use super::{XdpConfig, v4_table::V4Table};
 
 /// A source prefix with its host bits zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,11 +86,17 @@ pub fn parse_prefix(text: &str) -> Result<Prefix, String> {
 /// The entries of one ruleset's maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ruleset {
-    /// (prefix length, address, verdict) for `PREFIXES_V4`.
+    /// (prefix length, address, verdict), resolved so the longest match answers.
     pub v4: Vec<(u32, [u8; 4], u32)>,
+    /// `v4` expanded for `PREFIXES_V4` and `PREFIXES_V4_CHUNKS`.
+    pub v4_table: V4Table,
     /// (prefix length, address, verdict) for `PREFIXES_V6`.
     pub v6: Vec<(u32, [u8; 16], u32)>,
     pub listeners: Vec<(ListenerKey, ListenerRule)>,
+    /// The non-empty `LISTENER_PORTS` entries, by port.
+    pub ports: Vec<(u16, ListenerPort)>,
+    /// The one rule every listener of the ruleset has (`RULES`).
+    pub rule: ListenerRule,
 }
 
 /// A bad key and what is wrong with it, e.g. ("xdp.deny[2]", "... is not a prefix").
@@ -206,6 +213,8 @@ pub fn compile(config: &XdpConfig, listeners: &[SocketAddr]) -> Result<Ruleset, 
     // Deterministic order, for tests and for reading a dump.
     ruleset.v4.sort();
     ruleset.v6.sort();
+    ruleset.v4_table =
+        super::v4_table::expand(&ruleset.v4).map_err(|m| error("xdp.deny/xdp.allow", m))?;
 
     let rule = ListenerRule {
         flags,
@@ -234,7 +243,48 @@ pub fn compile(config: &XdpConfig, listeners: &[SocketAddr]) -> Result<Ruleset, 
     ruleset
         .listeners
         .sort_by_key(|(key, _)| (key.family, key.addr, key.port));
+    ruleset.ports = listener_ports(listeners);
+    ruleset.rule = rule;
     Ok(ruleset)
+}
+
+/// The `LISTENER_PORTS` entries: per port (and port 0 for "any port"), whether a
+/// family has a wildcard listener, exactly one address, or several (then the
+/// program asks the `LISTENERS` hash).
+fn listener_ports(listeners: &[SocketAddr]) -> Vec<(u16, ListenerPort)> {
+    let mut ports: HashMap<u16, ListenerPort> = HashMap::new();
+    for address in listeners {
+        for port in [address.port(), 0] {
+            let entry = ports.entry(port).or_default();
+            let (any, one, many) = match address.ip() {
+                IpAddr::V4(_) => (PORT_V4_ANY, PORT_V4_ONE, PORT_V4_MANY),
+                IpAddr::V6(_) => (PORT_V6_ANY, PORT_V6_ONE, PORT_V6_MANY),
+            };
+            if address.ip().is_unspecified() {
+                entry.flags |= any;
+                continue;
+            }
+            let same = match address.ip() {
+                IpAddr::V4(a) => entry.v4 == a.octets(),
+                IpAddr::V6(a) => entry.v6 == a.octets(),
+            };
+            if entry.flags & many != 0 || (entry.flags & one != 0 && same) {
+                continue;
+            }
+            if entry.flags & one != 0 {
+                entry.flags = (entry.flags & !one) | many;
+                continue;
+            }
+            entry.flags |= one;
+            match address.ip() {
+                IpAddr::V4(a) => entry.v4 = a.octets(),
+                IpAddr::V6(a) => entry.v6 = a.octets(),
+            }
+        }
+    }
+    let mut ports: Vec<(u16, ListenerPort)> = ports.into_iter().collect();
+    ports.sort_by_key(|(port, _)| *port);
+    ports
 }
 
 /// The listener table key for (address, port); see `ListenerKey`.
@@ -366,9 +416,39 @@ mod tests {
             vec![(4, [0, 0]), (4, [0, 53]), (6, [0, 0]), (6, [0, 53])]
         );
         let rule = ruleset.listeners[0].1;
+        assert_eq!(ruleset.rule, rule);
         assert_eq!(rule.flags, RULE_DROP_MALFORMED | RULE_RATE_LIMIT);
         assert_eq!(rule.interval_ns, 1_000_000);
         assert_eq!(rule.tolerance_ns, 9_000_000);
         assert_eq!(&ruleset.listeners[1].0.addr[..4], &[10, 0, 0, 1]);
+    }
+
+    #[test]
+    fn listener_ports_say_any_one_or_many() {
+        let listeners: Vec<SocketAddr> = [
+            "10.0.0.1:53",
+            "10.0.0.2:53",
+            "[2001:db8::1]:53",
+            "0.0.0.0:123",
+            "10.0.0.1:123",
+            "[::]:5353",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let ports = listener_ports(&listeners);
+        let flags: Vec<(u16, u32)> = ports.iter().map(|(p, e)| (*p, e.flags)).collect();
+        assert_eq!(
+            flags,
+            vec![
+                (0, PORT_V4_ANY | PORT_V4_MANY | PORT_V6_ANY | PORT_V6_ONE),
+                (53, PORT_V4_MANY | PORT_V6_ONE),
+                (123, PORT_V4_ANY | PORT_V4_ONE),
+                (5353, PORT_V6_ANY),
+            ]
+        );
+        let v6: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(ports[1].1.v6, v6.octets());
+        assert_eq!(ports[2].1.v4, [10, 0, 0, 1]);
     }
 }

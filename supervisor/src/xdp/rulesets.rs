@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use aya::maps::{ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use aya::maps::{Array, ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use supervisor_common::xdp::{
-    ListenerKey, ListenerRule, RULESET_SLOTS, RulesetControl, XdpCounter, counter,
+    ListenerKey, ListenerRule, RATE_SEED_INDEX, RATE_TICK_NS_INDEX, RULESET_SLOTS, RulesetControl,
+    XdpCounter, counter, v4_table,
 };
 
 use super::{XdpConfig, XdpCounters, layout::InnerDefinitions, rules};
@@ -16,8 +17,12 @@ use crate::sys::ControlWord;
 pub(super) struct FilterMaps {
     pub(super) layout: u16,
     pub(super) control: ControlWord,
+    pub(super) listener_ports: ArrayOfMaps<MapData, MapData>,
+    /// Written in place: the slot's entry, before the switch to that slot.
+    pub(super) rules: Array<MapData, ListenerRule>,
     pub(super) listeners: ArrayOfMaps<MapData, MapData>,
     pub(super) prefixes_v4: ArrayOfMaps<MapData, MapData>,
+    pub(super) prefixes_v4_chunks: ArrayOfMaps<MapData, MapData>,
     pub(super) prefixes_v6: ArrayOfMaps<MapData, MapData>,
     pub(super) counters: PerCpuArray<MapData, XdpCounter>,
     /// The inner map definitions from the object, for building rulesets that the
@@ -31,8 +36,11 @@ pub(super) struct FilterMaps {
 /// Dropping it discards the maps.
 pub struct PreparedRuleset {
     pub(super) config: XdpConfig,
+    pub(super) rule: ListenerRule,
+    pub(super) listener_ports: MapData,
     pub(super) listeners: MapData,
     pub(super) prefixes_v4: MapData,
+    pub(super) prefixes_v4_chunks: MapData,
     pub(super) prefixes_v6: MapData,
     /// IPv4 prefixes, IPv6 prefixes, listener entries: for the log.
     pub(super) sizes: (usize, usize, usize),
@@ -49,10 +57,44 @@ impl FilterMaps {
         let next = RulesetControl::from_word(self.control.load(0))
             .generation
             .wrapping_add(1);
+        let chunk_entries = ruleset
+            .v4_table
+            .chunks
+            .iter()
+            .enumerate()
+            .flat_map(|(n, chunk)| {
+                let base = n as u32 * v4_table::CHUNK_ENTRIES;
+                chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v != 0)
+                    .map(move |(i, v)| (base + i as u32, *v))
+            });
         Ok(PreparedRuleset {
             config: config.clone(),
+            rule: ruleset.rule,
+            listener_ports: build_array(
+                &self.inner.listener_ports,
+                &format!("lpt_g{next}"),
+                ruleset
+                    .ports
+                    .iter()
+                    .map(|(port, entry)| (u32::from(*port), *entry)),
+            )
+            .context("building the XDP listener port table")?,
             listeners: build_listeners(&self.inner.listeners, next, &ruleset.listeners)?,
-            prefixes_v4: build_trie::<4>(&self.inner.prefixes_v4, "v4", next, &ruleset.v4)?,
+            prefixes_v4: build_array(
+                &self.inner.prefixes_v4,
+                &format!("v4_g{next}"),
+                ruleset.v4_table.first.iter().copied(),
+            )
+            .context("building the XDP IPv4 prefix table")?,
+            prefixes_v4_chunks: build_array(
+                &self.inner.prefixes_v4_chunks,
+                &format!("v4c_g{next}"),
+                chunk_entries,
+            )
+            .context("building the XDP IPv4 prefix chunks")?,
             prefixes_v6: build_trie::<16>(&self.inner.prefixes_v6, "v6", next, &ruleset.v6)?,
             sizes: (ruleset.v4.len(), ruleset.v6.len(), ruleset.listeners.len()),
         })
@@ -78,12 +120,21 @@ impl FilterMaps {
             // wait was for an earlier switch: wait here (this blocks the thread).
             ReadersGone::wait_blocking(current.generation);
         }
+        self.rules
+            .set(slot, prepared.rule, 0)
+            .context("storing the listener rule in its ruleset slot")?;
+        self.listener_ports
+            .set(slot, &prepared.listener_ports, 0)
+            .context("storing the listener port table in its ruleset slot")?;
         self.listeners
             .set(slot, &prepared.listeners, 0)
             .context("storing the listener table in its ruleset slot")?;
         self.prefixes_v4
             .set(slot, &prepared.prefixes_v4, 0)
             .context("storing the IPv4 prefixes in their ruleset slot")?;
+        self.prefixes_v4_chunks
+            .set(slot, &prepared.prefixes_v4_chunks, 0)
+            .context("storing the IPv4 prefix chunks in their ruleset slot")?;
         self.prefixes_v6
             .set(slot, &prepared.prefixes_v6, 0)
             .context("storing the IPv6 prefixes in their ruleset slot")?;
@@ -160,6 +211,59 @@ fn build_listeners(
     }
     let Map::HashMap(data) = map else {
         unreachable!("constructed as a HashMap above")
+    };
+    Ok(data)
+}
+
+/// Stores the kernel's tick length (`RATE_TICK_NS_INDEX`, the program's clock
+/// unit) and gives a fresh rate table its random hash seed (`RATE_SEED_INDEX`); a
+/// pinned table keeps its seed, so its sources stay in their buckets across restarts.
+pub(super) fn seed_rate_buckets(rate: &mut Map) -> Result<()> {
+    let mut table = Array::<_, u64>::try_from(rate).context("opening the XDP rate table")?;
+    // The coarse clocks advance once per tick; their resolution is the tick length.
+    let tick = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .context("reading the kernel's tick length (clock_getres)")?;
+    let tick_ns = (tick.tv_sec() as u64) * 1_000_000_000 + tick.tv_nsec() as u64;
+    anyhow::ensure!(
+        tick_ns > 0,
+        "the kernel reports a tick of 0 ns for CLOCK_MONOTONIC_COARSE"
+    );
+    table
+        .set(RATE_TICK_NS_INDEX, tick_ns, 0)
+        .context("storing the kernel's tick length for the XDP rate limit")?;
+    if table.get(&RATE_SEED_INDEX, 0)? != 0 {
+        return Ok(());
+    }
+    let mut bytes = [0u8; 8];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?,
+        &mut bytes,
+    )
+    .context("reading /dev/urandom")?;
+    table
+        .set(RATE_SEED_INDEX, u64::from_ne_bytes(bytes).max(1), 0)
+        .context("storing the XDP rate table's hash seed")?;
+    Ok(())
+}
+
+/// A fresh inner array with these (index, value) entries; the rest stays zero.
+fn build_array<T: aya::Pod>(
+    definition: &aya_obj::Map,
+    name: &str,
+    entries: impl Iterator<Item = (u32, T)>,
+) -> Result<MapData> {
+    let data = MapData::create(definition.clone(), name, None).context("creating the map")?;
+    let mut map = Map::Array(data);
+    {
+        let mut array = Array::<_, T>::try_from(&mut map)?;
+        for (index, value) in entries {
+            array
+                .set(index, value, 0)
+                .with_context(|| format!("filling entry {index}"))?;
+        }
+    }
+    let Map::Array(data) = map else {
+        unreachable!("constructed as an Array above")
     };
     Ok(data)
 }

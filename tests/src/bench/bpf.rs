@@ -23,6 +23,7 @@ use nix::sys::socket::{
 };
 
 use crate::sys;
+pub use crate::sys::XdpClock;
 
 /// The selector's program name (`supervisor_common::program_names::SELECTOR`).
 pub const SELECTOR_NAME: &str = "select_socket";
@@ -195,6 +196,108 @@ pub fn attach_xdp_floor(ifindex: u32, native: bool) -> Result<(OwnedFd, OwnedFd,
         )
     })?;
     Ok((program, link, id))
+}
+
+/// A floor for part of the XDP filter's work, loaded next to the empty program.
+pub enum XdpLookupFloor<'a> {
+    /// A clock helper (when `clock`) and one lookup of a `key_len`-byte source
+    /// key (when not 0) that hits in an `LRU_HASH` with `u64` values, like the
+    /// filter's `RATE` (20-byte keys): with both, the least a per-source rate limit
+    /// pays.
+    RateEntry {
+        clock: Option<XdpClock>,
+        key_len: u32,
+    },
+    /// One lookup of `source` in an `LPM_TRIE` holding these IPv4 prefixes
+    /// (prefix length, address): what one trie walk costs.
+    PrefixTrie {
+        prefixes: &'a [(u32, [u8; 4])],
+        source: [u8; 4],
+    },
+}
+
+/// Loads a lookup floor ([`crate::sys::load_xdp_lookup_program`] over a map built
+/// here) and attaches it to interface `ifindex` like [`attach_xdp_floor`]. Returns
+/// the map (to keep until measured), the program's and the link's fds, and the
+/// program's id.
+pub fn attach_xdp_lookup_floor(
+    ifindex: u32,
+    native: bool,
+    floor: XdpLookupFloor<'_>,
+) -> Result<(aya::maps::Map, OwnedFd, OwnedFd, u32), String> {
+    use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+    use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_LRU_HASH};
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let (map, key, clock, name): (Map, Vec<u8>, Option<XdpClock>, &[u8]) = match floor {
+        XdpLookupFloor::RateEntry { clock, key_len: 0 } => {
+            let program = sys::load_xdp_lookup_program(None, &[0; 4], clock, b"xdp_clock")
+                .map_err(|e| format!("load the clock floor: {e}"))?;
+            let id = program_id(&program)?;
+            let link = sys::attach_xdp_link(program.as_fd(), ifindex, native)
+                .map_err(|e| format!("attach the clock floor: {e}"))?;
+            // An unused map, so every floor returns the same shape.
+            let def = aya_obj::Map::new_from_params(BPF_MAP_TYPE_LRU_HASH as u32, 4, 8, 16, 0);
+            let data = MapData::create(def, "floor_none", None)
+                .map_err(|e| format!("create the floor's map: {e}"))?;
+            return Ok((Map::LruHashMap(data), program, link, id));
+        }
+        XdpLookupFloor::RateEntry { clock, key_len } => {
+            let def = aya_obj::Map::new_from_params(
+                BPF_MAP_TYPE_LRU_HASH as u32,
+                key_len,
+                8,
+                64 * 1024,
+                0,
+            );
+            let data = MapData::create(def, "floor_rate", None)
+                .map_err(|e| format!("create the floor's LRU hash: {e}"))?;
+            let mut map = Map::LruHashMap(data);
+            let key = vec![0u8; key_len as usize];
+            match key_len {
+                20 => HashMap::<_, [u8; 20], u64>::try_from(&mut map)
+                    .and_then(|mut m| m.insert([0; 20], 0, 0)),
+                8 => HashMap::<_, [u8; 8], u64>::try_from(&mut map)
+                    .and_then(|mut m| m.insert([0; 8], 0, 0)),
+                _ => HashMap::<_, [u8; 4], u64>::try_from(&mut map)
+                    .and_then(|mut m| m.insert([0; 4], 0, 0)),
+            }
+            .map_err(|e| format!("fill the floor's LRU hash: {e}"))?;
+            (map, key, clock, b"xdp_rate_entry")
+        }
+        XdpLookupFloor::PrefixTrie { prefixes, source } => {
+            let def = aya_obj::Map::new_from_params(
+                BPF_MAP_TYPE_LPM_TRIE as u32,
+                8,
+                4,
+                16 * 1024,
+                BPF_F_NO_PREALLOC,
+            );
+            let data = MapData::create(def, "floor_trie", None)
+                .map_err(|e| format!("create the floor's LPM trie: {e}"))?;
+            let mut map = Map::LpmTrie(data);
+            {
+                let mut trie = LpmTrie::<_, [u8; 4], u32>::try_from(&mut map)
+                    .map_err(|e| format!("open the floor's LPM trie: {e}"))?;
+                for (len, addr) in prefixes {
+                    trie.insert(&Key::new(*len, *addr), 1, 0)
+                        .map_err(|e| format!("fill the floor's LPM trie: {e}"))?;
+                }
+            }
+            let mut key = 32u32.to_ne_bytes().to_vec();
+            key.extend_from_slice(&source);
+            (map, key, None, b"xdp_one_trie")
+        }
+    };
+    let fd = match &map {
+        Map::LruHashMap(d) | Map::LpmTrie(d) => d.fd().as_fd(),
+        _ => unreachable!("built above as one of these"),
+    };
+    let program = sys::load_xdp_lookup_program(Some(fd), &key, clock, name)
+        .map_err(|e| format!("load the lookup floor: {e}"))?;
+    let id = program_id(&program)?;
+    let link = sys::attach_xdp_link(program.as_fd(), ifindex, native)
+        .map_err(|e| format!("attach the lookup floor: {e}"))?;
+    Ok((map, program, link, id))
 }
 
 /// The kernel's id of the program behind `program` (the `prog_id:` line of its fdinfo).

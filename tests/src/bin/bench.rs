@@ -2758,10 +2758,25 @@ fn per_packet(
 /// The empty program (`XDP_DROP`) on the receiving veth, natively (in its threaded
 /// NAPI, pinned to the receiving CPU) or in generic mode.
 fn xdp_empty_row(lab: &XdpLab, d: Duration, native: bool) -> XdpCostRun {
+    xdp_floor_row(lab, d, native, None)
+}
+
+/// A floor program on the receiving veth: the empty one, or one lookup (see
+/// [`bpf::XdpLookupFloor`]), measured like [`xdp_empty_row`].
+fn xdp_floor_row(
+    lab: &XdpLab,
+    d: Duration,
+    native: bool,
+    lookup: Option<bpf::XdpLookupFloor<'_>>,
+) -> XdpCostRun {
     let ifindex = bench_xdp::ifindex(&lab.server, &lab.ifname).unwrap_or_else(|e| panic!("{e}"));
-    let (program, link, id) = lab
+    let (map, program, link, id) = lab
         .server
-        .run_in(|| bpf::attach_xdp_floor(ifindex, native))
+        .run_in(|| match lookup {
+            None => bpf::attach_xdp_floor(ifindex, native).map(|(p, l, id)| (None, p, l, id)),
+            Some(floor) => bpf::attach_xdp_lookup_floor(ifindex, native, floor)
+                .map(|(m, p, l, id)| (Some(m), p, l, id)),
+        })
         .unwrap_or_else(|e| panic!("{e}"));
     let recv = lab.recv_cpu.unwrap_or(0);
     let napi = if native {
@@ -2799,6 +2814,7 @@ fn xdp_empty_row(lab: &XdpLab, d: Duration, native: bool) -> XdpCostRun {
     };
     drop(link);
     drop(program);
+    drop(map);
     XdpCostRun {
         sent: report.sent,
         seconds: report.duration.as_secs_f64(),
@@ -2888,7 +2904,10 @@ fn xdp_filter_row(
 /// Allowed traffic (echoed, every datagram counted) while `switches` upgrades each
 /// switch the filter to another ruleset of `prefixes` deny prefixes per family (the
 /// sender never denied, the rate limit far above the rate).
-fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Report, u32) {
+/// Returns the load's report, the upgrades done, and the packets the filter dropped
+/// meanwhile (its `denied`, `not_allowed`, `rate_limited` and `malformed` counters):
+/// losses the filter did not count happened elsewhere (sockets, the upgrades).
+fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Report, u32, u64) {
     let pins = PinDir::new();
     let runtime = TempDir::new("sup-run");
     let config = |round: u32| {
@@ -2909,6 +2928,14 @@ fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Rep
     let mut sup = Supervisor::start(&lab.server, config(0));
     let load = BackgroundLoad::start(&lab.client, LoadConfig::new(lab.target).rate(20_000));
     std::thread::sleep(LEAD_IN);
+    let dropped = |sup: &Supervisor| {
+        let c = sup.status_json()["xdp"]["counters"].clone();
+        ["denied", "not_allowed", "rate_limited", "malformed"]
+            .iter()
+            .map(|k| c[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let dropped_before = dropped(&sup);
     let mut done = 0;
     for round in 1..=switches {
         sup.set_config(config(round));
@@ -2918,10 +2945,11 @@ fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Rep
     }
     std::thread::sleep(LEAD_OUT);
     let report = load.finish();
+    let filter_dropped = dropped(&sup).saturating_sub(dropped_before);
     sup.stop();
     let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
     bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
-    (report, done)
+    (report, done, filter_dropped)
 }
 
 fn xdp_cost(plan: &Plan) -> Section {
@@ -2966,6 +2994,64 @@ fn xdp_cost(plan: &Plan) -> Section {
         "native",
         measure("xdp cost: empty program, native", || {
             xdp_empty_row(&lab, d, true)
+        }),
+    ));
+    use bpf::XdpClock;
+    for (what, clock, key_len) in [
+        (
+            "floor: `bpf_ktime_get_ns` + one LRU hash lookup (20-byte key, hit)",
+            Some(XdpClock::Ktime),
+            20,
+        ),
+        ("floor: `bpf_ktime_get_ns` only", Some(XdpClock::Ktime), 0),
+        (
+            "floor: `bpf_ktime_get_coarse_ns` only",
+            Some(XdpClock::Coarse),
+            0,
+        ),
+        (
+            "floor: `bpf_jiffies64` only (inlined)",
+            Some(XdpClock::Jiffies),
+            0,
+        ),
+        ("floor: one LRU hash lookup (20-byte key, hit)", None, 20),
+    ] {
+        rows.push((
+            what,
+            "native",
+            measure(&format!("xdp cost: {what}, native"), || {
+                xdp_floor_row(
+                    &lab,
+                    d,
+                    true,
+                    Some(bpf::XdpLookupFloor::RateEntry { clock, key_len }),
+                )
+            }),
+        ));
+    }
+    let v4_prefixes: Vec<(u32, [u8; 4])> = deny_list(prefixes)
+        .iter()
+        .filter_map(|p| {
+            let (addr, len) = p.split_once('/')?;
+            Some((
+                len.parse().ok()?,
+                addr.parse::<std::net::Ipv4Addr>().ok()?.octets(),
+            ))
+        })
+        .collect();
+    rows.push((
+        "floor: one LPM trie lookup (IPv4 /24s above, a miss)",
+        "native",
+        measure("xdp cost: one LPM trie lookup floor, native", || {
+            xdp_floor_row(
+                &lab,
+                d,
+                true,
+                Some(bpf::XdpLookupFloor::PrefixTrie {
+                    prefixes: &v4_prefixes,
+                    source: lab.source.octets(),
+                }),
+            )
         }),
     ));
     rows.push((
@@ -3079,18 +3165,20 @@ fn xdp_cost(plan: &Plan) -> Section {
     }
     s.tables.push(t);
     match &switched {
-        Ok((r, done)) => {
+        Ok((r, done, filter_dropped)) => {
             s.notes.push(format!(
                 "Ruleset switches under load: {done} upgrades, each switching the filter to a new ruleset ({} prefixes \
                  per family, one /24 more or less than the last; the sender allowed), while 20 000 datagrams/s were \
-                 echoed: {} sent, {} lost, {} duplicated, {} refused.",
+                 echoed: {} sent, {} lost, {} duplicated, {} refused; the filter dropped {} of them (its drop counters).",
                 thousands(prefixes as u64),
                 thousands(r.sent),
                 thousands(r.lost),
                 thousands(r.duplicated),
-                thousands(r.refused)
+                thousands(r.refused),
+                thousands(*filter_dropped)
             ));
-            s.json["switches"] = json!({"upgrades": done, "report": r.to_json()});
+            s.json["switches"] =
+                json!({"upgrades": done, "report": r.to_json(), "filter_dropped": filter_dropped});
         }
         Err(e) => s
             .notes
@@ -3101,6 +3189,13 @@ fn xdp_cost(plan: &Plan) -> Section {
          veth's NAPI poll, so the empty program's CPU per packet in that thread is the cost of veth's XDP path itself, \
          not of a program; on a physical NIC the driver hands XDP a buffer it already has. So the rows here compare \
          programs with each other and with the empty one, not XDP with user space as a real NIC would show it."
+            .into(),
+    );
+    s.notes.push(
+        "Floor rows: programs of a few raw instructions (loaded by the benchmark) that do one piece of what a filter \
+         may do and drop the packet: a clock helper, one LRU hash lookup of a key that is there (20 bytes, like a \
+         source address key), one LPM trie lookup of the sender in a trie of the IPv4 prefixes above. They say what \
+         each piece costs here on its own; what the filter does per path: docs/xdp-cost.md."
             .into(),
     );
     s.notes.push(

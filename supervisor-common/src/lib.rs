@@ -17,7 +17,9 @@
 //! | `FLOW_COUNTERS`| `PERCPU_ARRAY` (1 entry)               | `0`                         | [`FlowCounters`]      |
 //! | `PROBES`       | `HASH`                                 | probe source port           | [`ProbeTarget`]       |
 //! | `RANDOM_STATE` | `PERCPU_ARRAY` (1 entry), not pinned   | `0`                         | `u64` generator state |
-//! | `FLOW_CACHE`   | `PERCPU_ARRAY` ([`FLOW_CACHE_ENTRIES`]), not pinned | low bits of [`FlowKey::hash`] | the program's own copy of a `FLOWS` entry |
+//! | `FLOW_CACHE`   | `PERCPU_ARRAY` ([`FLOW_CACHE_ENTRIES`]), not pinned | low bits of the kernel's 4-tuple hash | the program's own copy of a `FLOWS` entry |
+//! | `FLOW_INSERTS` | `ARRAY` (1 entry), not pinned          | `0`                         | `u64` flows recorded, for the cache's pressure check |
+//! | `FLOW_PRESSURE`| `PERCPU_ARRAY` (1 entry), not pinned   | `0`                         | this CPU's view of how fast `FLOWS` turns over |
 //!
 //! A generation's `REUSEPORT_SOCKARRAY` is created fresh by user space for every
 //! generation, filled, pinned as `gen-<N>`, and stored in slot `N % GENERATION_SLOTS`
@@ -43,9 +45,13 @@ pub mod map_names {
     /// The `random` mode's per-CPU generator state; private to the program (not
     /// pinned, never read by user space).
     pub const RANDOM_STATE: &str = "RANDOM_STATE";
-    /// The `flow` mode's per-CPU front cache of `FLOWS`; private to the program
-    /// (not pinned, never read by user space).
+    /// The `flow` mode's per-CPU front cache of `FLOWS` and what decides whether it
+    /// may be used; private to the program (not pinned, never read by user space).
     pub const FLOW_CACHE: &str = "FLOW_CACHE";
+    pub const FLOW_INSERTS: &str = "FLOW_INSERTS";
+    pub const FLOW_PRESSURE: &str = "FLOW_PRESSURE";
+    /// The program's read-only globals (`.rodata`), set when it is loaded.
+    pub const FLOW_TABLE_SIZE_GLOBAL: &str = "FLOW_TABLE_SIZE";
 }
 
 /// Program names, as the eBPF object declares them.
@@ -63,7 +69,7 @@ pub enum BalanceMode {
     /// The kernel's 4-tuple hash mapped onto the socket count (multiply and shift):
     /// one flow stays on one socket while the generation serves.
     Hash = 1,
-    /// Sticky across generations: a flow ([`FlowKey`]) keeps the
+    /// Sticky across generations: a flow (remote address and port) keeps the
     /// socket, and so the generation, it started on until it has been idle for
     /// `flow_idle`; new flows go to the working generation (spread at random).
     Flow = 2,
@@ -157,31 +163,15 @@ pub const fn parse_cookie(cookie: u16) -> (u8, u8) {
     ((cookie >> 8) as u8, cookie as u8)
 }
 
-/// Key of the flow table: the kernel's 32-bit hash of the datagram's 4-tuple (the
-/// `hash` the kernel hands every `SK_REUSEPORT` program, the one `hash` mode
-/// spreads by) and the remote port, as it is in the packet (network byte order).
-///
-/// The kernel computes that hash anyway and the port lies in the UDP header the
-/// program can read in place, so neither a lookup nor a miss has to copy the
-/// remote address out of the IP header with a helper call (see
-/// `docs/selector-cost.md`). Two remote endpoints share an entry only if they use
-/// the same port and their 4-tuples hash alike (about one pair in 4 * 10^9 of
-/// those with the same port); sharing only means they stick to the same socket.
+/// Key of the flow table: the remote address and port, as they are in the packet
+/// (network byte order). IPv4 uses `addr[0]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowKey {
-    pub hash: u32,
+    pub addr: [u32; 4],
     pub port: u16,
     /// 4 or 6.
     pub family: u16,
-}
-
-impl FlowKey {
-    /// The key as one word: one comparison instead of three.
-    #[inline(always)]
-    pub const fn to_word(self) -> u64 {
-        (self.hash as u64) | ((self.port as u64) << 32) | ((self.family as u64) << 48)
-    }
 }
 
 /// Where a flow goes and when it was last seen.
@@ -223,17 +213,25 @@ pub const MAX_PROBES: u32 = MAX_SOCKETS;
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65536;
 
 /// Entries of the `flow` mode's per-CPU front cache (a power of two: the index is
-/// the low bits of the flow's hash). 4096 entries of 32 bytes: 128 KiB per CPU.
+/// the low bits of the kernel's 4-tuple hash). 4096 entries of 32 bytes: 128 KiB
+/// per CPU.
 pub const FLOW_CACHE_ENTRIES: u32 = 4096;
 
-/// How long a CPU answers a flow from its cache before it reads the flow table
-/// again: two ticks of the supervisor's clock word, so between 10 and 20 ms.
+/// How long a CPU answers a flow from its cache before it looks the flow table up
+/// again, in kernel ticks (`jiffies`: 12 ms at 250 Hz, 3 ms at 1000 Hz). Ticks and
+/// not the supervisor's clock word, which stands still while no supervisor runs.
+pub const FLOW_CACHE_TRUST_JIFFIES: u64 = 3;
+
+/// The cache is used only while the table is calm: a CPU that sees more than
+/// `flow_table_size / FLOW_PRESSURE_DIVISOR` flows recorded (by all CPUs) within
+/// one `FLOW_CACHE_TRUST_JIFFIES` window looks the table up on every datagram
+/// until a window passes calmly again.
 ///
 /// The table is an LRU: what keeps a busy flow's entry from being evicted by a
-/// flood of new flows is that it is looked up. Reading it again this often keeps
-/// every flow that sends at least every 10-20 ms as recent as a lookup per datagram
-/// did, unless the table turns over completely within that time.
-pub const FLOW_CACHE_TRUST_MS: u64 = 2 * CLOCK_TICK_MS;
+/// flood of new flows is being looked up. A flow answered from a cache is looked up
+/// once per window; below this rate of new flows the table takes at least this
+/// many windows to turn over, so that is recent enough.
+pub const FLOW_PRESSURE_DIVISOR: u32 = 16;
 
 /// Per-CPU counters of the flow and cookie stages' slow paths. (Hits, the fast
 /// path, are `SocketCounters::affinity_hits`.)
@@ -390,7 +388,7 @@ mod user {
     // SAFETY: plain old data: #[repr(C)], only u64 fields, no padding, any bit
     // pattern is valid.
     unsafe impl aya::Pod for super::SocketCounters {}
-    // SAFETY: as above; FlowKey has no padding (4 + 2 + 2 bytes), FlowEntry's
+    // SAFETY: as above; FlowKey has no padding (16 + 2 + 2 bytes), FlowEntry's
     // padding byte is an explicit field.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowEntry {}

@@ -11,20 +11,23 @@
 //! Modes:
 //! - `random`: a fresh random socket of the working generation per datagram.
 //! - `hash`: the kernel's 4-tuple hash modulo the working generation's sockets.
-//! - `flow`: the LRU table `FLOWS` keeps each flow (the kernel's 4-tuple hash and
-//!   the remote port, see `FlowKey`) on the socket it started on, across
-//!   generations, until it has been idle for `flow_idle`. A per-CPU front cache
-//!   (`FLOW_CACHE`) answers a busy flow's datagrams without the hash table.
+//! - `flow`: the LRU table `FLOWS` keeps each remote (address, port) on the socket
+//!   it started on, across generations, until it has been idle for `flow_idle`. A
+//!   per-CPU front cache (`FLOW_CACHE`) answers a busy flow's datagrams without the
+//!   table while the table is calm.
 //! - `cookie`: the datagram carries the cookie of its socket in its payload.
 #![no_std]
 #![no_main]
+// One atomic add (`atomic_add`): Rust's `AtomicU64::fetch_add` does not exist on the
+// BPF target (it has no compare-and-swap), the instruction itself does.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_F_MMAPABLE, bpf_hdr_start_off::BPF_HDR_START_NET, sk_action::SK_PASS},
     btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray, ReusePortSockArray},
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_skb_load_bytes,
+        bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_skb_load_bytes,
         bpf_skb_load_bytes_relative,
     },
     macros::{btf_map, sk_reuseport},
@@ -34,7 +37,7 @@ use core::mem::MaybeUninit;
 
 use supervisor_common::{
     BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_ENTRIES,
-    FLOW_CACHE_TRUST_MS, FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_PROBES,
+    FLOW_CACHE_TRUST_JIFFIES, FLOW_PRESSURE_DIVISOR, FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_PROBES,
     MAX_SOCKETS, ProbeTarget, Settings, SocketCounters, control_index, counter_index, parse_cookie,
 };
 
@@ -65,34 +68,66 @@ static FLOW_COUNTERS: PerCpuArray<FlowCounters, 1> = PerCpuArray::new();
 static RANDOM_STATE: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// This CPU's copy of the `FLOWS` entries of the flows it saw last, one per
-/// `FlowKey::hash & (FLOW_CACHE_ENTRIES - 1)`: a hit costs an inlined array read
-/// instead of a hash-table lookup (a call that hashes the key and walks a bucket).
-/// Not pinned and not read by user space: it lives as long as the program.
+/// `hash & (FLOW_CACHE_ENTRIES - 1)` (the kernel's 4-tuple hash): a hit costs an
+/// array read instead of copying the address out of the IP header and a
+/// hash-table lookup. Not pinned and not read by user space: it lives as long as
+/// the program.
 #[btf_map]
 static FLOW_CACHE: PerCpuArray<CachedFlow, { FLOW_CACHE_ENTRIES as usize }> = PerCpuArray::new();
 
-/// A `FLOWS` entry as this CPU last read or wrote it, with its key.
+/// Flows recorded in `FLOWS` by every CPU since the program was loaded (one atomic
+/// add per new flow, which already pays for a table insert).
+#[btf_map]
+static FLOW_INSERTS: Array<u64, 1> = Array::new();
+
+/// Whether this CPU may use its cache (see `table_calm`).
+#[btf_map]
+static FLOW_PRESSURE: PerCpuArray<FlowPressure, 1> = PerCpuArray::new();
+
+/// `flow_table_size`, set by user space when it loads the program (a read-only
+/// global): what the pressure check compares the rate of new flows with.
+#[unsafe(no_mangle)]
+static FLOW_TABLE_SIZE: u32 = DEFAULT_FLOW_TABLE_SIZE;
+
+/// A `FLOWS` entry as this CPU last read or wrote it, with the datagram's identity.
 ///
-/// Trusted for `FLOW_CACHE_TRUST_MS` after that read, and only while the table's
-/// entry is not due for its refresh (`last_seen_ms` younger than `flow_idle / 4`).
-/// Then the slow path reads the table again: that lookup keeps the entry recent in
-/// the LRU, picks up what another CPU changed, and refreshes the entry and this
-/// copy when due. Within that window the table's entry cannot have expired, and a
-/// socket or generation that went away is caught by the same checks the table's
-/// entries get.
+/// Trusted for `FLOW_CACHE_TRUST_JIFFIES` ticks after that, only while the table's
+/// entry is not due for its refresh (`last_seen_ms` younger than `flow_idle / 4`)
+/// and only while the table is calm. Then the slow path looks the table up
+/// again: that lookup keeps the entry recent in the LRU, picks up what another CPU
+/// changed, and refreshes the entry and this copy when due. A socket or generation
+/// that went away is caught by the same checks the table's entries get.
+///
+/// The copy is matched by the kernel's 4-tuple hash and the remote port (read in
+/// place), not by the address (which only a helper call can copy out): two remote
+/// endpoints with the same port whose 4-tuples hash alike (about one pair in
+/// 4 * 10^9) could be taken for each other for one window, and then each goes to
+/// the other's socket, which is alive.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct CachedFlow {
-    /// `FlowKey::to_word`; 0 (an empty entry) matches no key, whose family is 4 or 6.
+    /// `cache_key`; 0 (an empty entry) matches nothing: the family is 4 or 6.
     key: u64,
-    /// When this CPU last read the table's entry (`CLOCK_MS`).
-    read_ms: u64,
+    /// `bpf_jiffies64` when this CPU last read the table's entry.
+    read_jiffies: u64,
     /// The table entry's `last_seen_ms` when this copy was made.
     last_seen_ms: u64,
     generation: u32,
     socket: u16,
     slot: u8,
     _pad: u8,
+}
+
+/// This CPU's measure of the rate of new flows, one window at a time.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlowPressure {
+    /// `bpf_jiffies64` at the start of the current window.
+    window_start: u64,
+    /// `FLOW_INSERTS` then.
+    inserts_at_start: u64,
+    /// Non-zero: the last window saw too many new flows; the cache is not used.
+    busy: u64,
 }
 
 /// Readiness probes under way: probe socket's source port -> target socket.
@@ -195,11 +230,6 @@ fn select_in(ctx: &SkReuseportContext, slot: u32, index: u32, affinity_hit: bool
 )]
 fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
     let sockets = control.socket_count as u32;
-    let Some(key) = flow_key(ctx) else {
-        // Not IPv4/IPv6 or too short for a UDP header: no key to stick to.
-        select_in(ctx, working_slot, random_below(sockets), false);
-        return;
-    };
     let settings = Settings::from_word(word(control_index::SLOT_SETTINGS + working_slot));
     let idle_ms = settings.flow_idle_ms as u64;
     // The supervisor's clock word: an array read instead of a helper call.
@@ -208,15 +238,21 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
         // SAFETY: a helper that takes no arguments and only reads a clock.
         now = unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000;
     }
+    // SAFETY: a helper without arguments; the verifier turns it into one load.
+    let ticks = unsafe { bpf_jiffies64() };
 
-    // The fast path: this CPU saw the flow recently (see `CachedFlow`).
-    let cached = FLOW_CACHE.get_ptr_mut(key.hash & (FLOW_CACHE_ENTRIES - 1));
-    if let Some(cached) = cached {
+    // The fast path: this CPU read the flow's entry a moment ago (see `CachedFlow`).
+    let hash = ctx.hash();
+    let cached = FLOW_CACHE.get_ptr_mut(hash & (FLOW_CACHE_ENTRIES - 1));
+    let identity = cache_key(ctx, hash);
+    if let (Some(cached), Some(identity)) = (cached, identity)
+        && table_calm(ticks)
+    {
         // SAFETY: this CPU's slot of a preallocated per-CPU array; only this program
         // uses it, with migration disabled, so nothing writes it meanwhile.
         let copy = unsafe { *cached };
-        if copy.key == key.to_word()
-            && now.saturating_sub(copy.read_ms) < FLOW_CACHE_TRUST_MS
+        if copy.key == identity
+            && ticks.wrapping_sub(copy.read_jiffies) < FLOW_CACHE_TRUST_JIFFIES
             && now.saturating_sub(copy.last_seen_ms) < idle_ms / 4
             && word(control_index::SLOT_GENERATION + copy.slot as u32) == copy.generation as u64
             && select_in(ctx, copy.slot as u32, copy.socket as u32, true)
@@ -225,6 +261,12 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
         }
     }
 
+    let Some(key) = flow_key(ctx) else {
+        // Not IPv4/IPv6 or unreadable: no key to stick to.
+        select_in(ctx, working_slot, random_below(sockets), false);
+        return;
+    };
+    let copy_to = cached.zip(identity);
     let known_entry = FLOWS.get_ptr_mut(&key);
     if let Some(entry) = known_entry {
         // SAFETY: a pointer to the value of a successful lookup; LRU entries stay
@@ -245,7 +287,7 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
                 unsafe { (*entry).last_seen_ms = now };
                 known.last_seen_ms = now;
             }
-            remember(cached, &key, &known, now);
+            remember(copy_to, &known, ticks);
             return;
         } else {
             flow_count(|c| c.socket_gone += 1);
@@ -262,7 +304,10 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
             _pad: 0,
         };
         if FLOWS.insert(&key, &entry, BPF_ANY as u64).is_ok() {
-            remember(cached, &key, &entry, now);
+            if let Some(inserts) = FLOW_INSERTS.get_ptr_mut(0) {
+                atomic_add(inserts, 1);
+            }
+            remember(copy_to, &entry, ticks);
             let first_seen = known_entry.is_none() as u64;
             flow_count(|c| {
                 c.new_flows += 1;
@@ -274,15 +319,85 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
     }
 }
 
-/// Copies a `FLOWS` entry, read at `now`, into this CPU's cache slot for its key.
+/// Whether this CPU may answer from its cache: false while flows are recorded
+/// faster than `FLOW_TABLE_SIZE / FLOW_PRESSURE_DIVISOR` per window (see
+/// `FLOW_PRESSURE_DIVISOR`). Judged once per window from the count of the window
+/// before, so a flood turns the cache off within a window and a calm window turns it
+/// on again.
 #[inline(always)]
-fn remember(cached: Option<*mut CachedFlow>, key: &FlowKey, entry: &FlowEntry, now: u64) {
-    if let Some(cached) = cached {
+fn table_calm(ticks: u64) -> bool {
+    let Some(pressure) = FLOW_PRESSURE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a preallocated per-CPU array; only this program
+    // uses it, with migration disabled.
+    let pressure = unsafe { &mut *pressure };
+    if ticks.wrapping_sub(pressure.window_start) >= FLOW_CACHE_TRUST_JIFFIES {
+        let inserts = match FLOW_INSERTS.get_ptr(0) {
+            // SAFETY: a pointer into a preallocated array; one aligned 8-byte load
+            // of a word other CPUs only add to atomically.
+            Some(inserts) => unsafe { core::ptr::read_volatile(inserts) },
+            None => return false,
+        };
+        // SAFETY: a read-only global, set once at load.
+        let table = unsafe { core::ptr::read_volatile(&FLOW_TABLE_SIZE) };
+        let threshold = (table / FLOW_PRESSURE_DIVISOR) as u64;
+        pressure.busy = (inserts.wrapping_sub(pressure.inserts_at_start) > threshold) as u64;
+        pressure.window_start = ticks;
+        pressure.inserts_at_start = inserts;
+    }
+    pressure.busy == 0
+}
+
+/// Adds `value` to the word at `word` with the BPF atomic add, so that CPUs
+/// adding at the same time lose nothing.
+#[inline(always)]
+fn atomic_add(word: *mut u64, value: u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: `word` points into a preallocated array entry, valid and 8-byte
+    // aligned while the program runs (callers pass a successful lookup's pointer);
+    // the instruction reads and writes only those 8 bytes.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({word} + 0) += {value}",
+            word = in(reg) word,
+            value = in(reg) value,
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as above (this build is never run: the program only runs in the kernel).
+    unsafe {
+        *word += value;
+    }
+}
+
+/// The datagram's identity in the cache: the kernel's 4-tuple hash, the remote
+/// port and the family, read in place.
+#[inline(always)]
+fn cache_key(ctx: &SkReuseportContext, hash: u32) -> Option<u64> {
+    let data = ctx.data();
+    if data + 2 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bounds-checked against data_end just above.
+    let port = unsafe { core::ptr::read_unaligned(data as *const u16) };
+    let family: u64 = match ctx.eth_protocol() {
+        ETH_P_IP_BE => 4,
+        ETH_P_IPV6_BE => 6,
+        _ => return None,
+    };
+    Some(hash as u64 | (port as u64) << 32 | family << 48)
+}
+
+/// Copies a `FLOWS` entry, read at `ticks`, into this CPU's cache slot.
+#[inline(always)]
+fn remember(copy_to: Option<(*mut CachedFlow, u64)>, entry: &FlowEntry, ticks: u64) {
+    if let Some((cached, identity)) = copy_to {
         // SAFETY: as in `select_flow`: this CPU's slot, this program its only user.
         unsafe {
             *cached = CachedFlow {
-                key: key.to_word(),
-                read_ms: now,
+                key: identity,
+                read_jiffies: ticks,
                 last_seen_ms: entry.last_seen_ms,
                 generation: entry.generation,
                 socket: entry.socket,
@@ -356,17 +471,16 @@ fn steer_probe(ctx: &SkReuseportContext) -> bool {
         return false;
     };
     let target = *target;
-    let Some((addr, family)) = remote_address(ctx) else {
+    let Some(key) = flow_key(ctx) else {
         return false;
     };
-    if family != target.family || addr != target.addr {
+    if key.family != target.family as u16 || key.addr != target.addr {
         return false;
     }
     select_in(ctx, target.slot as u32, target.socket as u32, false)
 }
 
-/// The flow a datagram belongs to: the kernel's 4-tuple hash and the remote port,
-/// both read in place (no helper call).
+/// The remote address and port of the datagram.
 #[inline(always)]
 fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
     // The UDP source port: the first two bytes at `data`.
@@ -376,38 +490,23 @@ fn flow_key(ctx: &SkReuseportContext) -> Option<FlowKey> {
     }
     // SAFETY: bounds-checked against data_end just above.
     let port = unsafe { core::ptr::read_unaligned(data as *const u16) };
-    let family = match ctx.eth_protocol() {
-        ETH_P_IP_BE => 4,
-        ETH_P_IPV6_BE => 6,
-        _ => return None,
-    };
-    Some(FlowKey {
-        hash: ctx.hash(),
-        port,
-        family,
-    })
-}
-
-/// The remote address (IPv4 in `[0]`, network byte order) and family (4 or 6) of
-/// the datagram, copied out of the IP header.
-#[inline(always)]
-fn remote_address(ctx: &SkReuseportContext) -> Option<([u32; 4], u8)> {
     let protocol = ctx.eth_protocol();
-    // The address is built from loaded words rather than zeroed first: zeroing
-    // the 16 bytes compiles to a call of a memset subprogram.
-    if protocol == ETH_P_IP_BE {
+    // The address is built from loaded words rather than zeroed first: zeroing the
+    // 20-byte key compiles to a call of a memset subprogram on every datagram.
+    let (addr, family) = if protocol == ETH_P_IP_BE {
         let mut v4 = MaybeUninit::<u32>::uninit();
         load_network_header(ctx, 12, v4.as_mut_ptr().cast(), 4)?; // iphdr.saddr
         // SAFETY: the helper succeeded, so it wrote all 4 bytes.
-        Some(([unsafe { v4.assume_init() }, 0, 0, 0], 4))
+        ([unsafe { v4.assume_init() }, 0, 0, 0], 4u16)
     } else if protocol == ETH_P_IPV6_BE {
         let mut v6 = MaybeUninit::<[u32; 4]>::uninit();
         load_network_header(ctx, 8, v6.as_mut_ptr().cast(), 16)?; // ipv6hdr.saddr
         // SAFETY: the helper succeeded, so it wrote all 16 bytes.
-        Some((unsafe { v6.assume_init() }, 6))
+        (unsafe { v6.assume_init() }, 6)
     } else {
-        None
-    }
+        return None;
+    };
+    Some(FlowKey { addr, port, family })
 }
 
 /// Copies `len` bytes at `offset` of the network header into `to`; None if the

@@ -542,3 +542,87 @@ fn a_failing_upgrade_while_two_generations_drain_leaves_them_alone() {
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
+
+/// A small flow table turned over every few milliseconds by a steady flood (512
+/// sources in turn, ~20 000 datagrams/s, the table holds 64): clients that talk
+/// every millisecond are looked up far more often than any flood source, so an LRU
+/// keeps their entries and they stay on their worker. (Review of the per-CPU flow
+/// cache: a cached flow is looked up in the table only every 10-20 ms.)
+#[test]
+fn busy_flows_keep_their_worker_while_a_small_table_turns_over_fast() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-churn");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "flow_table_size = 64");
+    let target = config.address;
+    let supervisor = Supervisor::start(&net, config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (busy, flood_sent) = net.run_in(|| {
+        thread::scope(|scope| {
+            let _stop_on_drop = StopOnDrop(stop.clone());
+            let flood_stop = stop.clone();
+            let flood = scope.spawn(move || {
+                let sockets: Vec<UdpSocket> = (0..512)
+                    .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                let mut sent = 0u64;
+                while !flood_stop.load(Ordering::Relaxed) {
+                    for socket in &sockets {
+                        // Replies are not read: they fill the sockets' buffers
+                        // and the kernel drops the rest, which is fine here.
+                        if socket.send_to(&[0u8; 16], target).is_ok() {
+                            sent += 1;
+                        }
+                        if sent % 20 == 0 {
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                sent
+            });
+            thread::sleep(Duration::from_millis(200));
+            let busy: Vec<_> = (0..4)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || client(target, 800, Duration::from_millis(1), false, stop))
+                })
+                .collect();
+            let busy: Vec<ClientLog> = busy.into_iter().map(|h| h.join().unwrap()).collect();
+            stop.store(true, Ordering::Relaxed);
+            (busy, flood.join().unwrap())
+        })
+    });
+    let status = supervisor.status_json();
+    let selector = &status["selectors"][0];
+    println!("flood sent {flood_sent}; selector: {selector}");
+    for (i, log) in busy.iter().enumerate() {
+        println!(
+            "busy client {i}: {} replies, {} lost, (generation, worker, count) changes: {:?}",
+            log.replies.len(),
+            log.lost,
+            moves(log)
+        );
+    }
+    for (i, log) in busy.iter().enumerate() {
+        assert_eq!(log.lost, 0, "busy client {i} lost datagrams");
+        log.assert_state_kept(&format!("busy client {i}"));
+    }
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// Where a client's replies changed worker: (reply index, generation, worker, count).
+fn moves(log: &ClientLog) -> Vec<(usize, u32, u16, u64)> {
+    let mut last = None;
+    let mut changes = Vec::new();
+    for (i, r) in log.replies.iter().enumerate() {
+        if last != Some((r.generation, r.worker)) {
+            changes.push((i, r.generation, r.worker, r.count));
+            last = Some((r.generation, r.worker));
+        }
+    }
+    changes
+}

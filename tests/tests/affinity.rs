@@ -626,3 +626,80 @@ fn moves(log: &ClientLog) -> Vec<(usize, u32, u16, u64)> {
     }
     changes
 }
+
+/// The supervisor is SIGKILLed while a client talks and new clients keep
+/// arriving (sources in turn, many more than the flow table holds), then runs again and adopts: the
+/// busy client never idled, so it stays on its worker. (Review of the per-CPU
+/// flow cache: while no supervisor ticks the clock word, `now` stands still, a
+/// CPU trusts its copy of a flow for as long as the supervisor is gone and never
+/// looks the flow up in the table, so the LRU evicts the busiest flow first;
+/// once the clock moves again the flow is "new" and is placed anew.)
+#[test]
+fn busy_flow_keeps_its_worker_across_a_supervisor_crash_with_new_clients_arriving() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-crash");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "flow_table_size = 64");
+    let target = config.address;
+    let mut supervisor = Supervisor::start(&net, config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (busy, flood_sent) = net.run_in(|| {
+        thread::scope(|scope| {
+            let _stop_on_drop = StopOnDrop(stop.clone());
+            let busy: Vec<_> = (0..2)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || {
+                        client(target, 100_000, Duration::from_millis(2), false, stop)
+                    })
+                })
+                .collect();
+            thread::sleep(Duration::from_millis(300));
+            supervisor.kill9();
+            // Clients while no supervisor runs: 512 sources in turn, paced to
+            // ~20 000 datagrams/s for 800 ms, eight times the table.
+            let sockets: Vec<UdpSocket> = (0..512)
+                .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                .collect();
+            let flood_until = Instant::now() + Duration::from_millis(800);
+            let mut sent = 0u64;
+            while Instant::now() < flood_until {
+                for socket in &sockets {
+                    // Replies are not read (see the test above).
+                    if socket.send_to(&[0u8; 16], target).is_ok() {
+                        sent += 1;
+                    }
+                    if sent % 20 == 0 {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+            supervisor.restart_same_config(&[]);
+            thread::sleep(Duration::from_millis(500));
+            stop.store(true, Ordering::Relaxed);
+            let busy: Vec<ClientLog> = busy.into_iter().map(|h| h.join().unwrap()).collect();
+            (busy, sent)
+        })
+    });
+    let status = supervisor.status_json();
+    println!(
+        "flood sent {flood_sent}; selector: {}",
+        status["selectors"][0]
+    );
+    for (i, log) in busy.iter().enumerate() {
+        println!(
+            "busy client {i}: {} replies, {} lost, (reply, generation, worker, count) changes: {:?}",
+            log.replies.len(),
+            log.lost,
+            moves(log)
+        );
+    }
+    for (i, log) in busy.iter().enumerate() {
+        assert_eq!(log.lost, 0, "busy client {i} lost datagrams");
+        log.assert_state_kept(&format!("busy client {i}"));
+    }
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

@@ -703,3 +703,61 @@ fn busy_flow_keeps_its_worker_across_a_supervisor_crash_with_new_clients_arrivin
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
+
+/// One client (one source address and port) that reaches a wildcard listener at
+/// two of the host's addresses, in turn: the same remote endpoint, so the same
+/// flow, which stays on one worker. The flow key is the kernel's 4-tuple hash
+/// (`sk_reuseport_md.hash`); for sockets bound to the wildcard address the kernel
+/// computes it with the wildcard as the local address, so it does not change with
+/// the address the client sends to (as when a QUIC client moves to the server's
+/// preferred address on the same host). A regression test for that assumption.
+#[test]
+fn flow_mode_keeps_a_client_on_one_worker_across_the_hosts_addresses() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-addrs");
+    let mut config = stateful_config(net.name(), "flow", &pins, &run, "");
+    config.address = "0.0.0.0:5400".parse().unwrap();
+    let supervisor = Supervisor::start(&net, config);
+    let destinations: [SocketAddr; 2] = [
+        "127.0.0.1:5400".parse().unwrap(),
+        "127.0.0.2:5400".parse().unwrap(),
+    ];
+    let logs: Vec<ClientLog> = net.run_in(|| {
+        (0..4)
+            .map(|_| {
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let mut log = ClientLog::default();
+                let mut buf = [0u8; 128];
+                for sequence in 0..20u64 {
+                    let mut request = [0u8; 16];
+                    request[8..].copy_from_slice(&sequence.to_le_bytes());
+                    socket
+                        .send_to(&request, destinations[sequence as usize % 2])
+                        .unwrap();
+                    match socket.recv(&mut buf) {
+                        Ok(n) => log
+                            .replies
+                            .push(parse(&buf[..n]).expect("a stateful reply")),
+                        Err(_) => log.lost += 1,
+                    }
+                }
+                log
+            })
+            .collect()
+    });
+    for (i, log) in logs.iter().enumerate() {
+        println!("client {i}: lost {}, moves {:?}", log.lost, moves(log));
+    }
+    for (i, log) in logs.iter().enumerate() {
+        assert_eq!(log.lost, 0, "client {i} lost datagrams");
+        log.assert_state_kept(&format!("client {i}"));
+    }
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

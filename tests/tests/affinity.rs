@@ -761,3 +761,75 @@ fn flow_mode_keeps_a_client_on_one_worker_across_the_hosts_addresses() {
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
+
+/// `flow` over IPv6: clients that keep talking stay on the generation (and
+/// worker) they started on across an upgrade; clients that start after the flip
+/// land on the new generation. (The flow key is the kernel's 4-tuple hash and the
+/// remote port; for IPv6 the kernel hashes the whole remote address.)
+#[test]
+fn flow_mode_keeps_ipv6_clients_on_their_generation_across_an_upgrade() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-v6");
+    let mut config = stateful_config(net.name(), "flow", &pins, &run, "");
+    config.address = "[::1]:5400".parse().unwrap();
+    let target = config.address;
+    let supervisor = Supervisor::start(&net, config);
+    let v6_client = |datagrams: u64| {
+        let socket = UdpSocket::bind("[::1]:0").unwrap();
+        socket.connect(target).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut log = ClientLog::default();
+        let mut buf = [0u8; 128];
+        for sequence in 0..datagrams {
+            let mut request = [0u8; 16];
+            request[8..].copy_from_slice(&sequence.to_le_bytes());
+            socket.send(&request).unwrap();
+            match socket.recv(&mut buf) {
+                Ok(n) => log
+                    .replies
+                    .push(parse(&buf[..n]).expect("a stateful reply")),
+                Err(_) => log.lost += 1,
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        log
+    };
+    let (old, new) = net.run_in(|| {
+        thread::scope(|scope| {
+            let old: Vec<_> = (0..4).map(|_| scope.spawn(|| v6_client(100))).collect();
+            thread::sleep(Duration::from_millis(400));
+            upgrade_at_flip_ok(&supervisor);
+            let new: Vec<_> = (0..4).map(|_| scope.spawn(|| v6_client(20))).collect();
+            let old: Vec<ClientLog> = old.into_iter().map(|h| h.join().unwrap()).collect();
+            let new: Vec<ClientLog> = new.into_iter().map(|h| h.join().unwrap()).collect();
+            (old, new)
+        })
+    });
+    for (i, log) in old.iter().enumerate() {
+        assert_eq!(log.lost, 0, "old client {i} lost datagrams");
+        assert_eq!(
+            log.generations(),
+            vec![1],
+            "old client {i} left generation 1"
+        );
+        log.assert_state_kept(&format!("old client {i}"));
+    }
+    for (i, log) in new.iter().enumerate() {
+        assert_eq!(log.lost, 0, "new client {i} lost datagrams");
+        assert_eq!(
+            log.generations(),
+            vec![2],
+            "new client {i} is not on generation 2"
+        );
+        log.assert_state_kept(&format!("new client {i}"));
+    }
+    let flow = &supervisor.status_json()["selectors"][0]["flow"];
+    assert!(flow["hits"].as_u64().unwrap() > 0, "{flow}");
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

@@ -575,7 +575,7 @@ fn busy_flows_keep_their_worker_while_a_small_table_turns_over_fast() {
                         if socket.send_to(&[0u8; 16], target).is_ok() {
                             sent += 1;
                         }
-                        if sent % 20 == 0 {
+                        if sent.is_multiple_of(20) {
                             thread::sleep(Duration::from_millis(1));
                         }
                     }
@@ -671,7 +671,7 @@ fn busy_flow_keeps_its_worker_across_a_supervisor_crash_with_new_clients_arrivin
                     if socket.send_to(&[0u8; 16], target).is_ok() {
                         sent += 1;
                     }
-                    if sent % 20 == 0 {
+                    if sent.is_multiple_of(20) {
                         thread::sleep(Duration::from_millis(1));
                     }
                 }

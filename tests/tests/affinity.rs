@@ -833,3 +833,108 @@ fn flow_mode_keeps_ipv6_clients_on_their_generation_across_an_upgrade() {
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
+
+/// Busy clients whose datagrams leave from both CPUs in turn (as a client's
+/// thread that the scheduler moves, or a flow whose packets two CPUs handle),
+/// while a steady flood turns a small flow table over: every CPU must send a flow
+/// to the same worker, so a client never goes back to a worker it has left. (The
+/// per-CPU flow cache gives each CPU its own copy of a flow's entry, trusted for
+/// 10-20 ms; a CPU that kept a stale copy would send the client back.)
+#[test]
+fn a_flow_sent_from_both_cpus_never_returns_to_a_worker_it_left() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-cpus");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "flow_table_size = 64");
+    let target = config.address;
+    let supervisor = Supervisor::start(&net, config);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "needs two CPUs, the machine has {cpus}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = net.run_in(|| {
+        thread::scope(|scope| {
+            let _stop_on_drop = StopOnDrop(stop.clone());
+            let flood_stop = stop.clone();
+            scope.spawn(move || {
+                let sockets: Vec<UdpSocket> = (0..512)
+                    .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                let mut sent = 0u64;
+                while !flood_stop.load(Ordering::Relaxed) {
+                    for socket in &sockets {
+                        if socket.send_to(&[0u8; 16], target).is_ok() {
+                            sent += 1;
+                        }
+                        if sent.is_multiple_of(20) {
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            });
+            thread::sleep(Duration::from_millis(200));
+            let busy: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                        socket.connect(target).unwrap();
+                        socket
+                            .set_read_timeout(Some(Duration::from_secs(2)))
+                            .unwrap();
+                        let mut log = ClientLog::default();
+                        let mut buf = [0u8; 128];
+                        for sequence in 0..1000u64 {
+                            let mut on = nix::sched::CpuSet::new();
+                            on.set(sequence as usize % 2).unwrap();
+                            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &on)
+                                .unwrap();
+                            let mut request = [0u8; 16];
+                            request[8..].copy_from_slice(&sequence.to_le_bytes());
+                            socket.send(&request).unwrap();
+                            match socket.recv(&mut buf) {
+                                Ok(n) => log
+                                    .replies
+                                    .push(parse(&buf[..n]).expect("a stateful reply")),
+                                Err(_) => log.lost += 1,
+                            }
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                        log
+                    })
+                })
+                .collect();
+            let busy: Vec<ClientLog> = busy.into_iter().map(|h| h.join().unwrap()).collect();
+            stop.store(true, Ordering::Relaxed);
+            busy
+        })
+    });
+    println!("selector: {}", supervisor.status_json()["selectors"][0]);
+    for (i, busy) in busy.iter().enumerate() {
+        let changes = moves(busy);
+        println!(
+            "busy client {i}: {} replies, {} lost, changes: {changes:?}",
+            busy.replies.len(),
+            busy.lost
+        );
+    }
+    for (i, busy) in busy.iter().enumerate() {
+        let changes = moves(busy);
+        let mut left = std::collections::BTreeSet::new();
+        let mut returns = Vec::new();
+        for pair in changes.windows(2) {
+            left.insert((pair[0].1, pair[0].2));
+            if left.contains(&(pair[1].1, pair[1].2)) {
+                returns.push(pair[1]);
+            }
+        }
+        assert_eq!(busy.lost, 0, "busy client {i} lost datagrams");
+        assert!(
+            returns.is_empty(),
+            "busy client {i} went back to workers it had left (reply, generation, worker, count): {returns:?}; all changes: {changes:?}"
+        );
+    }
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

@@ -627,13 +627,15 @@ fn moves(log: &ClientLog) -> Vec<(usize, u32, u16, u64)> {
     changes
 }
 
-/// The supervisor is SIGKILLed while a client talks and new clients keep
-/// arriving (sources in turn, many more than the flow table holds), then runs again and adopts: the
-/// busy client never idled, so it stays on its worker. (Review of the per-CPU
-/// flow cache: while no supervisor ticks the clock word, `now` stands still, a
-/// CPU trusts its copy of a flow for as long as the supervisor is gone and never
-/// looks the flow up in the table, so the LRU evicts the busiest flow first;
-/// once the clock moves again the flow is "new" and is placed anew.)
+/// The supervisor is SIGKILLed (three times) while clients talk and new clients
+/// keep arriving (sources in turn, many more than the flow table holds), then runs
+/// again and adopts: the busy clients never idled, so they stay on their worker.
+/// (Review of the per-CPU flow cache: while no supervisor ticks the clock word,
+/// the selector's `now` stands still, so every CPU's copy of a flow stays inside
+/// its 10-20 ms trust window for as long as the supervisor is gone. A flow the LRU
+/// evicted meanwhile is placed anew by a CPU without a valid copy while the other
+/// keeps its own: the client alternates between two workers for hundreds of
+/// milliseconds, or moves when the clock runs again.)
 #[test]
 fn busy_flow_keeps_its_worker_across_a_supervisor_crash_with_new_clients_arriving() {
     require_root();
@@ -656,27 +658,30 @@ fn busy_flow_keeps_its_worker_across_a_supervisor_crash_with_new_clients_arrivin
                     })
                 })
                 .collect();
-            thread::sleep(Duration::from_millis(300));
-            supervisor.kill9();
-            // Clients while no supervisor runs: 512 sources in turn, paced to
-            // ~20 000 datagrams/s for 800 ms, eight times the table.
-            let sockets: Vec<UdpSocket> = (0..512)
-                .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
-                .collect();
-            let flood_until = Instant::now() + Duration::from_millis(800);
             let mut sent = 0u64;
-            while Instant::now() < flood_until {
-                for socket in &sockets {
-                    // Replies are not read (see the test above).
-                    if socket.send_to(&[0u8; 16], target).is_ok() {
-                        sent += 1;
-                    }
-                    if sent.is_multiple_of(20) {
-                        thread::sleep(Duration::from_millis(1));
+            // Three crashes in a row: each one moves a busy client only by chance.
+            for _ in 0..3 {
+                thread::sleep(Duration::from_millis(300));
+                supervisor.kill9();
+                // Clients while no supervisor runs: 512 sources in turn, paced to
+                // ~20 000 datagrams/s for 800 ms, eight times the table.
+                let sockets: Vec<UdpSocket> = (0..512)
+                    .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                let flood_until = Instant::now() + Duration::from_millis(800);
+                while Instant::now() < flood_until {
+                    for socket in &sockets {
+                        // Replies are not read (see the test above).
+                        if socket.send_to(&[0u8; 16], target).is_ok() {
+                            sent += 1;
+                        }
+                        if sent.is_multiple_of(20) {
+                            thread::sleep(Duration::from_millis(1));
+                        }
                     }
                 }
+                supervisor.restart_same_config(&[]);
             }
-            supervisor.restart_same_config(&[]);
             thread::sleep(Duration::from_millis(500));
             stop.store(true, Ordering::Relaxed);
             let busy: Vec<ClientLog> = busy.into_iter().map(|h| h.join().unwrap()).collect();

@@ -542,3 +542,404 @@ fn a_failing_upgrade_while_two_generations_drain_leaves_them_alone() {
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
+
+/// A small flow table turned over every few milliseconds by a steady flood (512
+/// sources in turn, ~20 000 datagrams/s, the table holds 64): clients that talk
+/// every millisecond are looked up far more often than any flood source, so an LRU
+/// keeps their entries and they stay on their worker. (Review of the per-CPU flow
+/// cache: a cached flow is looked up in the table only every 10-20 ms.)
+#[test]
+fn busy_flows_keep_their_worker_while_a_small_table_turns_over_fast() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-churn");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "flow_table_size = 64");
+    let target = config.address;
+    let supervisor = Supervisor::start(&net, config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (busy, flood_sent) = net.run_in(|| {
+        thread::scope(|scope| {
+            let _stop_on_drop = StopOnDrop(stop.clone());
+            let flood_stop = stop.clone();
+            let flood = scope.spawn(move || {
+                let sockets: Vec<UdpSocket> = (0..512)
+                    .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                let mut sent = 0u64;
+                while !flood_stop.load(Ordering::Relaxed) {
+                    for socket in &sockets {
+                        // Replies are not read: they fill the sockets' buffers
+                        // and the kernel drops the rest, which is fine here.
+                        if socket.send_to(&[0u8; 16], target).is_ok() {
+                            sent += 1;
+                        }
+                        if sent.is_multiple_of(20) {
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                sent
+            });
+            thread::sleep(Duration::from_millis(200));
+            let busy: Vec<_> = (0..4)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || client(target, 800, Duration::from_millis(1), false, stop))
+                })
+                .collect();
+            let busy: Vec<ClientLog> = busy.into_iter().map(|h| h.join().unwrap()).collect();
+            stop.store(true, Ordering::Relaxed);
+            (busy, flood.join().unwrap())
+        })
+    });
+    let status = supervisor.status_json();
+    let selector = &status["selectors"][0];
+    println!("flood sent {flood_sent}; selector: {selector}");
+    for (i, log) in busy.iter().enumerate() {
+        println!(
+            "busy client {i}: {} replies, {} lost, (generation, worker, count) changes: {:?}",
+            log.replies.len(),
+            log.lost,
+            moves(log)
+        );
+    }
+    for (i, log) in busy.iter().enumerate() {
+        assert_eq!(log.lost, 0, "busy client {i} lost datagrams");
+        log.assert_state_kept(&format!("busy client {i}"));
+    }
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// Where a client's replies changed worker: (reply index, generation, worker, count).
+fn moves(log: &ClientLog) -> Vec<(usize, u32, u16, u64)> {
+    let mut last = None;
+    let mut changes = Vec::new();
+    for (i, r) in log.replies.iter().enumerate() {
+        if last != Some((r.generation, r.worker)) {
+            changes.push((i, r.generation, r.worker, r.count));
+            last = Some((r.generation, r.worker));
+        }
+    }
+    changes
+}
+
+/// The supervisor is SIGKILLed (three times) while clients talk and new clients
+/// keep arriving (sources in turn, many more than the flow table holds), then runs
+/// again and adopts: the busy clients never idled, so they stay on their worker.
+/// (Review of the per-CPU flow cache: while no supervisor ticks the clock word,
+/// the selector's `now` stands still, so every CPU's copy of a flow stays inside
+/// its 10-20 ms trust window for as long as the supervisor is gone. A flow the LRU
+/// evicted meanwhile is placed anew by a CPU without a valid copy while the other
+/// keeps its own: the client alternates between two workers for hundreds of
+/// milliseconds, or moves when the clock runs again.)
+#[test]
+fn busy_flow_keeps_its_worker_across_a_supervisor_crash_with_new_clients_arriving() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-crash");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "flow_table_size = 64");
+    let target = config.address;
+    let mut supervisor = Supervisor::start(&net, config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (busy, flood_sent) = net.run_in(|| {
+        thread::scope(|scope| {
+            let _stop_on_drop = StopOnDrop(stop.clone());
+            let busy: Vec<_> = (0..2)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || {
+                        client(target, 100_000, Duration::from_millis(2), false, stop)
+                    })
+                })
+                .collect();
+            let mut sent = 0u64;
+            // Three crashes in a row: each one moves a busy client only by chance.
+            for _ in 0..3 {
+                thread::sleep(Duration::from_millis(300));
+                supervisor.kill9();
+                // Clients while no supervisor runs: 512 sources in turn, paced to
+                // ~20 000 datagrams/s for 800 ms, eight times the table.
+                let sockets: Vec<UdpSocket> = (0..512)
+                    .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                let flood_until = Instant::now() + Duration::from_millis(800);
+                while Instant::now() < flood_until {
+                    for socket in &sockets {
+                        // Replies are not read (see the test above).
+                        if socket.send_to(&[0u8; 16], target).is_ok() {
+                            sent += 1;
+                        }
+                        if sent.is_multiple_of(20) {
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                supervisor.restart_same_config(&[]);
+            }
+            thread::sleep(Duration::from_millis(500));
+            stop.store(true, Ordering::Relaxed);
+            let busy: Vec<ClientLog> = busy.into_iter().map(|h| h.join().unwrap()).collect();
+            (busy, sent)
+        })
+    });
+    let status = supervisor.status_json();
+    println!(
+        "flood sent {flood_sent}; selector: {}",
+        status["selectors"][0]
+    );
+    for (i, log) in busy.iter().enumerate() {
+        println!(
+            "busy client {i}: {} replies, {} lost, (reply, generation, worker, count) changes: {:?}",
+            log.replies.len(),
+            log.lost,
+            moves(log)
+        );
+    }
+    for (i, log) in busy.iter().enumerate() {
+        assert_eq!(log.lost, 0, "busy client {i} lost datagrams");
+        log.assert_state_kept(&format!("busy client {i}"));
+    }
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// One client (one source address and port) that reaches a wildcard listener at
+/// two of the host's addresses, in turn: the same remote endpoint, so the same
+/// flow, which stays on one worker. The flow key is the kernel's 4-tuple hash
+/// (`sk_reuseport_md.hash`); for sockets bound to the wildcard address the kernel
+/// computes it with the wildcard as the local address, so it does not change with
+/// the address the client sends to (as when a QUIC client moves to the server's
+/// preferred address on the same host). A regression test for that assumption.
+#[test]
+fn flow_mode_keeps_a_client_on_one_worker_across_the_hosts_addresses() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-addrs");
+    let mut config = stateful_config(net.name(), "flow", &pins, &run, "");
+    config.address = "0.0.0.0:5400".parse().unwrap();
+    let supervisor = Supervisor::start(&net, config);
+    let destinations: [SocketAddr; 2] = [
+        "127.0.0.1:5400".parse().unwrap(),
+        "127.0.0.2:5400".parse().unwrap(),
+    ];
+    let logs: Vec<ClientLog> = net.run_in(|| {
+        (0..4)
+            .map(|_| {
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let mut log = ClientLog::default();
+                let mut buf = [0u8; 128];
+                for sequence in 0..20u64 {
+                    let mut request = [0u8; 16];
+                    request[8..].copy_from_slice(&sequence.to_le_bytes());
+                    socket
+                        .send_to(&request, destinations[sequence as usize % 2])
+                        .unwrap();
+                    match socket.recv(&mut buf) {
+                        Ok(n) => log
+                            .replies
+                            .push(parse(&buf[..n]).expect("a stateful reply")),
+                        Err(_) => log.lost += 1,
+                    }
+                }
+                log
+            })
+            .collect()
+    });
+    for (i, log) in logs.iter().enumerate() {
+        println!("client {i}: lost {}, moves {:?}", log.lost, moves(log));
+    }
+    for (i, log) in logs.iter().enumerate() {
+        assert_eq!(log.lost, 0, "client {i} lost datagrams");
+        log.assert_state_kept(&format!("client {i}"));
+    }
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// `flow` over IPv6: clients that keep talking stay on the generation (and
+/// worker) they started on across an upgrade; clients that start after the flip
+/// land on the new generation. (The flow key is the kernel's 4-tuple hash and the
+/// remote port; for IPv6 the kernel hashes the whole remote address.)
+#[test]
+fn flow_mode_keeps_ipv6_clients_on_their_generation_across_an_upgrade() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-v6");
+    let mut config = stateful_config(net.name(), "flow", &pins, &run, "");
+    config.address = "[::1]:5400".parse().unwrap();
+    let target = config.address;
+    let supervisor = Supervisor::start(&net, config);
+    let v6_client = |datagrams: u64| {
+        let socket = UdpSocket::bind("[::1]:0").unwrap();
+        socket.connect(target).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut log = ClientLog::default();
+        let mut buf = [0u8; 128];
+        for sequence in 0..datagrams {
+            let mut request = [0u8; 16];
+            request[8..].copy_from_slice(&sequence.to_le_bytes());
+            socket.send(&request).unwrap();
+            match socket.recv(&mut buf) {
+                Ok(n) => log
+                    .replies
+                    .push(parse(&buf[..n]).expect("a stateful reply")),
+                Err(_) => log.lost += 1,
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        log
+    };
+    let (old, new) = net.run_in(|| {
+        thread::scope(|scope| {
+            let old: Vec<_> = (0..4).map(|_| scope.spawn(|| v6_client(100))).collect();
+            thread::sleep(Duration::from_millis(400));
+            upgrade_at_flip_ok(&supervisor);
+            let new: Vec<_> = (0..4).map(|_| scope.spawn(|| v6_client(20))).collect();
+            let old: Vec<ClientLog> = old.into_iter().map(|h| h.join().unwrap()).collect();
+            let new: Vec<ClientLog> = new.into_iter().map(|h| h.join().unwrap()).collect();
+            (old, new)
+        })
+    });
+    for (i, log) in old.iter().enumerate() {
+        assert_eq!(log.lost, 0, "old client {i} lost datagrams");
+        assert_eq!(
+            log.generations(),
+            vec![1],
+            "old client {i} left generation 1"
+        );
+        log.assert_state_kept(&format!("old client {i}"));
+    }
+    for (i, log) in new.iter().enumerate() {
+        assert_eq!(log.lost, 0, "new client {i} lost datagrams");
+        assert_eq!(
+            log.generations(),
+            vec![2],
+            "new client {i} is not on generation 2"
+        );
+        log.assert_state_kept(&format!("new client {i}"));
+    }
+    let flow = &supervisor.status_json()["selectors"][0]["flow"];
+    assert!(flow["hits"].as_u64().unwrap() > 0, "{flow}");
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// Busy clients whose datagrams leave from both CPUs in turn (as a client's
+/// thread that the scheduler moves, or a flow whose packets two CPUs handle),
+/// while a steady flood turns a small flow table over: every CPU must send a flow
+/// to the same worker, so a client never goes back to a worker it has left. (The
+/// per-CPU flow cache gives each CPU its own copy of a flow's entry, trusted for
+/// 10-20 ms; a CPU that kept a stale copy would send the client back.)
+#[test]
+fn a_flow_sent_from_both_cpus_never_returns_to_a_worker_it_left() {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("affinity-cpus");
+    let config = stateful_config(net.name(), "flow", &pins, &run, "flow_table_size = 64");
+    let target = config.address;
+    let supervisor = Supervisor::start(&net, config);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "needs two CPUs, the machine has {cpus}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = net.run_in(|| {
+        thread::scope(|scope| {
+            let _stop_on_drop = StopOnDrop(stop.clone());
+            let flood_stop = stop.clone();
+            scope.spawn(move || {
+                let sockets: Vec<UdpSocket> = (0..512)
+                    .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+                    .collect();
+                let mut sent = 0u64;
+                while !flood_stop.load(Ordering::Relaxed) {
+                    for socket in &sockets {
+                        if socket.send_to(&[0u8; 16], target).is_ok() {
+                            sent += 1;
+                        }
+                        if sent.is_multiple_of(20) {
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            });
+            thread::sleep(Duration::from_millis(200));
+            let busy: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                        socket.connect(target).unwrap();
+                        socket
+                            .set_read_timeout(Some(Duration::from_secs(2)))
+                            .unwrap();
+                        let mut log = ClientLog::default();
+                        let mut buf = [0u8; 128];
+                        for sequence in 0..1000u64 {
+                            let mut on = nix::sched::CpuSet::new();
+                            on.set(sequence as usize % 2).unwrap();
+                            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &on)
+                                .unwrap();
+                            let mut request = [0u8; 16];
+                            request[8..].copy_from_slice(&sequence.to_le_bytes());
+                            socket.send(&request).unwrap();
+                            match socket.recv(&mut buf) {
+                                Ok(n) => log
+                                    .replies
+                                    .push(parse(&buf[..n]).expect("a stateful reply")),
+                                Err(_) => log.lost += 1,
+                            }
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                        log
+                    })
+                })
+                .collect();
+            let busy: Vec<ClientLog> = busy.into_iter().map(|h| h.join().unwrap()).collect();
+            stop.store(true, Ordering::Relaxed);
+            busy
+        })
+    });
+    println!("selector: {}", supervisor.status_json()["selectors"][0]);
+    for (i, busy) in busy.iter().enumerate() {
+        let changes = moves(busy);
+        println!(
+            "busy client {i}: {} replies, {} lost, changes: {changes:?}",
+            busy.replies.len(),
+            busy.lost
+        );
+    }
+    for (i, busy) in busy.iter().enumerate() {
+        let changes = moves(busy);
+        let mut left = std::collections::BTreeSet::new();
+        let mut returns = Vec::new();
+        for pair in changes.windows(2) {
+            left.insert((pair[0].1, pair[0].2));
+            if left.contains(&(pair[1].1, pair[1].2)) {
+                returns.push(pair[1]);
+            }
+        }
+        assert_eq!(busy.lost, 0, "busy client {i} lost datagrams");
+        assert!(
+            returns.is_empty(),
+            "busy client {i} went back to workers it had left (reply, generation, worker, count): {returns:?}; all changes: {changes:?}"
+        );
+    }
+    let mut supervisor = supervisor;
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

@@ -37,8 +37,9 @@ use core::mem::MaybeUninit;
 
 use supervisor_common::{
     BalanceMode, COUNTER_ENTRIES, Control, DEFAULT_FLOW_TABLE_SIZE, FLOW_CACHE_ENTRIES,
-    FLOW_CACHE_TRUST_JIFFIES, FLOW_PRESSURE_DIVISOR, FlowCounters, FlowEntry, FlowKey, GENERATION_SLOTS, MAX_PROBES,
-    MAX_SOCKETS, ProbeTarget, Settings, SocketCounters, control_index, counter_index, parse_cookie,
+    FLOW_CACHE_TRUST_JIFFIES, FLOW_PRESSURE_DIVISOR, FlowCounters, FlowEntry, FlowKey,
+    GENERATION_SLOTS, MAX_PROBES, MAX_SOCKETS, ProbeTarget, Settings, SocketCounters,
+    control_index, counter_index, parse_cookie,
 };
 
 #[btf_map]
@@ -268,6 +269,12 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
     };
     let copy_to = cached.zip(identity);
     let known_entry = FLOWS.get_ptr_mut(&key);
+    if known_entry.is_none()
+        && let Some((cached, identity)) = copy_to
+        && restore(ctx, &key, cached, identity, now, idle_ms, ticks)
+    {
+        return;
+    }
     if let Some(entry) = known_entry {
         // SAFETY: a pointer to the value of a successful lookup; LRU entries stay
         // valid for the program's run (RCU), and a concurrent refresh of
@@ -304,10 +311,10 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
             _pad: 0,
         };
         if FLOWS.insert(&key, &entry, BPF_ANY as u64).is_ok() {
-            if let Some(inserts) = FLOW_INSERTS.get_ptr_mut(0) {
-                atomic_add(inserts, 1);
-            }
-            remember(copy_to, &entry, ticks);
+            count_insert();
+            // Not copied into the cache: a flow is, once it comes back (a table
+            // hit), so a flood of one-datagram sources cannot push the copies of
+            // busy flows out of it.
             let first_seen = known_entry.is_none() as u64;
             flow_count(|c| {
                 c.new_flows += 1;
@@ -316,6 +323,60 @@ fn select_flow(ctx: &SkReuseportContext, control: &Control, working_slot: u32) {
         } else {
             flow_count(|c| c.insert_failed += 1);
         }
+    }
+}
+
+/// A flow the table no longer holds but this CPU's copy does (the LRU evicted it
+/// while the copy answered for it, or under a flood of new flows): put back where
+/// the copy says, if that socket still lives and the flow has not been idle for
+/// `flow_idle`. Counted as a hit and, since it enters the table again, as first
+/// seen (which keeps `first_seen - entries` the number of evictions).
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "passed by value, the keys are copied before each lookup"
+)]
+fn restore(
+    ctx: &SkReuseportContext,
+    key: &FlowKey,
+    cached: *mut CachedFlow,
+    identity: u64,
+    now: u64,
+    idle_ms: u64,
+    ticks: u64,
+) -> bool {
+    // SAFETY: as in `select_flow`: this CPU's slot, this program its only user.
+    let copy = unsafe { *cached };
+    let slot = copy.slot as u32 % GENERATION_SLOTS;
+    if copy.key != identity
+        || now.saturating_sub(copy.last_seen_ms) >= idle_ms
+        || word(control_index::SLOT_GENERATION + slot) != copy.generation as u64
+        || !select_in(ctx, slot, copy.socket as u32, true)
+    {
+        return false;
+    }
+    let entry = FlowEntry {
+        last_seen_ms: now,
+        generation: copy.generation,
+        socket: copy.socket,
+        slot: copy.slot,
+        _pad: 0,
+    };
+    if FLOWS.insert(key, &entry, BPF_ANY as u64).is_ok() {
+        count_insert();
+        remember(Some((cached, identity)), &entry, ticks);
+        flow_count(|c| c.first_seen += 1);
+    } else {
+        flow_count(|c| c.insert_failed += 1);
+    }
+    true
+}
+
+/// One more flow recorded in `FLOWS`, for the pressure check.
+#[inline(always)]
+fn count_insert() {
+    if let Some(inserts) = FLOW_INSERTS.get_ptr_mut(0) {
+        atomic_add(inserts, 1);
     }
 }
 

@@ -11,7 +11,7 @@
 //! native-mode filter runs on the sender's.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -53,9 +53,9 @@ pub fn mac(net: &TestNet, ifname: &str) -> Result<String, String> {
         .ok_or_else(|| format!("no MAC address for {ifname}: {}", text.trim()))
 }
 
-/// A permanent neighbour entry in `net` for `addr` on `ifname`: a flood must not start
-/// in (and overflow) the ARP queue.
-pub fn permanent_neighbour(net: &TestNet, ifname: &str, addr: Ipv4Addr, lladdr: &str) {
+/// A permanent neighbour entry in `net` for `addr` (IPv4 or IPv6) on `ifname`: a flood
+/// must not start in (and overflow) the ARP or neighbour discovery queue.
+pub fn permanent_neighbour(net: &TestNet, ifname: &str, addr: IpAddr, lladdr: &str) {
     ip(&[
         "-n",
         net.name(),
@@ -68,6 +68,21 @@ pub fn permanent_neighbour(net: &TestNet, ifname: &str, addr: Ipv4Addr, lladdr: 
         ifname,
         "nud",
         "permanent",
+    ]);
+}
+
+/// Adds `addr`/64 to `ifname` in `net` without duplicate address detection, so it is
+/// usable at once (a tentative address cannot be bound).
+pub fn add_ipv6_nodad(net: &TestNet, ifname: &str, addr: Ipv6Addr) {
+    ip(&[
+        "-n",
+        net.name(),
+        "addr",
+        "add",
+        &format!("{addr}/64"),
+        "dev",
+        ifname,
+        "nodad",
     ]);
 }
 

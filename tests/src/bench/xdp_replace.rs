@@ -61,7 +61,7 @@ impl Lab {
         let client_if = client.veth().expect("a veth pair").ifname.clone();
         // The senders must not start in (and overflow) the ARP queue.
         let mac = bench_xdp::mac(&server, &veth.ifname).unwrap_or_else(|e| panic!("{e}"));
-        bench_xdp::permanent_neighbour(&client, &client_if, veth.addr, &mac);
+        bench_xdp::permanent_neighbour(&client, &client_if, veth.addr.into(), &mac);
         let [a, b, c, _] = veth.peer_addr.octets();
         let denied = Ipv4Addr::new(a, b, c, DENIED_HOST);
         ip(&[

@@ -22,7 +22,7 @@
 
 use std::any::Any;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -2314,6 +2314,10 @@ struct XdpLab {
     target: SocketAddr,
     /// The sender's address: the deny rule's prefix.
     source: Ipv4Addr,
+    /// The same service port on the server's IPv6 address (fd00:c8:X::1), and the
+    /// sender's IPv6 address (fd00:c8:X::2), for the IPv6 sender rows.
+    target6: SocketAddr,
+    source6: Ipv6Addr,
     /// The sender's CPU and the receiving CPU, when there are two to choose from.
     send_cpu: Option<usize>,
     recv_cpu: Option<usize>,
@@ -2327,7 +2331,14 @@ impl XdpLab {
         let veth = server.veth().expect("a veth pair").clone();
         let mac = bench_xdp::mac(&server, &veth.ifname).unwrap_or_else(|e| panic!("{e}"));
         let client_if = client.veth().expect("a veth pair").ifname.clone();
-        bench_xdp::permanent_neighbour(&client, &client_if, veth.addr, &mac);
+        bench_xdp::permanent_neighbour(&client, &client_if, veth.addr.into(), &mac);
+        // IPv6 beside the IPv4 addresses, in a /64 of their own, set up the same way.
+        let x = u16::from(veth.addr.octets()[2]);
+        let server6 = Ipv6Addr::new(0xfd00, 0xc8, x, 0, 0, 0, 0, 1);
+        let client6 = Ipv6Addr::new(0xfd00, 0xc8, x, 0, 0, 0, 0, 2);
+        bench_xdp::add_ipv6_nodad(&server, &veth.ifname, server6);
+        bench_xdp::add_ipv6_nodad(&client, &client_if, client6);
+        bench_xdp::permanent_neighbour(&client, &client_if, server6.into(), &mac);
         let (send_cpu, recv_cpu) = match bench_xdp::allowed_cpus().as_slice() {
             [first, .., last] => (Some(*first), Some(*last)),
             _ => (None, None),
@@ -2339,6 +2350,8 @@ impl XdpLab {
         XdpLab {
             target: SocketAddr::new(veth.addr.into(), XDP_PORT),
             source: veth.peer_addr,
+            target6: SocketAddr::new(server6.into(), XDP_PORT),
+            source6: client6,
             ifname: veth.ifname,
             server,
             client,
@@ -2349,8 +2362,11 @@ impl XdpLab {
     }
 
     fn flood(&self, duration: Duration) -> Report {
-        bench_xdp::flood(&self.client, self.target, duration, self.send_cpu)
-            .expect("load generator")
+        self.flood_to(self.target, duration)
+    }
+
+    fn flood_to(&self, target: SocketAddr, duration: Duration) -> Report {
+        bench_xdp::flood(&self.client, target, duration, self.send_cpu).expect("load generator")
     }
 
     /// Busy time of the receiving CPU so far.
@@ -2825,21 +2841,28 @@ fn xdp_floor_row(
 }
 
 /// The supervisor's filter with the realistic ruleset (`prefixes` deny prefixes per
-/// family, a rate limit of 1000/s per source), the sender also denied by a /32 when
-/// `deny_sender`, else only rate-limited.
+/// family, a rate limit of 1000/s per source), the sender also denied by its /32 (or
+/// /128) when `deny_sender`, else only rate-limited. With `ipv6`, the service listens
+/// on the server's IPv6 address and the sender sends from its IPv6 address.
 fn xdp_filter_row(
     lab: &XdpLab,
     d: Duration,
     mode: &str,
     prefixes: usize,
     deny_sender: bool,
+    ipv6: bool,
 ) -> XdpCostRun {
     let pins = PinDir::new();
     let runtime = TempDir::new("sup-run");
-    let mut cfg = ServiceConfig::echo(1, lab.target, &pins, runtime.path());
+    let target = if ipv6 { lab.target6 } else { lab.target };
+    let mut cfg = ServiceConfig::echo(1, target, &pins, runtime.path());
     let mut deny = deny_list(prefixes);
     if deny_sender {
-        deny.push(format!("{}/32", lab.source));
+        deny.push(if ipv6 {
+            format!("{}/128", lab.source6)
+        } else {
+            format!("{}/32", lab.source)
+        });
     }
     let deny: Vec<String> = deny.iter().map(|p| format!("\"{p}\"")).collect();
     cfg.extra_toml = format!(
@@ -2859,7 +2882,7 @@ fn xdp_filter_row(
     let before = xdp(&sup);
     let napi_before = napi.as_ref().ok().and_then(|p| threads_time(p));
     let busy_before = lab.recv_busy();
-    let report = lab.flood(d);
+    let report = lab.flood_to(target, d);
     let after = xdp(&sup);
     let napi_after = napi.as_ref().ok().and_then(|p| threads_time(p));
     let busy_after = lab.recv_busy();
@@ -2978,7 +3001,8 @@ fn xdp_cost(plan: &Plan) -> Section {
          generic and user-space rows, the busy time of CPU {} (receive steering points there) per packet. The filter \
          rows run the supervisor with `deny` = {} IPv4 /24s and {} IPv6 /48s and `rate_limit = {{ packets_per_second = \
          1000 }}`; the sender is either rate-limited (full path: listener, prefix lookup that misses, rate-limit entry) \
-         or denied by one more /32 (prefix lookup that hits).",
+         or denied by one more /32 (prefix lookup that hits); the IPv6 rows do the same from the sender's IPv6 address \
+         (fd00:c8:X::2, denied by one more /128) to the service listening on the server's (fd00:c8:X::1).",
         lab.send_cpu.map_or("?".into(), |c| c.to_string()),
         lab.ifname,
         lab.ifname,
@@ -3058,14 +3082,28 @@ fn xdp_cost(plan: &Plan) -> Section {
         "filter, sender rate-limited",
         "native",
         measure("xdp cost: filter, rate-limited, native", || {
-            xdp_filter_row(&lab, d, "native", prefixes, false)
+            xdp_filter_row(&lab, d, "native", prefixes, false, false)
         }),
     ));
     rows.push((
         "filter, sender denied",
         "native",
         measure("xdp cost: filter, denied, native", || {
-            xdp_filter_row(&lab, d, "native", prefixes, true)
+            xdp_filter_row(&lab, d, "native", prefixes, true, false)
+        }),
+    ));
+    rows.push((
+        "filter, IPv6 sender rate-limited",
+        "native",
+        measure("xdp cost: filter, IPv6 rate-limited, native", || {
+            xdp_filter_row(&lab, d, "native", prefixes, false, true)
+        }),
+    ));
+    rows.push((
+        "filter, IPv6 sender denied",
+        "native",
+        measure("xdp cost: filter, IPv6 denied, native", || {
+            xdp_filter_row(&lab, d, "native", prefixes, true, true)
         }),
     ));
     rows.push((
@@ -3079,7 +3117,7 @@ fn xdp_cost(plan: &Plan) -> Section {
         "filter, sender rate-limited",
         "generic",
         measure("xdp cost: filter, rate-limited, generic", || {
-            xdp_filter_row(&lab, d, "generic", prefixes, false)
+            xdp_filter_row(&lab, d, "generic", prefixes, false, false)
         }),
     ));
     let user = measure("xdp cost: user-space discard", || {

@@ -107,7 +107,7 @@ impl ListenerDataplane {
     fn load_into(listener: &str, dir: &Path, flow_table_size: u32) -> Result<ListenerDataplane> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::FLOWS, flow_table_size)
-            .set_global(map_names::FLOW_TABLE_SIZE_GLOBAL, &flow_table_size, true)
+            .override_global(map_names::FLOW_TABLE_SIZE_GLOBAL, &flow_table_size, true)
             .load(SELECTOR_OBJECT)
             .map_err(|e| {
             if is_permission_error(&e) {

@@ -120,7 +120,7 @@ pub fn take_effect(dir: &Path, group: &[BorrowedFd<'_>]) -> Result<Swap> {
 
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(map_names::FLOWS, flows_size);
-    loader.set_global(map_names::FLOW_TABLE_SIZE_GLOBAL, &flows_size, true);
+    loader.override_global(map_names::FLOW_TABLE_SIZE_GLOBAL, &flows_size, true);
     let pin_paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .filter(|(map, _)| !changed.contains(map))

@@ -42,6 +42,9 @@ pub struct ListenerDataplane {
     flow_capacity: u32,
     probes: HashMap<MapData, u16, ProbeTarget>,
     control: ControlWord,
+    /// How far the flow clock runs behind `CLOCK_MONOTONIC_COARSE`: the time the
+    /// clock word stood still because no supervisor ran (see `tick_clock`).
+    flow_clock_lag_ms: u64,
 }
 
 /// One generation's `REUSEPORT_SOCKARRAY` for one listener, pinned as `gen-<N>`.
@@ -152,10 +155,11 @@ impl ListenerDataplane {
         // Everything is pinned: from here on this run holds the same handles a
         // re-exec'd supervisor adopts.
         drop(ebpf);
-        let dataplane = Self::adopt(listener, dir)?;
+        let mut dataplane = Self::adopt(listener, dir)?;
         dataplane
             .control
             .store(control_index::WORD, Control::NONE.to_word());
+        dataplane.flow_clock_lag_ms = 0;
         dataplane
             .control
             .store(control_index::CLOCK_MS, monotonic_coarse_ms());
@@ -192,6 +196,12 @@ impl ListenerDataplane {
             control_index::ENTRIES as usize,
         )
         .context("mapping the selector's control word")?;
+        // A clock word that is not 0 stood still from the moment the supervisor
+        // that ticked it died (or exec'd) until now: resume it from there.
+        let flow_clock_lag_ms = match control.load(control_index::CLOCK_MS) {
+            0 => 0,
+            stopped_at => monotonic_coarse_ms().saturating_sub(stopped_at),
+        };
         Ok(ListenerDataplane {
             listener: listener.to_string(),
             dir: dir.to_path_buf(),
@@ -204,6 +214,7 @@ impl ListenerDataplane {
             flow_capacity,
             probes: HashMap::try_from(open(pin_names::PROBES)?)?,
             control,
+            flow_clock_lag_ms,
         })
     }
 
@@ -221,7 +232,7 @@ impl ListenerDataplane {
     /// clock read here when the word is not ticking.
     fn flow_clock_ms(&self) -> u64 {
         match self.control.load(control_index::CLOCK_MS) {
-            0 => monotonic_coarse_ms(),
+            0 => monotonic_coarse_ms().saturating_sub(self.flow_clock_lag_ms),
             now => now,
         }
     }
@@ -410,8 +421,19 @@ impl crate::dataplane::Dataplane for ListenerDataplane {
     /// Advances the selector's clock word (see `control_index::CLOCK_MS`), or with
     /// `running == false` stops it (0: the selector reads the kernel's clock,
     /// the same CLOCK_MONOTONIC_COARSE, so entries stamped either way compare).
+    ///
+    /// While no supervisor runs nobody advances the word and flows do not age: a
+    /// supervisor that takes over resumes the clock where it stood (`adopt`) rather
+    /// than jumping it to the real time, which would age every flow by the time the
+    /// supervisor was gone and expire them all at once if that was longer than
+    /// `flow_idle`, busy ones too. The flow clock then runs that far behind the
+    /// kernel's, so it is never stopped to 0 (the kernel's own clock) again.
     fn tick_clock(&self, running: bool) {
-        let now = if running { monotonic_coarse_ms() } else { 0 };
+        let now = if running || self.flow_clock_lag_ms != 0 {
+            monotonic_coarse_ms().saturating_sub(self.flow_clock_lag_ms)
+        } else {
+            0
+        };
         self.control.store(control_index::CLOCK_MS, now);
     }
 

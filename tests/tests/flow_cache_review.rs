@@ -105,11 +105,16 @@ fn flow_config(
 /// every flow's age jumps by the downtime.
 #[test]
 fn busy_flow_keeps_its_worker_when_the_supervisor_is_down_longer_than_flow_idle() {
+    busy_flows_keep_their_worker_across_a_crash(Duration::from_secs(2), Duration::from_secs(3));
+}
+
+fn busy_flows_keep_their_worker_across_a_crash(flow_idle: Duration, down: Duration) {
     require_root();
     let net = TestNet::new();
     let pins = PinDir::new();
     let run = TempDir::new("fcr-down");
-    let config = flow_config(&net, &pins, &run, 5410, "");
+    let mut config = flow_config(&net, &pins, &run, 5410, "");
+    config.flow_idle = Some(flow_idle);
     let target = config.address;
     let mut supervisor = Supervisor::start(&net, config);
     let stop = Arc::new(AtomicBool::new(false));
@@ -123,9 +128,11 @@ fn busy_flow_keeps_its_worker_when_the_supervisor_is_down_longer_than_flow_idle(
                 .collect();
             thread::sleep(Duration::from_millis(500));
             supervisor.kill9();
-            // Down for longer than flow_idle (2 s) while the clients keep talking.
-            thread::sleep(Duration::from_secs(3));
+            // Down for `down` while the clients keep talking.
+            let killed = std::time::Instant::now();
+            thread::sleep(down);
             supervisor.restart_same_config(&[]);
+            println!("down for {:?} (until status answered)", killed.elapsed());
             thread::sleep(Duration::from_secs(1));
             stop.store(true, Ordering::Relaxed);
             busy.into_iter()

@@ -240,3 +240,78 @@ fn flow_table_size_global_matches_the_table_after_start_and_selector_swap() {
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
+
+/// Busy flows keep their worker while the supervisor re-execs into another
+/// selector build (`selector-variant`) and back: the flow table is reused (its
+/// key layout is the same), and the new program's empty cache is only a cache.
+#[test]
+fn busy_flows_keep_their_worker_across_selector_swaps() {
+    require_root();
+    let variant = selector_variant_path();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("fcr-swap");
+    let config = flow_config(&net, &pins, &run, 5412, "flow_table_size = 64");
+    let target = config.address;
+    let dir = pins.path().join(&config.name).join(&config.listen_name);
+    let mut supervisor = Supervisor::start(&net, config);
+    let original = program_id(&dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = net.run_in(|| {
+        thread::scope(|scope| {
+            let busy: Vec<_> = (0..4)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || client(target, Duration::from_millis(2), stop))
+                })
+                .collect();
+            let mut last = original;
+            for binary in [variant.clone(), bin_path("supervisor")] {
+                thread::sleep(Duration::from_millis(500));
+                let output = supervisor
+                    .cli(&["reexec", "--binary", &binary.to_string_lossy()])
+                    .output()
+                    .unwrap();
+                assert!(
+                    output.status.success(),
+                    "reexec into {}: {output:?}",
+                    binary.display()
+                );
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while program_id(&dir) == last {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{} did not swap the selector",
+                        binary.display()
+                    );
+                    thread::sleep(Duration::from_millis(50));
+                }
+                last = program_id(&dir);
+            }
+            thread::sleep(Duration::from_millis(500));
+            stop.store(true, Ordering::Relaxed);
+            busy.into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    });
+    println!("selector: {}", supervisor.status_json()["selectors"][0]);
+    for (i, (replies, lost)) in busy.iter().enumerate() {
+        println!(
+            "busy client {i}: {} replies, {lost} lost, changes: {:?}",
+            replies.len(),
+            moves(replies)
+        );
+    }
+    for (i, (replies, lost)) in busy.iter().enumerate() {
+        assert_eq!(*lost, 0, "busy client {i} lost datagrams");
+        assert_eq!(
+            moves(replies).len(),
+            1,
+            "busy client {i} moved: {:?}",
+            moves(replies)
+        );
+    }
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

@@ -1,0 +1,320 @@
+//! Review of the selector's `flow` mode front cache (second version): what a
+//! demanding operator would check after a crash and a selector swap.
+
+#![deny(unsafe_code)]
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use supervisor_tests::{
+    PinDir, ServiceConfig, Supervisor, TempDir, TestNet, bin_path, require_root,
+    selector_variant_path,
+};
+
+/// One reply of the stateful worker: (generation, worker, count).
+fn parse(reply: &[u8]) -> Option<(u32, u16, u64)> {
+    if reply.len() < 34 {
+        return None;
+    }
+    Some((
+        u32::from_le_bytes(reply[16..20].try_into().ok()?),
+        u16::from_le_bytes(reply[20..22].try_into().ok()?),
+        u64::from_le_bytes(reply[24..32].try_into().ok()?),
+    ))
+}
+
+/// A client that talks every `interval` until `stop`; returns its replies and
+/// how many requests went unanswered.
+fn client(
+    target: SocketAddr,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> (Vec<(u32, u16, u64)>, u64) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(target).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (mut replies, mut lost) = (Vec::new(), 0);
+    let mut buf = [0u8; 128];
+    let mut sequence = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let mut request = [0u8; 16];
+        request[8..].copy_from_slice(&sequence.to_le_bytes());
+        sequence += 1;
+        socket.send(&request).unwrap();
+        match socket.recv(&mut buf) {
+            Ok(n) => replies.push(parse(&buf[..n]).expect("a well-formed reply")),
+            Err(_) => lost += 1,
+        }
+        thread::sleep(interval);
+    }
+    (replies, lost)
+}
+
+/// (reply index, generation, worker, count) wherever the worker changed.
+fn moves(replies: &[(u32, u16, u64)]) -> Vec<(usize, u32, u16, u64)> {
+    let mut last = None;
+    let mut changes = Vec::new();
+    for (i, &(g, w, c)) in replies.iter().enumerate() {
+        if last != Some((g, w)) {
+            changes.push((i, g, w, c));
+            last = Some((g, w));
+        }
+    }
+    changes
+}
+
+fn flow_config(
+    net: &TestNet,
+    pins: &PinDir,
+    run: &TempDir,
+    port: u16,
+    extra: &str,
+) -> ServiceConfig {
+    let name = format!("fcr-{}", &net.name()[net.name().len().saturating_sub(6)..]);
+    let mut config = ServiceConfig::new(
+        &name,
+        vec![bin_path("stateful-worker").to_string_lossy().into_owned()],
+        4,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        pins,
+        run.path(),
+    );
+    config.drain_timeout = Some(Duration::from_secs(30));
+    config.flow_idle = Some(Duration::from_secs(2));
+    config.extra_toml = format!("balance = \"flow\"\n{extra}");
+    config
+}
+
+/// A client that never stops talking keeps its worker while the supervisor is
+/// down for longer than `flow_idle`: its flow was never idle.
+///
+/// While no supervisor runs, the clock word (`CONTROL[CLOCK_MS]`) stands still,
+/// so no entry's `last_seen_ms` is refreshed (its age never reaches
+/// `flow_idle / 4`); the restarted supervisor stores the real time again and
+/// every flow's age jumps by the downtime.
+///
+/// FAILS on ffa6b73: both clients move (`expired` counts them). The bug predates
+/// the flow cache (the clock word came with 53090bf); kept as its regression test.
+#[test]
+fn busy_flow_keeps_its_worker_when_the_supervisor_is_down_longer_than_flow_idle() {
+    busy_flows_keep_their_worker_across_a_crash(Duration::from_secs(2), Duration::from_secs(3));
+}
+
+fn busy_flows_keep_their_worker_across_a_crash(flow_idle: Duration, down: Duration) {
+    require_root();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("fcr-down");
+    let mut config = flow_config(&net, &pins, &run, 5410, "");
+    config.flow_idle = Some(flow_idle);
+    let target = config.address;
+    let mut supervisor = Supervisor::start(&net, config);
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = net.run_in(|| {
+        thread::scope(|scope| {
+            let busy: Vec<_> = (0..2)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || client(target, Duration::from_millis(5), stop))
+                })
+                .collect();
+            thread::sleep(Duration::from_millis(500));
+            supervisor.kill9();
+            // Down for `down` while the clients keep talking.
+            let killed = std::time::Instant::now();
+            thread::sleep(down);
+            supervisor.restart_same_config(&[]);
+            println!("down for {:?} (until status answered)", killed.elapsed());
+            thread::sleep(Duration::from_secs(1));
+            stop.store(true, Ordering::Relaxed);
+            busy.into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    });
+    println!("selector: {}", supervisor.status_json()["selectors"][0]);
+    for (i, (replies, lost)) in busy.iter().enumerate() {
+        println!(
+            "busy client {i}: {} replies, {lost} lost, changes: {:?}",
+            replies.len(),
+            moves(replies)
+        );
+    }
+    for (i, (replies, lost)) in busy.iter().enumerate() {
+        assert_eq!(*lost, 0, "busy client {i} lost datagrams");
+        assert_eq!(
+            moves(replies).len(),
+            1,
+            "busy client {i} moved between workers: {:?}",
+            moves(replies)
+        );
+    }
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// The kernel's id of the selector program pinned in `dir`.
+fn program_id(dir: &Path) -> u64 {
+    let show = Command::new("bpftool")
+        .args(["-j", "prog", "show", "pinned"])
+        .arg(dir.join("selector"))
+        .output()
+        .expect("bpftool (installed by scripts/bootstrap.sh)");
+    let prog: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    prog["id"].as_u64().expect("a program id")
+}
+
+/// The selector program pinned in `dir`'s read-only data, as bpftool shows it.
+fn rodata(dir: &Path) -> String {
+    let show = Command::new("bpftool")
+        .args(["-j", "prog", "show", "pinned"])
+        .arg(dir.join("selector"))
+        .output()
+        .expect("bpftool (installed by scripts/bootstrap.sh)");
+    assert!(show.status.success(), "bpftool prog show: {show:?}");
+    let prog: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let mut found = Vec::new();
+    for id in prog["map_ids"].as_array().expect("map_ids") {
+        let id = id.as_u64().unwrap().to_string();
+        let map = Command::new("bpftool")
+            .args(["-j", "map", "show", "id", &id])
+            .output()
+            .unwrap();
+        let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+        if map["name"].as_str().unwrap_or("").contains("rodata") {
+            let dump = Command::new("bpftool")
+                .args(["-j", "map", "dump", "id", &id])
+                .output()
+                .unwrap();
+            found.push(String::from_utf8_lossy(&dump.stdout).into_owned());
+        }
+    }
+    assert!(!found.is_empty(), "no .rodata map in the selector's maps");
+    found.join("\n")
+}
+
+/// `FLOW_TABLE_SIZE` = 64 as bpftool dumps the selector's `.rodata` (the global is
+/// its only read-only data; no BTF formatting is shown for it).
+const SIZE_64: &str = "\"value\":[\"0x40\",\"0x00\",\"0x00\",\"0x00\"]";
+
+/// Every path that loads the selector sets `FLOW_TABLE_SIZE` to the table's
+/// size: the first start and the re-exec into another selector build.
+#[test]
+fn flow_table_size_global_matches_the_table_after_start_and_selector_swap() {
+    require_root();
+    let variant = selector_variant_path();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("fcr-global");
+    let config = flow_config(&net, &pins, &run, 5411, "flow_table_size = 64");
+    let dir = pins.path().join(&config.name).join(&config.listen_name);
+    let mut supervisor = Supervisor::start(&net, config);
+    let first_id = program_id(&dir);
+    let first = rodata(&dir);
+    println!("after start: {first}");
+    assert!(first.contains(SIZE_64), "after start: {first}");
+    let output = supervisor
+        .cli(&["reexec", "--binary", &variant.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "reexec: {output:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while program_id(&dir) == first_id {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the selector was not swapped"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let swapped = rodata(&dir);
+    println!("after the swap: {swapped}");
+    assert!(swapped.contains(SIZE_64), "after the swap: {swapped}");
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}
+
+/// Busy flows keep their worker while the supervisor re-execs into another
+/// selector build (`selector-variant`) and back: the flow table is reused (its
+/// key layout is the same), and the new program's empty cache is only a cache.
+#[test]
+fn busy_flows_keep_their_worker_across_selector_swaps() {
+    require_root();
+    let variant = selector_variant_path();
+    let net = TestNet::new();
+    let pins = PinDir::new();
+    let run = TempDir::new("fcr-swap");
+    let config = flow_config(&net, &pins, &run, 5412, "flow_table_size = 64");
+    let target = config.address;
+    let dir = pins.path().join(&config.name).join(&config.listen_name);
+    let mut supervisor = Supervisor::start(&net, config);
+    let original = program_id(&dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = net.run_in(|| {
+        thread::scope(|scope| {
+            let busy: Vec<_> = (0..4)
+                .map(|_| {
+                    let stop = stop.clone();
+                    scope.spawn(move || client(target, Duration::from_millis(2), stop))
+                })
+                .collect();
+            let mut last = original;
+            for binary in [variant.clone(), bin_path("supervisor")] {
+                thread::sleep(Duration::from_millis(500));
+                let output = supervisor
+                    .cli(&["reexec", "--binary", &binary.to_string_lossy()])
+                    .output()
+                    .unwrap();
+                assert!(
+                    output.status.success(),
+                    "reexec into {}: {output:?}",
+                    binary.display()
+                );
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while program_id(&dir) == last {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{} did not swap the selector",
+                        binary.display()
+                    );
+                    thread::sleep(Duration::from_millis(50));
+                }
+                last = program_id(&dir);
+            }
+            thread::sleep(Duration::from_millis(500));
+            stop.store(true, Ordering::Relaxed);
+            busy.into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
+        })
+    });
+    println!("selector: {}", supervisor.status_json()["selectors"][0]);
+    for (i, (replies, lost)) in busy.iter().enumerate() {
+        println!(
+            "busy client {i}: {} replies, {lost} lost, changes: {:?}",
+            replies.len(),
+            moves(replies)
+        );
+    }
+    for (i, (replies, lost)) in busy.iter().enumerate() {
+        assert_eq!(*lost, 0, "busy client {i} lost datagrams");
+        assert_eq!(
+            moves(replies).len(),
+            1,
+            "busy client {i} moved: {:?}",
+            moves(replies)
+        );
+    }
+    supervisor.stop();
+    pins.assert_empty_after_stop();
+}

@@ -1,5 +1,6 @@
-//! Review of the selector's `flow` mode front cache (second version): what a
-//! demanding operator would check after a crash and a selector swap.
+//! The `flow` mode across what replaces or restarts the supervisor: a crash that
+//! lasts longer than `flow_idle`, re-execs into another selector build, and the
+//! flow-table size the loaded selector sees on each path.
 
 #![deny(unsafe_code)]
 
@@ -101,11 +102,9 @@ fn flow_config(
 ///
 /// While no supervisor runs, the clock word (`CONTROL[CLOCK_MS]`) stands still,
 /// so no entry's `last_seen_ms` is refreshed (its age never reaches
-/// `flow_idle / 4`); the restarted supervisor stores the real time again and
-/// every flow's age jumps by the downtime.
-///
-/// FAILS on ffa6b73: both clients move (`expired` counts them). The bug predates
-/// the flow cache (the clock word came with 53090bf); kept as its regression test.
+/// `flow_idle / 4`). A supervisor that took over used to store the real time
+/// again, so every flow's age jumped by the downtime and all expired at once
+/// (`expired` counted both clients); it now resumes the clock where it stood.
 #[test]
 fn busy_flow_keeps_its_worker_when_the_supervisor_is_down_longer_than_flow_idle() {
     busy_flows_keep_their_worker_across_a_crash(Duration::from_secs(2), Duration::from_secs(3));

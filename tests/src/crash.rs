@@ -10,6 +10,30 @@ use serde_json::Value;
 use crate::supervisor::{generation_numbers, sockets_of};
 use crate::{PinDir, ServiceConfig, TestNet};
 
+/// Whether `pid` runs (a zombie does not: a killed worker stays one until its
+/// parent reaps it, and the workers of a dead supervisor are reparented, and their
+/// new parent may reap them late).
+pub fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // pid (comm) STATE ...: comm may hold spaces and parentheses.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// Waits (up to 10 s) until `pid` no longer runs: `kill` returns before a SIGKILLed
+/// process is gone, and until then it may still take a datagram off its socket.
+pub fn wait_dead(pid: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} still runs 10 s after it was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 /// `<runtime_dir>/<name>.state.json`: where the daemon records its state at every
 /// transition (the file a restarted daemon adopts from).
 pub fn state_file(config: &ServiceConfig) -> PathBuf {

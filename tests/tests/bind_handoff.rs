@@ -390,6 +390,9 @@ fn a_restarted_worker_binds_again_and_serves_what_was_queued() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // Until it is gone, the dying worker may still take the first datagram off its
+    // socket (and lose it with itself): queue only once nothing reads.
+    supervisor_tests::crash::wait_dead(first);
     const QUEUED: u32 = 50;
     let answered = w.net.run_in(|| {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();

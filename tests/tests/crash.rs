@@ -21,7 +21,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 use supervisor_tests::crash::{
-    all_worker_pids, assert_consistent, dir_entries, pinned_generations, state_file,
+    alive, all_worker_pids, assert_consistent, dir_entries, pinned_generations, state_file,
 };
 use supervisor_tests::supervisor::{
     generation_numbers, single_error_line, supervisor_command, worker_pids,
@@ -96,16 +96,6 @@ fn slow_ready(mut config: ServiceConfig, seconds: u32) -> ServiceConfig {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Whether `pid` runs (a zombie does not: the workers of a dead supervisor are
-/// reparented, and their new parent may reap them late).
-fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // pid (comm) STATE ...: comm may hold spaces and parentheses.
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-    })
 }
 
 /// Every datagram sent was answered exactly once, and nothing was ever refused.

@@ -20,6 +20,7 @@ pub mod packet;
 pub mod pins;
 pub mod plain;
 pub mod pressure;
+pub mod stateful;
 pub mod supervisor;
 // The only module allowed `unsafe`; each block there states its invariant.
 #[allow(unsafe_code)]

@@ -383,6 +383,22 @@ impl<'n> Supervisor<'n> {
         cmd
     }
 
+    /// `supervisor reexec --binary BINARY`; panics with its output unless it
+    /// succeeded (the re-executed daemon has then adopted everything).
+    pub fn reexec_into(&self, binary: &Path) {
+        let output = self
+            .cli(&["reexec", "--binary", &binary.to_string_lossy()])
+            .output()
+            .expect("run supervisor reexec");
+        assert!(
+            output.status.success(),
+            "re-exec into {} failed: {}{}",
+            binary.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// `supervisor upgrade --wait drained --config F`: returns once the older
     /// generations are gone too, which is what most tests assert on (the phases,
     /// "drained" included, are on stdout). Returns its output whatever the exit

@@ -14,110 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use supervisor_tests::{
-    PinDir, ServiceConfig, Supervisor, TempDir, TestNet, bin_path, require_root,
-};
+use supervisor_tests::stateful::{self, ClientLog, client, parse};
+use supervisor_tests::{PinDir, ServiceConfig, Supervisor, TempDir, TestNet, require_root};
 
-/// One reply of the stateful worker.
-#[derive(Clone, Copy, Debug)]
-struct Reply {
-    generation: u32,
-    worker: u16,
-    count: u64,
-    cookie: u16,
-}
-
-fn parse(reply: &[u8]) -> Option<Reply> {
-    if reply.len() < 34 {
-        return None;
-    }
-    Some(Reply {
-        generation: u32::from_le_bytes(reply[16..20].try_into().ok()?),
-        worker: u16::from_le_bytes(reply[20..22].try_into().ok()?),
-        count: u64::from_le_bytes(reply[24..32].try_into().ok()?),
-        cookie: u16::from_be_bytes(reply[32..34].try_into().ok()?),
-    })
-}
-
-/// What one client saw.
-#[derive(Debug, Default)]
-struct ClientLog {
-    replies: Vec<Reply>,
-    lost: u64,
-}
-
-impl ClientLog {
-    fn generations(&self) -> Vec<u32> {
-        let mut g: Vec<u32> = self.replies.iter().map(|r| r.generation).collect();
-        g.dedup();
-        g
-    }
-
-    /// Its state never reset: counts run 1, 2, 3, ... on one worker.
-    fn assert_state_kept(&self, who: &str) {
-        if let Some(first) = self.replies.first() {
-            assert!(
-                self.replies
-                    .iter()
-                    .all(|r| (r.generation, r.worker) == (first.generation, first.worker)),
-                "{who}: moved between workers: {:?}",
-                self.replies
-            );
-        }
-        for (i, r) in self.replies.iter().enumerate() {
-            assert_eq!(
-                r.count,
-                i as u64 + 1,
-                "{who}: reply {i} has count {} (state reset: the client moved to another worker); replies: {:?}",
-                r.count,
-                self.replies
-            );
-        }
-    }
-}
-
-/// A client that sends `datagrams` requests, one every `interval`, each waiting
-/// for its reply; with `echo_cookie` it puts the cookie of the last reply into
-/// the next request, as a cookie-mode client (a QUIC client echoing its
-/// connection id) does. Stops early when `stop` is set.
-fn client(
-    target: SocketAddr,
-    datagrams: u64,
-    interval: Duration,
-    echo_cookie: bool,
-    stop: Arc<AtomicBool>,
-) -> ClientLog {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.connect(target).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let mut log = ClientLog::default();
-    let mut cookie = 0u16;
-    let mut buf = [0u8; 128];
-    for sequence in 0..datagrams {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let mut request = [0u8; 16];
-        request[..2].copy_from_slice(&cookie.to_be_bytes());
-        request[8..].copy_from_slice(&sequence.to_le_bytes());
-        socket.send(&request).unwrap();
-        match socket.recv(&mut buf) {
-            Ok(n) => {
-                let reply = parse(&buf[..n]).expect("a well-formed stateful reply");
-                if echo_cookie {
-                    cookie = reply.cookie;
-                }
-                log.replies.push(reply);
-            }
-            Err(_) => log.lost += 1,
-        }
-        thread::sleep(interval);
-    }
-    log
-}
-
+/// The tests' service: `stateful::config` on 127.0.0.1:5400.
 fn stateful_config(
     net_name: &str,
     balance: &str,
@@ -126,18 +26,7 @@ fn stateful_config(
     extra: &str,
 ) -> ServiceConfig {
     let address: SocketAddr = "127.0.0.1:5400".parse().unwrap();
-    let mut config = ServiceConfig::new(
-        &format!("aff-{}", &net_name[net_name.len().saturating_sub(6)..]),
-        vec![bin_path("stateful-worker").to_string_lossy().into_owned()],
-        4,
-        address,
-        pins,
-        run.path(),
-    );
-    config.drain_timeout = Some(Duration::from_secs(30));
-    config.flow_idle = Some(Duration::from_secs(2));
-    config.extra_toml = format!("balance = \"{balance}\"\n{extra}");
-    config
+    stateful::config("aff", net_name, address, balance, pins, run, extra)
 }
 
 /// Old clients keep talking across an upgrade; new clients start after it.
@@ -610,7 +499,7 @@ fn busy_flows_keep_their_worker_while_a_small_table_turns_over_fast() {
             "busy client {i}: {} replies, {} lost, (generation, worker, count) changes: {:?}",
             log.replies.len(),
             log.lost,
-            moves(log)
+            log.moves()
         );
     }
     for (i, log) in busy.iter().enumerate() {
@@ -620,19 +509,6 @@ fn busy_flows_keep_their_worker_while_a_small_table_turns_over_fast() {
     let mut supervisor = supervisor;
     supervisor.stop();
     pins.assert_empty_after_stop();
-}
-
-/// Where a client's replies changed worker: (reply index, generation, worker, count).
-fn moves(log: &ClientLog) -> Vec<(usize, u32, u16, u64)> {
-    let mut last = None;
-    let mut changes = Vec::new();
-    for (i, r) in log.replies.iter().enumerate() {
-        if last != Some((r.generation, r.worker)) {
-            changes.push((i, r.generation, r.worker, r.count));
-            last = Some((r.generation, r.worker));
-        }
-    }
-    changes
 }
 
 /// The supervisor is SIGKILLed (three times) while clients talk and new clients
@@ -706,7 +582,7 @@ fn busy_flow_keeps_its_worker_across_a_supervisor_crash_with_new_clients_arrivin
             "busy client {i}: {} replies, {} lost, (reply, generation, worker, count) changes: {:?}",
             log.replies.len(),
             log.lost,
-            moves(log)
+            log.moves()
         );
     }
     for (i, log) in busy.iter().enumerate() {
@@ -764,7 +640,7 @@ fn flow_mode_keeps_a_client_on_one_worker_across_the_hosts_addresses() {
             .collect()
     });
     for (i, log) in logs.iter().enumerate() {
-        println!("client {i}: lost {}, moves {:?}", log.lost, moves(log));
+        println!("client {i}: lost {}, moves {:?}", log.lost, log.moves());
     }
     for (i, log) in logs.iter().enumerate() {
         assert_eq!(log.lost, 0, "client {i} lost datagrams");
@@ -924,7 +800,7 @@ fn a_flow_sent_from_both_cpus_never_returns_to_a_worker_it_left() {
     });
     println!("selector: {}", supervisor.status_json()["selectors"][0]);
     for (i, busy) in busy.iter().enumerate() {
-        let changes = moves(busy);
+        let changes = busy.moves();
         println!(
             "busy client {i}: {} replies, {} lost, changes: {changes:?}",
             busy.replies.len(),
@@ -932,7 +808,7 @@ fn a_flow_sent_from_both_cpus_never_returns_to_a_worker_it_left() {
         );
     }
     for (i, busy) in busy.iter().enumerate() {
-        let changes = moves(busy);
+        let changes = busy.moves();
         let mut left = std::collections::BTreeSet::new();
         let mut returns = Vec::new();
         for pair in changes.windows(2) {

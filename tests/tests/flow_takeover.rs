@@ -5,7 +5,7 @@
 #![deny(unsafe_code)]
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    net::SocketAddr,
     path::Path,
     process::Command,
     sync::{
@@ -16,65 +16,13 @@ use std::{
     time::Duration,
 };
 
+use supervisor_tests::stateful::{self, ClientLog, client};
 use supervisor_tests::{
     PinDir, ServiceConfig, Supervisor, TempDir, TestNet, bin_path, require_root,
     selector_variant_path,
 };
 
-/// One reply of the stateful worker: (generation, worker, count).
-fn parse(reply: &[u8]) -> Option<(u32, u16, u64)> {
-    if reply.len() < 34 {
-        return None;
-    }
-    Some((
-        u32::from_le_bytes(reply[16..20].try_into().ok()?),
-        u16::from_le_bytes(reply[20..22].try_into().ok()?),
-        u64::from_le_bytes(reply[24..32].try_into().ok()?),
-    ))
-}
-
-/// A client that talks every `interval` until `stop`; returns its replies and
-/// how many requests went unanswered.
-fn client(
-    target: SocketAddr,
-    interval: Duration,
-    stop: Arc<AtomicBool>,
-) -> (Vec<(u32, u16, u64)>, u64) {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.connect(target).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let (mut replies, mut lost) = (Vec::new(), 0);
-    let mut buf = [0u8; 128];
-    let mut sequence = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let mut request = [0u8; 16];
-        request[8..].copy_from_slice(&sequence.to_le_bytes());
-        sequence += 1;
-        socket.send(&request).unwrap();
-        match socket.recv(&mut buf) {
-            Ok(n) => replies.push(parse(&buf[..n]).expect("a well-formed reply")),
-            Err(_) => lost += 1,
-        }
-        thread::sleep(interval);
-    }
-    (replies, lost)
-}
-
-/// (reply index, generation, worker, count) wherever the worker changed.
-fn moves(replies: &[(u32, u16, u64)]) -> Vec<(usize, u32, u16, u64)> {
-    let mut last = None;
-    let mut changes = Vec::new();
-    for (i, &(g, w, c)) in replies.iter().enumerate() {
-        if last != Some((g, w)) {
-            changes.push((i, g, w, c));
-            last = Some((g, w));
-        }
-    }
-    changes
-}
-
+/// The tests' service: `stateful::config` in `flow` mode on 127.0.0.1:`port`.
 fn flow_config(
     net: &TestNet,
     pins: &PinDir,
@@ -82,19 +30,30 @@ fn flow_config(
     port: u16,
     extra: &str,
 ) -> ServiceConfig {
-    let name = format!("fcr-{}", &net.name()[net.name().len().saturating_sub(6)..]);
-    let mut config = ServiceConfig::new(
-        &name,
-        vec![bin_path("stateful-worker").to_string_lossy().into_owned()],
-        4,
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        pins,
-        run.path(),
-    );
-    config.drain_timeout = Some(Duration::from_secs(30));
-    config.flow_idle = Some(Duration::from_secs(2));
-    config.extra_toml = format!("balance = \"flow\"\n{extra}");
-    config
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    stateful::config("fcr", net.name(), address, "flow", pins, run, extra)
+}
+
+/// Every busy client got all its replies from the worker it started on.
+fn assert_busy_clients_stayed(supervisor: &Supervisor<'_>, busy: &[ClientLog]) {
+    println!("selector: {}", supervisor.status_json()["selectors"][0]);
+    for (i, log) in busy.iter().enumerate() {
+        println!(
+            "busy client {i}: {} replies, {} lost, changes: {:?}",
+            log.replies.len(),
+            log.lost,
+            log.moves()
+        );
+    }
+    for (i, log) in busy.iter().enumerate() {
+        assert_eq!(log.lost, 0, "busy client {i} lost datagrams");
+        assert_eq!(
+            log.moves().len(),
+            1,
+            "busy client {i} moved between workers: {:?}",
+            log.moves()
+        );
+    }
 }
 
 /// A client that never stops talking keeps its worker while the supervisor is
@@ -125,7 +84,9 @@ fn busy_flows_keep_their_worker_across_a_crash(flow_idle: Duration, down: Durati
             let busy: Vec<_> = (0..2)
                 .map(|_| {
                     let stop = stop.clone();
-                    scope.spawn(move || client(target, Duration::from_millis(5), stop))
+                    scope.spawn(move || {
+                        client(target, u64::MAX, Duration::from_millis(5), false, stop)
+                    })
                 })
                 .collect();
             thread::sleep(Duration::from_millis(500));
@@ -142,23 +103,7 @@ fn busy_flows_keep_their_worker_across_a_crash(flow_idle: Duration, down: Durati
                 .collect::<Vec<_>>()
         })
     });
-    println!("selector: {}", supervisor.status_json()["selectors"][0]);
-    for (i, (replies, lost)) in busy.iter().enumerate() {
-        println!(
-            "busy client {i}: {} replies, {lost} lost, changes: {:?}",
-            replies.len(),
-            moves(replies)
-        );
-    }
-    for (i, (replies, lost)) in busy.iter().enumerate() {
-        assert_eq!(*lost, 0, "busy client {i} lost datagrams");
-        assert_eq!(
-            moves(replies).len(),
-            1,
-            "busy client {i} moved between workers: {:?}",
-            moves(replies)
-        );
-    }
+    assert_busy_clients_stayed(&supervisor, &busy);
     supervisor.stop();
     pins.assert_empty_after_stop();
 }
@@ -223,11 +168,7 @@ fn flow_table_size_global_matches_the_table_after_start_and_selector_swap() {
     let first = rodata(&dir);
     println!("after start: {first}");
     assert!(first.contains(SIZE_64), "after start: {first}");
-    let output = supervisor
-        .cli(&["reexec", "--binary", &variant.to_string_lossy()])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "reexec: {output:?}");
+    supervisor.reexec_into(&variant);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while program_id(&dir) == first_id {
         assert!(
@@ -264,21 +205,15 @@ fn busy_flows_keep_their_worker_across_selector_swaps() {
             let busy: Vec<_> = (0..4)
                 .map(|_| {
                     let stop = stop.clone();
-                    scope.spawn(move || client(target, Duration::from_millis(2), stop))
+                    scope.spawn(move || {
+                        client(target, u64::MAX, Duration::from_millis(2), false, stop)
+                    })
                 })
                 .collect();
             let mut last = original;
             for binary in [variant.clone(), bin_path("supervisor")] {
                 thread::sleep(Duration::from_millis(500));
-                let output = supervisor
-                    .cli(&["reexec", "--binary", &binary.to_string_lossy()])
-                    .output()
-                    .unwrap();
-                assert!(
-                    output.status.success(),
-                    "reexec into {}: {output:?}",
-                    binary.display()
-                );
+                supervisor.reexec_into(&binary);
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
                 while program_id(&dir) == last {
                     assert!(
@@ -297,23 +232,7 @@ fn busy_flows_keep_their_worker_across_selector_swaps() {
                 .collect::<Vec<_>>()
         })
     });
-    println!("selector: {}", supervisor.status_json()["selectors"][0]);
-    for (i, (replies, lost)) in busy.iter().enumerate() {
-        println!(
-            "busy client {i}: {} replies, {lost} lost, changes: {:?}",
-            replies.len(),
-            moves(replies)
-        );
-    }
-    for (i, (replies, lost)) in busy.iter().enumerate() {
-        assert_eq!(*lost, 0, "busy client {i} lost datagrams");
-        assert_eq!(
-            moves(replies).len(),
-            1,
-            "busy client {i} moved: {:?}",
-            moves(replies)
-        );
-    }
+    assert_busy_clients_stayed(&supervisor, &busy);
     supervisor.stop();
     pins.assert_empty_after_stop();
 }

@@ -21,20 +21,6 @@ fn selector(dir: &Path) -> ProgramInfo {
     ProgramInfo::from_pin(dir.join("selector")).expect("the pinned selector")
 }
 
-fn reexec(supervisor: &Supervisor, binary: &Path) {
-    let output = supervisor
-        .cli(&["reexec", "--binary", &binary.to_string_lossy()])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "re-exec into {} failed: {}{}",
-        binary.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// Runs of program `id` so far (0 if the kernel no longer has it).
 fn runs(id: u32) -> Option<u64> {
     aya::programs::loaded_programs()
@@ -107,7 +93,7 @@ fn reexec_into_a_changed_selector_under_load() {
     let background = BackgroundLoad::start(&net, load);
     std::thread::sleep(Duration::from_millis(300));
 
-    reexec(&supervisor, &variant);
+    supervisor.reexec_into(&variant);
     wait_log(&supervisor, "maps reused", 1);
     let swapped = selector(&dir);
     assert_ne!(
@@ -123,14 +109,14 @@ fn reexec_into_a_changed_selector_under_load() {
     assert_group_runs(&supervisor, swapped.id(), original.id());
 
     // And back: the real build's program again, on the same maps.
-    reexec(&supervisor, &bin_path("supervisor"));
+    supervisor.reexec_into(&bin_path("supervisor"));
     wait_log(&supervisor, "maps reused", 2);
     let back = selector(&dir);
     assert_eq!(back.tag(), original.tag());
     assert_group_runs(&supervisor, back.id(), swapped.id());
 
     // The same binary again: nothing to replace.
-    reexec(&supervisor, &bin_path("supervisor"));
+    supervisor.reexec_into(&bin_path("supervisor"));
     let log = wait_log(&supervisor, "re-executed", 3);
     assert_eq!(log.matches("selector replaced").count(), 2, "{log}");
     assert_eq!(selector(&dir).id(), back.id());
@@ -208,7 +194,7 @@ fn reexec_migrates_a_map_whose_definition_changed() {
     let background = BackgroundLoad::start(&net, load);
     std::thread::sleep(Duration::from_millis(300));
 
-    reexec(&supervisor, &bin_path("supervisor"));
+    supervisor.reexec_into(&bin_path("supervisor"));
     let log = wait_log(&supervisor, "maps migrated", 1);
     assert!(log.contains("CONTROL, COUNTERS"), "{log}");
     for (pin, real) in [(&counters, real_counters), (&control, real_control)] {

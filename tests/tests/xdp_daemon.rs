@@ -306,17 +306,7 @@ fn replacing_the_filter_program_under_load_loses_no_allowed_datagram() {
     // pinned and moves it onto its own program with a link update.
     let swaps = [&variant, &real, &variant, &real, &variant, &real];
     for (done, binary) in swaps.iter().enumerate() {
-        let output = supervisor
-            .cli(&["reexec", "--binary", &binary.to_string_lossy()])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "re-exec into {} failed: {}{}",
-            binary.display(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        supervisor.reexec_into(binary);
         // The re-executed daemon answers `status` once it has adopted everything.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let now = loop {

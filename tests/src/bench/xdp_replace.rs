@@ -163,16 +163,7 @@ fn link_update(plan: &XdpReplacePlan, lab: &Lab) -> Row {
     for i in 0..plan.replacements {
         let binary = if i % 2 == 0 { &variant } else { &real };
         let t = Instant::now();
-        let out = sup
-            .cli(&["reexec", "--binary", &binary.to_string_lossy()])
-            .output()
-            .expect("run supervisor reexec");
-        assert!(
-            out.status.success(),
-            "re-exec into {} failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        sup.reexec_into(binary);
         let deadline = t + Duration::from_secs(30);
         let now = loop {
             if let Ok(v) = sup.try_status_json()

@@ -10,14 +10,17 @@
 //! | `LISTENER_PORTS`     | `ARRAY_OF_MAPS` of `ARRAY` (65 536)   | ruleset slot             | destination port → [`ListenerPort`] |
 //! | `RULES`              | `ARRAY` ([`RULESET_SLOTS`] entries)    | ruleset slot             | the ruleset's [`ListenerRule`] |
 //! | `LISTENERS`          | `ARRAY_OF_MAPS` of `HASH`             | ruleset slot             | [`ListenerKey`] → [`ListenerRule`] |
-//! | `PREFIXES_V4`        | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_FIRST_ENTRIES`]) | ruleset slot | first 16 bits of the source → [`v4_table`] entry |
-//! | `PREFIXES_V4_CHUNKS` | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_CHUNK_TABLE_ENTRIES`]) | ruleset slot | chunk × 256 + next 8 bits → [`v4_table`] entry |
-//! | `PREFIXES_V6`        | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 16]>` → verdict (`u32`) |
+//! | `PREFIXES_V4`        | `ARRAY_OF_MAPS` of `ARRAY` ([`PREFIX_FIRST_ENTRIES`]) | ruleset slot | first 16 bits of the source → [`prefix_table`] entry |
+//! | `PREFIXES_V4_CHUNKS` | `ARRAY_OF_MAPS` of `ARRAY` ([`V4_CHUNK_TABLE_ENTRIES`]) | ruleset slot | chunk × 256 + next 8 bits → [`prefix_table`] entry |
+//! | `PREFIXES_V6`        | `ARRAY_OF_MAPS` of `ARRAY` ([`PREFIX_FIRST_ENTRIES`]) | ruleset slot | first 16 bits of the source → [`prefix_table`] entry |
+//! | `PREFIXES_V6_CHUNKS` | `ARRAY_OF_MAPS` of `ARRAY` ([`V6_CHUNK_TABLE_ENTRIES`]) | ruleset slot | chunk × 256 + next 8 bits → [`prefix_table`] entry |
+//! | `PREFIXES_V6_SKIPS`  | `ARRAY_OF_MAPS` of `ARRAY` ([`MAX_V6_SKIPS`]) | ruleset slot | skip index → [`PrefixSkip`] |
+//! | `PREFIXES_V6_TRIE`   | `ARRAY_OF_MAPS` of `LPM_TRIE`         | ruleset slot             | `Key<[u8; 16]>` → verdict (`u32`); asked only where the table says [`prefix_table::ASK_TRIE`] |
 //! | `RATE`               | `ARRAY` ([`RATE_ENTRIES`])            | [`rate_bucket`] of the source | theoretical arrival time (`u64`, ns); then the hash seed and the tick length |
 //! | `COUNTERS`           | `PERCPU_ARRAY`                        | [`counter`] index        | [`XdpCounter`] |
 //!
-//! A *ruleset* is the inner maps of one slot (listener ports, listeners, IPv4 tables,
-//! IPv6 prefixes) and the slot's entry of `RULES`. User space builds every ruleset in
+//! A *ruleset* is the inner maps of one slot (listener ports, listeners, the prefix
+//! tables) and the slot's entry of `RULES`. User space builds every ruleset in
 //! fresh maps, stores them (and writes `RULES`) in the slot the program does not use,
 //! and switches with one 8-byte store of the control word.
 //! The program reads the word once per packet and uses that slot for every lookup,
@@ -27,9 +30,12 @@
 //! Why these shapes (see docs/xdp-cost.md): lookups in `ARRAY` maps, inner ones
 //! included, are inlined by the verifier (no call), while a hash or trie lookup is a
 //! call and a trie walk is a chain of dependent loads. So the per-packet listener
-//! match is one array read indexed by port, and the IPv4 source prefix match is at
-//! most three array reads (a 16-8-8 multibit table); the hash stays for ports with
-//! several listener addresses of a family, the trie for IPv6.
+//! match is one array read indexed by port, and the source prefix match is a walk of
+//! array reads in a multibit table (16 bits, then 8 at a time: at most 3 reads for
+//! IPv4; for IPv6 one per 8 bits where prefixes branch, a run of bits no prefix
+//! branches in being compared at once by a [`PrefixSkip`]); the hash stays for ports
+//! with several listener addresses of a family, and an IPv6 trie for the prefixes the
+//! IPv6 table has no room for.
 
 /// Ruleset slots. Two are enough: user space only rewrites the slot the program does
 /// not use, and only after an RCU grace period has passed since the switch away from
@@ -83,34 +89,81 @@ pub fn rate_bucket(seed: u64, family: u8, addr: [u32; 4]) -> u32 {
 /// Entries of a `LISTENER_PORTS` table: one per UDP port (host order index).
 pub const LISTENER_PORT_ENTRIES: u32 = 1 << 16;
 
-/// Entries of a `PREFIXES_V4` first-level table: one per /16, plus
-/// [`v4_table::DEFAULT_INDEX`].
-pub const V4_FIRST_ENTRIES: u32 = (1 << 16) + 1;
+/// Entries of a `PREFIXES_V4` or `PREFIXES_V6` first-level table: one per value
+/// of the source's first 16 bits, plus [`prefix_table::DEFAULT_INDEX`].
+pub const PREFIX_FIRST_ENTRIES: u32 = (1 << 16) + 1;
 
-/// Second- and third-level chunks (256 entries each) one IPv4 table holds. A prefix
-/// longer than /16 needs a chunk for its /16 (shared by every prefix in that /16), one
-/// longer than /24 also a chunk for its /24.
+/// Chunks (256 entries each) one IPv4 table holds. A prefix longer than /16 needs a
+/// chunk for its /16 (shared by every prefix in that /16), one longer than /24 also a
+/// chunk for its /24. A ruleset that needs more is refused.
 pub const MAX_V4_CHUNKS: u32 = 4096;
 
 /// Entries of a `PREFIXES_V4_CHUNKS` table.
-pub const V4_CHUNK_TABLE_ENTRIES: u32 = MAX_V4_CHUNKS * v4_table::CHUNK_ENTRIES;
+pub const V4_CHUNK_TABLE_ENTRIES: u32 = MAX_V4_CHUNKS * prefix_table::CHUNK_ENTRIES;
 
-/// The IPv4 source prefix table: a 16-8-8 multibit trie made of arrays.
+/// Chunks one IPv6 table holds. A chunk is needed only where the prefixes below an
+/// entry differ in the next 8 bits (a run where they do not is one [`PrefixSkip`]):
+/// 2 048 hold thousands of /48s under a few /32s, or thousands of scattered /128s.
+/// Where the table is full, user space marks the entry [`prefix_table::ASK_TRIE`]
+/// instead of refusing: the prefixes below it are matched by the `PREFIXES_V6_TRIE`
+/// lookup.
+pub const MAX_V6_CHUNKS: u32 = 2048;
+
+/// Skips one IPv6 table holds: at most one per chunk entry that leads to exactly one
+/// path, so twice the prefixes always fit.
+pub const MAX_V6_SKIPS: u32 = 2 * MAX_PREFIXES;
+
+/// Entries of a `PREFIXES_V6_CHUNKS` table.
+pub const V6_CHUNK_TABLE_ENTRIES: u32 = MAX_V6_CHUNKS * prefix_table::CHUNK_ENTRIES;
+
+/// Levels of chunks below the first 16 bits of an IPv6 source (8 bits each).
+pub const V6_CHUNK_LEVELS: usize = 14;
+
+/// An IPv6 table entry `prefix_table::SKIP | n` sends the walk to skip `n`: the bytes
+/// of the source `mask` selects must equal `value`, i.e. the source is on the one
+/// path the prefixes below the entry take through them. If they are not, the answer
+/// is `otherwise`; if they are, the walk goes on with `next` (a verdict, or a chunk
+/// indexed by byte `resume` of the source). So a run of bits in which no prefix
+/// branches (a /128 alone under its /32, say) costs one read and a compare instead
+/// of one chunk read per 8 bits.
+///
+/// `mask` and `value` are the 16 address bytes as four `u32` read in place from the
+/// packet (wire order), as the program compares them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixSkip {
+    pub mask: [u32; 4],
+    pub value: [u32; 4],
+    pub otherwise: u32,
+    pub next: u32,
+    pub resume: u32,
+    pub _pad: u32,
+}
+
+/// The source prefix tables: a multibit trie made of arrays, one per family (16-8-8
+/// for IPv4, 16 then fourteen 8-bit levels for IPv6).
 ///
 /// Every entry is a `u32`: `0` = no prefix longer than /0 covers these addresses (the
 /// program then reads [`DEFAULT_INDEX`], the /0 entry's verdict or 0), one of the
-/// `VERDICT_*` values (the verdict of the longest prefix covering them), or
-/// [`CHUNK`] `| n`: look the next 8 bits of the source up in chunk `n` of
-/// `PREFIXES_V4_CHUNKS` (entries `n * 256 ..`). User space expands the prefixes into
-/// the entries, longest last, so an entry always holds the longest match, as the
-/// trie did.
-pub mod v4_table {
+/// `VERDICT_*` values (the verdict of the longest prefix covering them), [`CHUNK`]
+/// `| n`: look the next 8 bits of the source up in chunk `n` of the family's chunk
+/// table (entries `n * 256 ..`), and in IPv6 tables only [`SKIP`] `| n` (compare a
+/// run of the source's bits at once, see [`super::PrefixSkip`]) or [`ASK_TRIE`]: the
+/// table had no room for the prefixes below this entry, the trie holding every IPv6
+/// prefix answers.
+/// User space expands the prefixes into the entries, longest last, so an entry
+/// always holds the longest match, as a trie lookup would.
+pub mod prefix_table {
     /// The first-level entry holding the /0 prefix's verdict (0 if there is none).
     pub const DEFAULT_INDEX: u32 = 1 << 16;
-    /// Entries per second- or third-level chunk (8 bits).
+    /// Entries per chunk (8 bits).
     pub const CHUNK_ENTRIES: u32 = 256;
     /// Marks an entry that points to a chunk.
     pub const CHUNK: u32 = 1 << 31;
+    /// An entry whose longest match only the trie knows.
+    pub const ASK_TRIE: u32 = 1 << 30;
+    /// Marks an entry that points to a `PrefixSkip`.
+    pub const SKIP: u32 = 1 << 29;
 }
 
 /// Bumped by hand when a map's *meaning* changes without its sizes changing. User
@@ -127,11 +180,14 @@ pub mod map_names {
     pub const PREFIXES_V4: &str = "PREFIXES_V4";
     pub const PREFIXES_V4_CHUNKS: &str = "PREFIXES_V4_CHUNKS";
     pub const PREFIXES_V6: &str = "PREFIXES_V6";
+    pub const PREFIXES_V6_CHUNKS: &str = "PREFIXES_V6_CHUNKS";
+    pub const PREFIXES_V6_SKIPS: &str = "PREFIXES_V6_SKIPS";
+    pub const PREFIXES_V6_TRIE: &str = "PREFIXES_V6_TRIE";
     pub const RATE: &str = "RATE";
     pub const COUNTERS: &str = "COUNTERS";
 
     /// (map name, pin name) of every map, in one place for loading and checking.
-    pub const ALL: [(&str, &str); 9] = [
+    pub const ALL: [(&str, &str); 12] = [
         (CONTROL, super::pin_names::CONTROL),
         (LISTENER_PORTS, super::pin_names::LISTENER_PORTS),
         (RULES, super::pin_names::RULES),
@@ -139,6 +195,9 @@ pub mod map_names {
         (PREFIXES_V4, super::pin_names::PREFIXES_V4),
         (PREFIXES_V4_CHUNKS, super::pin_names::PREFIXES_V4_CHUNKS),
         (PREFIXES_V6, super::pin_names::PREFIXES_V6),
+        (PREFIXES_V6_CHUNKS, super::pin_names::PREFIXES_V6_CHUNKS),
+        (PREFIXES_V6_SKIPS, super::pin_names::PREFIXES_V6_SKIPS),
+        (PREFIXES_V6_TRIE, super::pin_names::PREFIXES_V6_TRIE),
         (RATE, super::pin_names::RATE),
         (COUNTERS, super::pin_names::COUNTERS),
     ];
@@ -163,6 +222,9 @@ pub mod pin_names {
     pub const PREFIXES_V4: &str = "prefixes-v4";
     pub const PREFIXES_V4_CHUNKS: &str = "prefixes-v4-chunks";
     pub const PREFIXES_V6: &str = "prefixes-v6";
+    pub const PREFIXES_V6_CHUNKS: &str = "prefixes-v6-chunks";
+    pub const PREFIXES_V6_SKIPS: &str = "prefixes-v6-skips";
+    pub const PREFIXES_V6_TRIE: &str = "prefixes-v6-trie";
     pub const RATE: &str = "rate";
     pub const COUNTERS: &str = "counters";
     /// The directory below `<bpffs>/<service>/` holding one directory per interface.
@@ -293,8 +355,8 @@ pub struct ListenerRule {
 
 /// Values of the prefix tables: what the longest matching source prefix says.
 ///
-/// User space resolves deny/allow overlaps before it fills a trie, so one lookup
-/// answers (trie lookup for IPv6, [`v4_table`] walk for IPv4): deny prefixes are
+/// User space resolves deny/allow overlaps before it fills the tables, so one
+/// longest-prefix match answers (a [`prefix_table`] walk): deny prefixes are
 /// stored as [`VERDICT_DENY`]; allow prefixes not inside
 /// any deny prefix as [`VERDICT_ALLOW`]; and when the allow list is not empty, a
 /// `/0` entry says [`VERDICT_NOT_ALLOWED`] for everything else. No match = pass.
@@ -333,12 +395,13 @@ pub struct XdpCounter {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all four): plain old data: #[repr(C)], integer and byte-array fields
+    // SAFETY (all five): plain old data: #[repr(C)], integer and byte-array fields
     // only, explicit padding fields, any bit pattern is valid.
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::ListenerPort {}
     unsafe impl aya::Pod for super::ListenerRule {}
     unsafe impl aya::Pod for super::XdpCounter {}
+    unsafe impl aya::Pod for super::PrefixSkip {}
 }
 
 #[cfg(test)]

@@ -15,8 +15,10 @@
 //!    checked against the listeners' addresses only (the "address only" entries of
 //!    the listener table) and dropped as malformed if it is addressed to the service.
 //! 2. **denied / not allowed**: one longest-prefix match of the source, whose
-//!    entries user space built so that deny always wins: for IPv4 at most three
-//!    array reads in a 16-8-8 multibit table, for IPv6 one lookup in a trie.
+//!    entries user space built so that deny always wins: a walk of array reads in
+//!    a multibit table (16 bits, then 8 at a time), at most three for IPv4 and one
+//!    more than the longest IPv6 prefix's bits beyond 16 divided by 8 for IPv6;
+//!    a trie lookup only under the IPv6 entries the table had no room for.
 //! 3. **rate limited**: GCRA (a token bucket kept as one u64 "theoretical arrival
 //!    time") in the source's bucket of an array (a keyed hash of the address picks
 //!    it; sources sharing a bucket share a rate); time from `bpf_jiffies64` (the
@@ -60,11 +62,11 @@ use aya_ebpf::{
 };
 use supervisor_common::xdp::{
     FAMILY_V4, FAMILY_V6, LISTENER_PORT_ENTRIES, ListenerKey, ListenerPort, ListenerRule,
-    MAX_LISTENER_KEYS, MAX_PREFIXES, PORT_V4_ANY, PORT_V4_MANY, PORT_V4_ONE, PORT_V6_ANY,
-    PORT_V6_MANY, PORT_V6_ONE, RATE_ENTRIES, RATE_SEED_INDEX, RATE_TICK_NS_INDEX,
-    RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS, RulesetControl, V4_CHUNK_TABLE_ENTRIES,
-    V4_FIRST_ENTRIES, VERDICT_DENY, VERDICT_NOT_ALLOWED, XdpCounter, counter, rate_bucket,
-    v4_table,
+    MAX_LISTENER_KEYS, MAX_PREFIXES, MAX_V6_SKIPS, PORT_V4_ANY, PORT_V4_MANY, PORT_V4_ONE,
+    PORT_V6_ANY, PORT_V6_MANY, PORT_V6_ONE, PREFIX_FIRST_ENTRIES, PrefixSkip, RATE_ENTRIES,
+    RATE_SEED_INDEX, RATE_TICK_NS_INDEX, RULE_DROP_MALFORMED, RULE_RATE_LIMIT, RULESET_SLOTS,
+    RulesetControl, V4_CHUNK_TABLE_ENTRIES, V6_CHUNK_LEVELS, V6_CHUNK_TABLE_ENTRIES, VERDICT_DENY,
+    VERDICT_NOT_ALLOWED, XdpCounter, counter, prefix_table, rate_bucket,
 };
 
 #[btf_map]
@@ -87,7 +89,7 @@ static LISTENERS: ArrayOfMaps<
 
 #[btf_map]
 static PREFIXES_V4: ArrayOfMaps<
-    Array<u32, { V4_FIRST_ENTRIES as usize }>,
+    Array<u32, { PREFIX_FIRST_ENTRIES as usize }>,
     { RULESET_SLOTS as usize },
 > = ArrayOfMaps::new();
 
@@ -99,6 +101,24 @@ static PREFIXES_V4_CHUNKS: ArrayOfMaps<
 
 #[btf_map]
 static PREFIXES_V6: ArrayOfMaps<
+    Array<u32, { PREFIX_FIRST_ENTRIES as usize }>,
+    { RULESET_SLOTS as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+static PREFIXES_V6_CHUNKS: ArrayOfMaps<
+    Array<u32, { V6_CHUNK_TABLE_ENTRIES as usize }>,
+    { RULESET_SLOTS as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+static PREFIXES_V6_SKIPS: ArrayOfMaps<
+    Array<PrefixSkip, { MAX_V6_SKIPS as usize }>,
+    { RULESET_SLOTS as usize },
+> = ArrayOfMaps::new();
+
+#[btf_map]
+static PREFIXES_V6_TRIE: ArrayOfMaps<
     LpmTrie<[u8; 16], u32, { MAX_PREFIXES as usize }>,
     { RULESET_SLOTS as usize },
 > = ArrayOfMaps::new();
@@ -265,29 +285,108 @@ fn ipv4(ctx: &XdpContext) -> Verdict {
 }
 
 /// The verdict of the longest IPv4 prefix covering `src` (host order), or 0: at
-/// most three inlined array reads (see `supervisor_common::xdp::v4_table`).
+/// most three inlined array reads (see `supervisor_common::xdp::prefix_table`).
 #[inline(always)]
 fn prefix_v4(slot: u32, src: u32) -> u32 {
     let Some(first) = PREFIXES_V4.get(slot) else {
         return 0;
     };
     let mut entry = first.get(src >> 16).copied().unwrap_or(0);
-    if entry & v4_table::CHUNK != 0 {
+    if entry & prefix_table::CHUNK != 0 {
         let Some(chunks) = PREFIXES_V4_CHUNKS.get(slot) else {
             return 0;
         };
-        let at = |entry: u32, bits: u32| {
-            (entry & !v4_table::CHUNK) * v4_table::CHUNK_ENTRIES + (bits & 0xff)
-        };
-        entry = chunks.get(at(entry, src >> 8)).copied().unwrap_or(0);
-        if entry & v4_table::CHUNK != 0 {
-            entry = chunks.get(at(entry, src)).copied().unwrap_or(0);
+        entry = chunks
+            .get(chunk_index(entry, src >> 8))
+            .copied()
+            .unwrap_or(0);
+        if entry & prefix_table::CHUNK != 0 {
+            entry = chunks.get(chunk_index(entry, src)).copied().unwrap_or(0);
         }
     }
     if entry == 0 {
-        entry = first.get(v4_table::DEFAULT_INDEX).copied().unwrap_or(0);
+        entry = first.get(prefix_table::DEFAULT_INDEX).copied().unwrap_or(0);
     }
     entry
+}
+
+/// The verdict of the longest IPv6 prefix covering `src`, or 0: the first-level
+/// read, then one inlined read per 8 bits where the prefixes on the source's path
+/// branch, and one skip (a read and a compare of the source's words) per run where
+/// they do not; a trie lookup only where user space ran out of room (see
+/// `supervisor_common::xdp::PrefixSkip` and `MAX_V6_CHUNKS`).
+#[inline(always)]
+fn prefix_v6(slot: u32, src: &Addr) -> u32 {
+    let Some(first) = PREFIXES_V6.get(slot) else {
+        return 0;
+    };
+    let bytes = address_bytes(src);
+    let top = u32::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+    let mut entry = first.get(top).copied().unwrap_or(0);
+    // The byte a chunk entry is indexed by: after a skip, the one after its run.
+    let mut resume = 2;
+    if entry & prefix_table::SKIP != 0 {
+        (entry, resume) = skip(slot, entry, src);
+    }
+    if entry & prefix_table::CHUNK != 0 {
+        let Some(chunks) = PREFIXES_V6_CHUNKS.get(slot) else {
+            return 0;
+        };
+        // Unrolled by the compiler (constant bounds), so `bytes[at]` is a constant
+        // stack offset in every copy; the bytes a skip compared are stepped over.
+        for level in 0..V6_CHUNK_LEVELS {
+            let at = 2 + level;
+            if at < resume {
+                continue;
+            }
+            let bits = u32::from(bytes[at]);
+            entry = chunks.get(chunk_index(entry, bits)).copied().unwrap_or(0);
+            resume = at + 1;
+            if entry & prefix_table::SKIP != 0 {
+                (entry, resume) = skip(slot, entry, src);
+            }
+            if entry & prefix_table::CHUNK == 0 {
+                break;
+            }
+        }
+    }
+    match entry {
+        prefix_table::ASK_TRIE => PREFIXES_V6_TRIE
+            .get(slot)
+            .and_then(|trie| trie.get(&Key::new(128, bytes)))
+            .copied()
+            .unwrap_or(0),
+        0 => first.get(prefix_table::DEFAULT_INDEX).copied().unwrap_or(0),
+        verdict => verdict,
+    }
+}
+
+/// Follows the skip `entry` points to: (its `next` and the byte the walk resumes
+/// at) when the source has the bytes it names, else (its `otherwise`, past the
+/// end). A skip never leads to another (user space merges runs).
+#[inline(always)]
+fn skip(slot: u32, entry: u32, src: &Addr) -> (u32, usize) {
+    let Some(skip) = PREFIXES_V6_SKIPS
+        .get(slot)
+        .and_then(|skips| skips.get(entry & !prefix_table::SKIP))
+    else {
+        return (0, 16);
+    };
+    let differs = ((src[0] & skip.mask[0]) ^ skip.value[0])
+        | ((src[1] & skip.mask[1]) ^ skip.value[1])
+        | ((src[2] & skip.mask[2]) ^ skip.value[2])
+        | ((src[3] & skip.mask[3]) ^ skip.value[3]);
+    if differs != 0 {
+        (skip.otherwise, 16)
+    } else {
+        (skip.next, skip.resume as usize)
+    }
+}
+
+/// The index in a chunk table of `bits`' low 8 bits in the chunk `entry` points to.
+#[inline(always)]
+fn chunk_index(entry: u32, bits: u32) -> u32 {
+    (entry & !prefix_table::CHUNK) * prefix_table::CHUNK_ENTRIES + (bits & 0xff)
 }
 
 #[inline(always)]
@@ -387,14 +486,9 @@ fn ipv6(ctx: &XdpContext) -> Verdict {
     if malformed && rule.flags & RULE_DROP_MALFORMED != 0 {
         return (XDP_DROP, counter::MALFORMED);
     }
-    match PREFIXES_V6
-        .get(slot)
-        .and_then(|trie| trie.get(&Key::new(128, address_bytes(&src))))
-    {
-        Some(&verdict) if verdict == VERDICT_DENY => return (XDP_DROP, counter::DENIED),
-        Some(&verdict) if verdict == VERDICT_NOT_ALLOWED => {
-            return (XDP_DROP, counter::NOT_ALLOWED);
-        }
+    match prefix_v6(slot, &src) {
+        VERDICT_DENY => return (XDP_DROP, counter::DENIED),
+        VERDICT_NOT_ALLOWED => return (XDP_DROP, counter::NOT_ALLOWED),
         _ => {}
     }
     rate_limit(&rule, src, FAMILY_V6)

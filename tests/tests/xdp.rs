@@ -1159,6 +1159,105 @@ fn ipv6_is_filtered_through_extension_headers() {
     filter.remove().unwrap();
 }
 
+/// IPv6 sources are matched at every depth of the table: through chunks, through
+/// skips (a run of bytes compared at once, taken or missed by one byte), and past
+/// what the table holds, where its entries send the lookup to the trie. The ruleset
+/// is built to overflow the table: 2 100 first-16-bit groups, each with two /128s
+/// that differ in the third byte, need 2 100 chunks, more than the 2 048 there are.
+#[test]
+fn ipv6_prefixes_match_through_chunks_skips_and_the_trie() {
+    let lab = Lab::new();
+    let service: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+    let host = |top: u16, third: u8, last: u8| {
+        std::net::Ipv6Addr::from([
+            (top >> 8) as u8,
+            top as u8,
+            third,
+            0x44,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            last,
+        ])
+    };
+    let groups = 2100u16;
+    let mut config = lab.config();
+    for i in 0..groups {
+        for third in [1, 2] {
+            config
+                .deny
+                .push(format!("{}/128", host(0x2400 + i, third, 7)));
+        }
+    }
+    // A /128 alone under its first 16 bits (one skip from the first level), and a
+    // /40 with a /128 inside it; only 2000::/3 allowed.
+    config.deny.push("3000:1:2:3:4:5:6:7/128".into());
+    config.deny.push("2a00:aa00:bb00::/40".into());
+    config.deny.push("2a00:aa00:bb00:1::7/128".into());
+    config.allow = vec!["2000::/3".into()];
+    let ruleset =
+        supervisor::xdp::rules::compile(&config, &[SocketAddr::new(service.into(), PORT)]).unwrap();
+    assert!(
+        ruleset.v6_table.asks_trie,
+        "the ruleset must overflow the table to test the trie"
+    );
+    let filter = lab
+        .start(&config, &[SocketAddr::new(service.into(), PORT)])
+        .unwrap();
+
+    let last_group = 0x2400 + groups - 1;
+    let denied = vec![
+        host(0x2400, 1, 7),                     // chunk, then a skip to the end
+        host(0x2400, 2, 7),                     // the other branch
+        host(last_group, 1, 7),                 // past the table: the trie
+        host(last_group, 2, 7),                 // the trie again
+        "3000:1:2:3:4:5:6:7".parse().unwrap(),  // one skip from the first level
+        "2a00:aa00:bb00:2::9".parse().unwrap(), // the /40
+        "2a00:aa00:bb00:1::7".parse().unwrap(), // a /128 inside the /40
+    ];
+    let passed = vec![
+        host(0x2400, 1, 8),                    // the skip misses in its last byte
+        host(0x2400, 3, 7),                    // the chunk's other entries
+        host(last_group, 1, 8),                // the trie misses
+        "3000:1:2:3:4:5:6:8".parse().unwrap(), // the first-level skip misses
+        "3000:1:2:4:4:5:6:7".parse().unwrap(), // ... in its middle
+        "2a00:aa00:bc00::1".parse().unwrap(),  // next to the /40
+    ];
+    let not_allowed: Vec<std::net::Ipv6Addr> = vec![
+        "fc00::5".parse().unwrap(), // outside 2000::/3
+    ];
+    let packet = |src| Ipv6Packet {
+        src_mac: lab.client_mac,
+        dst_mac: lab.server_mac,
+        src,
+        dst: service,
+        next_header: 17,
+        extensions: vec![],
+        payload: udp_bytes(PORT, &[6u8; 12], None),
+        payload_len: None,
+    };
+    let all: Vec<Vec<u8>> = [&denied, &passed, &not_allowed]
+        .into_iter()
+        .flatten()
+        .map(|src| packet(*src).frame())
+        .collect();
+    lab.send_frames(&all);
+    let expected = all.len() as u64;
+    let c = counters_when(&filter, |c| c.passed + c.denied + c.not_allowed >= expected);
+    assert_eq!(c.denied, denied.len() as u64, "{c:?}");
+    assert_eq!(c.passed, passed.len() as u64, "{c:?}");
+    assert_eq!(c.not_allowed, not_allowed.len() as u64, "{c:?}");
+    filter.remove().unwrap();
+}
+
 /// An XDP program this supervisor does not own is left alone: start fails clearly,
 /// pins nothing, and the program stays attached.
 #[test]

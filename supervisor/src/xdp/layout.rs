@@ -15,6 +15,9 @@ pub(super) struct InnerDefinitions {
     pub(super) prefixes_v4: aya_obj::Map,
     pub(super) prefixes_v4_chunks: aya_obj::Map,
     pub(super) prefixes_v6: aya_obj::Map,
+    pub(super) prefixes_v6_chunks: aya_obj::Map,
+    pub(super) prefixes_v6_skips: aya_obj::Map,
+    pub(super) prefixes_v6_trie: aya_obj::Map,
 }
 
 /// The map definitions of the embedded object.
@@ -52,6 +55,9 @@ impl ObjectLayout {
             prefixes_v4: inner(map_names::PREFIXES_V4)?,
             prefixes_v4_chunks: inner(map_names::PREFIXES_V4_CHUNKS)?,
             prefixes_v6: inner(map_names::PREFIXES_V6)?,
+            prefixes_v6_chunks: inner(map_names::PREFIXES_V6_CHUNKS)?,
+            prefixes_v6_skips: inner(map_names::PREFIXES_V6_SKIPS)?,
+            prefixes_v6_trie: inner(map_names::PREFIXES_V6_TRIE)?,
         };
         // FNV-1a: stable across builds and Rust versions (unlike std's hasher).
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

@@ -159,6 +159,9 @@ impl XdpFilter {
         let prefixes_v4 = ArrayOfMaps::try_from(take(map_names::PREFIXES_V4)?)?;
         let prefixes_v4_chunks = ArrayOfMaps::try_from(take(map_names::PREFIXES_V4_CHUNKS)?)?;
         let prefixes_v6 = ArrayOfMaps::try_from(take(map_names::PREFIXES_V6)?)?;
+        let prefixes_v6_chunks = ArrayOfMaps::try_from(take(map_names::PREFIXES_V6_CHUNKS)?)?;
+        let prefixes_v6_skips = ArrayOfMaps::try_from(take(map_names::PREFIXES_V6_SKIPS)?)?;
+        let prefixes_v6_trie = ArrayOfMaps::try_from(take(map_names::PREFIXES_V6_TRIE)?)?;
         let counters = PerCpuArray::try_from(take(map_names::COUNTERS)?)?;
         let mut rate = take(map_names::RATE)?;
         super::rulesets::seed_rate_buckets(&mut rate)?;
@@ -180,6 +183,9 @@ impl XdpFilter {
             prefixes_v4,
             prefixes_v4_chunks,
             prefixes_v6,
+            prefixes_v6_chunks,
+            prefixes_v6_skips,
+            prefixes_v6_trie,
             counters,
             inner: object.inner.clone(),
             _rate: rate,

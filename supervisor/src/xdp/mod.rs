@@ -33,10 +33,10 @@ mod errors;
 mod layout;
 mod link;
 mod netlink;
+pub mod prefix_table;
 pub mod rules;
 mod rulesets;
 mod status;
-pub mod v4_table;
 
 use std::{
     net::SocketAddr,

@@ -12,7 +12,10 @@ use supervisor_common::xdp::{
     RULE_DROP_MALFORMED, RULE_RATE_LIMIT, VERDICT_ALLOW, VERDICT_DENY, VERDICT_NOT_ALLOWED,
 };
 
-use super::{XdpConfig, v4_table::V4Table};
+use super::{
+    XdpConfig,
+    prefix_table::{self, PrefixTable},
+};
 
 /// A source prefix with its host bits zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -89,9 +92,12 @@ pub struct Ruleset {
     /// (prefix length, address, verdict), resolved so the longest match answers.
     pub v4: Vec<(u32, [u8; 4], u32)>,
     /// `v4` expanded for `PREFIXES_V4` and `PREFIXES_V4_CHUNKS`.
-    pub v4_table: V4Table,
-    /// (prefix length, address, verdict) for `PREFIXES_V6`.
+    pub v4_table: PrefixTable,
+    /// (prefix length, address, verdict), resolved so the longest match answers.
     pub v6: Vec<(u32, [u8; 16], u32)>,
+    /// `v6` expanded for `PREFIXES_V6` and `PREFIXES_V6_CHUNKS`; `v6` goes into
+    /// `PREFIXES_V6_TRIE` too when the table asks the trie anywhere.
+    pub v6_table: PrefixTable,
     pub listeners: Vec<(ListenerKey, ListenerRule)>,
     /// The non-empty `LISTENER_PORTS` entries, by port.
     pub ports: Vec<(u16, ListenerPort)>,
@@ -161,7 +167,7 @@ pub fn compile(config: &XdpConfig, listeners: &[SocketAddr]) -> Result<Ruleset, 
         tolerance = (burst - 1) * interval;
     }
 
-    // One trie per family, resolved so that a single longest-prefix lookup answers
+    // One table per family, resolved so that a single longest-prefix lookup answers
     // "deny wins": every deny prefix is stored; an allow prefix only when no deny
     // prefix contains it (a deny prefix inside an allow prefix is longer, so it
     // matches first); and, with a non-empty allow list, /0 = not allowed.
@@ -213,8 +219,10 @@ pub fn compile(config: &XdpConfig, listeners: &[SocketAddr]) -> Result<Ruleset, 
     // Deterministic order, for tests and for reading a dump.
     ruleset.v4.sort();
     ruleset.v6.sort();
-    ruleset.v4_table =
-        super::v4_table::expand(&ruleset.v4).map_err(|m| error("xdp.deny/xdp.allow", m))?;
+    ruleset.v4_table = prefix_table::expand(&ruleset.v4, prefix_table::V4_CAPACITY)
+        .map_err(|m| error("xdp.deny/xdp.allow", m))?;
+    ruleset.v6_table = prefix_table::expand(&ruleset.v6, prefix_table::V6_CAPACITY)
+        .map_err(|m| error("xdp.deny/xdp.allow", m))?;
 
     let rule = ListenerRule {
         flags,

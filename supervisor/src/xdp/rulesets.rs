@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use aya::maps::{Array, ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
 use supervisor_common::xdp::{
-    ListenerKey, ListenerRule, RATE_SEED_INDEX, RATE_TICK_NS_INDEX, RULESET_SLOTS, RulesetControl,
-    XdpCounter, counter, v4_table,
+    ListenerKey, ListenerRule, MAX_V6_CHUNKS, MAX_V6_SKIPS, RATE_SEED_INDEX, RATE_TICK_NS_INDEX,
+    RULESET_SLOTS, RulesetControl, XdpCounter, counter,
 };
 
 use super::{XdpConfig, XdpCounters, layout::InnerDefinitions, rules};
@@ -24,6 +24,9 @@ pub(super) struct FilterMaps {
     pub(super) prefixes_v4: ArrayOfMaps<MapData, MapData>,
     pub(super) prefixes_v4_chunks: ArrayOfMaps<MapData, MapData>,
     pub(super) prefixes_v6: ArrayOfMaps<MapData, MapData>,
+    pub(super) prefixes_v6_chunks: ArrayOfMaps<MapData, MapData>,
+    pub(super) prefixes_v6_skips: ArrayOfMaps<MapData, MapData>,
+    pub(super) prefixes_v6_trie: ArrayOfMaps<MapData, MapData>,
     pub(super) counters: PerCpuArray<MapData, XdpCounter>,
     /// The inner map definitions from the object, for building rulesets that the
     /// outer maps accept.
@@ -42,8 +45,13 @@ pub struct PreparedRuleset {
     pub(super) prefixes_v4: MapData,
     pub(super) prefixes_v4_chunks: MapData,
     pub(super) prefixes_v6: MapData,
+    pub(super) prefixes_v6_chunks: MapData,
+    pub(super) prefixes_v6_skips: MapData,
+    pub(super) prefixes_v6_trie: MapData,
     /// IPv4 prefixes, IPv6 prefixes, listener entries: for the log.
     pub(super) sizes: (usize, usize, usize),
+    /// Whether some IPv6 lookups go to the trie (the table was full): for the log.
+    pub(super) v6_asks_trie: bool,
 }
 
 impl FilterMaps {
@@ -57,19 +65,6 @@ impl FilterMaps {
         let next = RulesetControl::from_word(self.control.load(0))
             .generation
             .wrapping_add(1);
-        let chunk_entries = ruleset
-            .v4_table
-            .chunks
-            .iter()
-            .enumerate()
-            .flat_map(|(n, chunk)| {
-                let base = n as u32 * v4_table::CHUNK_ENTRIES;
-                chunk
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, v)| **v != 0)
-                    .map(move |(i, v)| (base + i as u32, *v))
-            });
         Ok(PreparedRuleset {
             config: config.clone(),
             rule: ruleset.rule,
@@ -92,11 +87,40 @@ impl FilterMaps {
             prefixes_v4_chunks: build_array(
                 &self.inner.prefixes_v4_chunks,
                 &format!("v4c_g{next}"),
-                chunk_entries,
+                ruleset.v4_table.chunk_entries(),
             )
             .context("building the XDP IPv4 prefix chunks")?,
-            prefixes_v6: build_trie::<16>(&self.inner.prefixes_v6, "v6", next, &ruleset.v6)?,
+            prefixes_v6: build_array(
+                &self.inner.prefixes_v6,
+                &format!("v6_g{next}"),
+                ruleset.v6_table.first.iter().copied(),
+            )
+            .context("building the XDP IPv6 prefix table")?,
+            prefixes_v6_chunks: build_array(
+                &self.inner.prefixes_v6_chunks,
+                &format!("v6c_g{next}"),
+                ruleset.v6_table.chunk_entries(),
+            )
+            .context("building the XDP IPv6 prefix chunks")?,
+            prefixes_v6_skips: build_array(
+                &self.inner.prefixes_v6_skips,
+                &format!("v6s_g{next}"),
+                (0u32..).zip(ruleset.v6_table.skips.iter().copied()),
+            )
+            .context("building the XDP IPv6 prefix skips")?,
+            // The trie is asked only under the table's ASK_TRIE entries; without
+            // any it stays empty.
+            prefixes_v6_trie: build_v6_trie(
+                &self.inner.prefixes_v6_trie,
+                &format!("v6t_g{next}"),
+                if ruleset.v6_table.asks_trie {
+                    &ruleset.v6
+                } else {
+                    &[]
+                },
+            )?,
             sizes: (ruleset.v4.len(), ruleset.v6.len(), ruleset.listeners.len()),
+            v6_asks_trie: ruleset.v6_table.asks_trie,
         })
     }
 
@@ -123,21 +147,64 @@ impl FilterMaps {
         self.rules
             .set(slot, prepared.rule, 0)
             .context("storing the listener rule in its ruleset slot")?;
-        self.listener_ports
-            .set(slot, &prepared.listener_ports, 0)
-            .context("storing the listener port table in its ruleset slot")?;
-        self.listeners
-            .set(slot, &prepared.listeners, 0)
-            .context("storing the listener table in its ruleset slot")?;
-        self.prefixes_v4
-            .set(slot, &prepared.prefixes_v4, 0)
-            .context("storing the IPv4 prefixes in their ruleset slot")?;
-        self.prefixes_v4_chunks
-            .set(slot, &prepared.prefixes_v4_chunks, 0)
-            .context("storing the IPv4 prefix chunks in their ruleset slot")?;
-        self.prefixes_v6
-            .set(slot, &prepared.prefixes_v6, 0)
-            .context("storing the IPv6 prefixes in their ruleset slot")?;
+        // Each store into an outer map returns only after an RCU grace period (the
+        // kernel waits for running programs after every map-in-map update, about
+        // 10-20 ms here). Made one after the other, the eight would add up to most
+        // of a second-long upgrade's budget; made at once, they share the grace
+        // periods. All are done before the switch below.
+        let stores = [
+            (
+                &mut self.listener_ports,
+                &prepared.listener_ports,
+                "listener port table",
+            ),
+            (&mut self.listeners, &prepared.listeners, "listener table"),
+            (
+                &mut self.prefixes_v4,
+                &prepared.prefixes_v4,
+                "IPv4 prefix table",
+            ),
+            (
+                &mut self.prefixes_v4_chunks,
+                &prepared.prefixes_v4_chunks,
+                "IPv4 prefix chunks",
+            ),
+            (
+                &mut self.prefixes_v6,
+                &prepared.prefixes_v6,
+                "IPv6 prefix table",
+            ),
+            (
+                &mut self.prefixes_v6_chunks,
+                &prepared.prefixes_v6_chunks,
+                "IPv6 prefix chunks",
+            ),
+            (
+                &mut self.prefixes_v6_skips,
+                &prepared.prefixes_v6_skips,
+                "IPv6 prefix skips",
+            ),
+            (
+                &mut self.prefixes_v6_trie,
+                &prepared.prefixes_v6_trie,
+                "IPv6 prefix trie",
+            ),
+        ];
+        std::thread::scope(|scope| {
+            let running: Vec<_> = stores
+                .into_iter()
+                .map(|(outer, inner, what)| {
+                    scope.spawn(move || {
+                        outer
+                            .set(slot, inner, 0)
+                            .with_context(|| format!("storing the XDP {what} in its ruleset slot"))
+                    })
+                })
+                .collect();
+            running
+                .into_iter()
+                .try_for_each(|store| store.join().expect("a map store thread panicked"))
+        })?;
         // The switch: from the next packet on, the program reads the new slot.
         self.control.store(
             0,
@@ -154,6 +221,11 @@ impl FilterMaps {
             "xdp: ruleset {generation} active on {} ({v4} IPv4 and {v6} IPv6 prefixes, {listeners} listener entries)",
             prepared.config.interface,
         );
+        if prepared.v6_asks_trie {
+            tracing::warn!(
+                "xdp: the IPv6 prefixes need more than the filter's table holds ({MAX_V6_CHUNKS} chunks, {MAX_V6_SKIPS} skips); sources below the entries it could not refine are matched by a trie lookup, which costs more per datagram (docs/config.md)"
+            );
+        }
         Ok(generation)
     }
 
@@ -268,20 +340,19 @@ fn build_array<T: aya::Pod>(
     Ok(data)
 }
 
-fn build_trie<const N: usize>(
+fn build_v6_trie(
     definition: &aya_obj::Map,
-    family: &str,
-    generation: u32,
-    entries: &[(u32, [u8; N], u32)],
+    name: &str,
+    entries: &[(u32, [u8; 16], u32)],
 ) -> Result<MapData> {
-    let data = MapData::create(definition.clone(), &format!("{family}_g{generation}"), None)
-        .with_context(|| format!("creating an {family} prefix trie for the XDP filter"))?;
+    let data = MapData::create(definition.clone(), name, None)
+        .context("creating an IPv6 prefix trie for the XDP filter")?;
     let mut map = Map::LpmTrie(data);
     {
-        let mut trie = LpmTrie::<_, [u8; N], u32>::try_from(&mut map)?;
+        let mut trie = LpmTrie::<_, [u8; 16], u32>::try_from(&mut map)?;
         for (len, addr, verdict) in entries {
             trie.insert(&Key::new(*len, *addr), verdict, 0)
-                .with_context(|| format!("filling the XDP {family} prefix trie"))?;
+                .context("filling the XDP IPv6 prefix trie")?;
         }
     }
     let Map::LpmTrie(data) = map else {

@@ -2981,9 +2981,10 @@ fn xdp_cost(plan: &Plan) -> Section {
     let mut s = Section::new(
         "xdp_cost",
         format!(
-            "XDP filter cost where it runs: {} deny prefixes per family, rate limit on, {:.0} s flat out per row over a veth pair",
+            "XDP filter cost where it runs: {} deny prefixes per family, rate limit on, {:.0} s flat out per row and round, {} rounds, over a veth pair",
             thousands(prefixes as u64),
-            d.as_secs_f64()
+            d.as_secs_f64(),
+            plan.cost_rounds
         ),
     );
     let lab = match measure("xdp cost: veth pair", XdpLab::new) {
@@ -2996,7 +2997,9 @@ fn xdp_cost(plan: &Plan) -> Section {
     s.intro.push(format!(
         "One sender (64-byte datagrams, pinned to CPU {}) into the server's `{}`. Program cost: `run_time_ns / run_cnt` \
          (BPF_ENABLE_STATS) of the program on the interface; \"above empty\" is against the empty program (`r0 = XDP_DROP; \
-         exit`, loaded by the benchmark) in the same mode, in this run. CPU per packet: native rows, the run time of \
+         exit`, loaded by the benchmark) in the same mode and round. Every row runs once per round, the rows in \
+         alternating order (reversed every other round); figures are the median (min..max) over the rounds, \
+         packets/s and CPU per packet the median, dropped / passed the sum. CPU per packet: native rows, the run time of \
          veth's NAPI kernel thread (`threaded = 1`, the `napi/{}-*` thread pinned to CPU {}) per packet the program saw; \
          generic and user-space rows, the busy time of CPU {} (receive steering points there) per packet. The filter \
          rows run the supervisor with `deny` = {} IPv4 /24s and {} IPv6 /48s and `rate_limit = {{ packets_per_second = \
@@ -3011,14 +3014,27 @@ fn xdp_cost(plan: &Plan) -> Section {
         thousands(prefixes as u64),
         thousands(prefixes as u64),
     ));
-    type Row = (&'static str, &'static str, Result<XdpCostRun, String>);
-    let mut rows: Vec<Row> = Vec::new();
-    rows.push((
+    // Every program row, run in rounds (alternating order, as the selector rows): a
+    // row's figure is its median, and "above empty" compares it with the empty
+    // program of the same mode in the same round.
+    let v4_prefixes: Vec<(u32, [u8; 4])> = deny_list(prefixes)
+        .iter()
+        .filter_map(|p| {
+            let (addr, len) = p.split_once('/')?;
+            Some((
+                len.parse().ok()?,
+                addr.parse::<std::net::Ipv4Addr>().ok()?.octets(),
+            ))
+        })
+        .collect();
+    let v4_prefixes = &v4_prefixes;
+    type RunRow<'a> = Box<dyn Fn() -> XdpCostRun + 'a>;
+    let mut specs: Vec<(&'static str, &'static str, RunRow)> = Vec::new();
+    let lab = &lab;
+    specs.push((
         "empty program (XDP_DROP)",
         "native",
-        measure("xdp cost: empty program, native", || {
-            xdp_empty_row(&lab, d, true)
-        }),
+        Box::new(move || xdp_empty_row(lab, d, true)),
     ));
     use bpf::XdpClock;
     for (what, clock, key_len) in [
@@ -3040,12 +3056,12 @@ fn xdp_cost(plan: &Plan) -> Section {
         ),
         ("floor: one LRU hash lookup (20-byte key, hit)", None, 20),
     ] {
-        rows.push((
+        specs.push((
             what,
             "native",
-            measure(&format!("xdp cost: {what}, native"), || {
+            Box::new(move || {
                 xdp_floor_row(
-                    &lab,
+                    lab,
                     d,
                     true,
                     Some(bpf::XdpLookupFloor::RateEntry { clock, key_len }),
@@ -3053,86 +3069,72 @@ fn xdp_cost(plan: &Plan) -> Section {
             }),
         ));
     }
-    let v4_prefixes: Vec<(u32, [u8; 4])> = deny_list(prefixes)
-        .iter()
-        .filter_map(|p| {
-            let (addr, len) = p.split_once('/')?;
-            Some((
-                len.parse().ok()?,
-                addr.parse::<std::net::Ipv4Addr>().ok()?.octets(),
-            ))
-        })
-        .collect();
-    rows.push((
+    specs.push((
         "floor: one LPM trie lookup (IPv4 /24s above, a miss)",
         "native",
-        measure("xdp cost: one LPM trie lookup floor, native", || {
+        Box::new(move || {
             xdp_floor_row(
-                &lab,
+                lab,
                 d,
                 true,
                 Some(bpf::XdpLookupFloor::PrefixTrie {
-                    prefixes: &v4_prefixes,
+                    prefixes: v4_prefixes,
                     source: lab.source.octets(),
                 }),
             )
         }),
     ));
-    rows.push((
-        "filter, sender rate-limited",
-        "native",
-        measure("xdp cost: filter, rate-limited, native", || {
-            xdp_filter_row(&lab, d, "native", prefixes, false, false)
-        }),
-    ));
-    rows.push((
-        "filter, sender denied",
-        "native",
-        measure("xdp cost: filter, denied, native", || {
-            xdp_filter_row(&lab, d, "native", prefixes, true, false)
-        }),
-    ));
-    rows.push((
-        "filter, IPv6 sender rate-limited",
-        "native",
-        measure("xdp cost: filter, IPv6 rate-limited, native", || {
-            xdp_filter_row(&lab, d, "native", prefixes, false, true)
-        }),
-    ));
-    rows.push((
-        "filter, IPv6 sender denied",
-        "native",
-        measure("xdp cost: filter, IPv6 denied, native", || {
-            xdp_filter_row(&lab, d, "native", prefixes, true, true)
-        }),
-    ));
-    rows.push((
+    for (what, mode, denied, ipv6) in [
+        ("filter, sender rate-limited", "native", false, false),
+        ("filter, sender denied", "native", true, false),
+        ("filter, IPv6 sender rate-limited", "native", false, true),
+        ("filter, IPv6 sender denied", "native", true, true),
+    ] {
+        specs.push((
+            what,
+            mode,
+            Box::new(move || xdp_filter_row(lab, d, mode, prefixes, denied, ipv6)),
+        ));
+    }
+    specs.push((
         "empty program (XDP_DROP)",
         "generic",
-        measure("xdp cost: empty program, generic", || {
-            xdp_empty_row(&lab, d, false)
-        }),
+        Box::new(move || xdp_empty_row(lab, d, false)),
     ));
-    rows.push((
+    specs.push((
         "filter, sender rate-limited",
         "generic",
-        measure("xdp cost: filter, rate-limited, generic", || {
-            xdp_filter_row(&lab, d, "generic", prefixes, false, false)
-        }),
+        Box::new(move || xdp_filter_row(lab, d, "generic", prefixes, false, false)),
     ));
+    let round_count = plan.cost_rounds;
+    let mut runs: Vec<Vec<Result<XdpCostRun, String>>> = specs.iter().map(|_| Vec::new()).collect();
+    let order: Vec<usize> = (0..specs.len()).collect();
+    for round in 0..round_count {
+        for i in rounds::alternating(&order, round) {
+            let (what, mode, run) = &specs[i];
+            runs[i].push(measure(
+                &format!(
+                    "xdp cost: {what}, {mode} (round {} of {round_count})",
+                    round + 1
+                ),
+                run,
+            ));
+        }
+    }
     let user = measure("xdp cost: user-space discard", || {
-        discard_in_user_space(&lab, d)
+        discard_in_user_space(lab, d)
     });
     let switches = if plan.quick { 5 } else { 20 };
     let switched = measure("xdp: ruleset switches under load", || {
-        xdp_switches_under_load(&lab, prefixes, switches)
+        xdp_switches_under_load(lab, prefixes, switches)
     });
-    drop(lab);
-    let floor = |mode: &str| {
-        rows.iter().find_map(|(what, m, r)| {
-            (what.starts_with("empty") && *m == mode)
-                .then(|| r.as_ref().ok()?.program.as_ref().ok().map(|p| p.1))?
-        })
+    let program_ns = |r: &Result<XdpCostRun, String>| -> Option<f64> {
+        r.as_ref().ok()?.program.as_ref().ok().map(|p| p.1)
+    };
+    let empty_of = |mode: &str| {
+        specs
+            .iter()
+            .position(|(what, m, _)| what.starts_with("empty") && *m == mode)
     };
     let mut t = Table::new(&[
         "program",
@@ -3144,40 +3146,75 @@ fn xdp_cost(plan: &Plan) -> Section {
         ">dropped / passed",
     ]);
     let mut j = Vec::new();
-    for (what, mode, r) in &rows {
-        match r {
-            Ok(run) => {
-                let ns = run.program.as_ref().ok().map(|p| p.1);
-                let above = match (ns, floor(mode)) {
-                    (Some(n), Some(f)) if !what.starts_with("empty") => format!("{:+.1}", n - f),
-                    _ => "-".into(),
-                };
-                t.row([
-                    what.to_string(),
-                    mode.to_string(),
-                    thousands((run.sent as f64 / run.seconds.max(1e-9)) as u64),
-                    match &run.program {
-                        Ok((_, ns)) => format!("{ns:.1}"),
-                        Err(e) => format!("not measured: {e}"),
-                    },
-                    above,
-                    match &run.cpu_ns {
-                        Ok(ns) => format!("{ns:.0} ns"),
-                        Err(e) => format!("not measured: {e}"),
-                    },
-                    run.verdicts.map_or("-".into(), |(dr, p)| {
-                        format!("{} / {}", thousands(dr), thousands(p))
-                    }),
-                ]);
-                j.push(json!({"program": what, "mode": mode, "sent": run.sent, "seconds": run.seconds,
-                    "program_ns": ns, "cpu_ns_per_packet": run.cpu_ns.as_ref().ok(), "verdicts": run.verdicts}));
-            }
-            Err(e) => {
-                t.row([what.to_string(), mode.to_string(), format!("failed: {e}")]);
-                j.push(json!({"program": what, "mode": mode, "error": e}));
-            }
+    for (i, (what, mode, _)) in specs.iter().enumerate() {
+        let ok: Vec<&XdpCostRun> = runs[i].iter().filter_map(|r| r.as_ref().ok()).collect();
+        if ok.is_empty() {
+            let e = runs[i]
+                .iter()
+                .find_map(|r| r.as_ref().err())
+                .cloned()
+                .unwrap_or_default();
+            t.row([what.to_string(), mode.to_string(), format!("failed: {e}")]);
+            j.push(json!({"program": what, "mode": mode, "error": e}));
+            continue;
         }
+        let ns: Vec<f64> = runs[i].iter().filter_map(program_ns).collect();
+        // Per round, against that round's empty program of the mode.
+        let above: Vec<f64> = match empty_of(mode) {
+            Some(e) if e != i => runs[i]
+                .iter()
+                .zip(&runs[e])
+                .filter_map(|(r, empty)| Some(program_ns(r)? - program_ns(empty)?))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let rates: Vec<f64> = ok
+            .iter()
+            .map(|run| run.sent as f64 / run.seconds.max(1e-9))
+            .collect();
+        let cpu: Vec<f64> = ok
+            .iter()
+            .filter_map(|run| run.cpu_ns.as_ref().ok().copied())
+            .collect();
+        let verdicts = ok
+            .iter()
+            .filter_map(|run| run.verdicts)
+            .reduce(|a, b| (a.0 + b.0, a.1 + b.1));
+        let ns_spread = rounds::Spread::of(&ns);
+        let above_spread = rounds::Spread::of(&above);
+        t.row([
+            what.to_string(),
+            mode.to_string(),
+            rounds::Spread::of(&rates).map_or("-".into(), |s| thousands(s.median as u64)),
+            match (
+                ns_spread,
+                ok.iter().find_map(|run| run.program.as_ref().err()),
+            ) {
+                (Some(s), _) => s.cell(false),
+                (None, Some(e)) => format!("not measured: {e}"),
+                (None, None) => "-".into(),
+            },
+            above_spread.map_or("-".into(), |s| s.cell(true)),
+            match (
+                rounds::Spread::of(&cpu),
+                ok.iter().find_map(|run| run.cpu_ns.as_ref().err()),
+            ) {
+                (Some(s), _) => format!("{:.0} ns", s.median),
+                (None, Some(e)) => format!("not measured: {e}"),
+                (None, None) => "-".into(),
+            },
+            verdicts.map_or("-".into(), |(dr, p)| {
+                format!("{} / {}", thousands(dr), thousands(p))
+            }),
+        ]);
+        j.push(json!({"program": what, "mode": mode,
+            "sent": ok.iter().map(|run| run.sent).collect::<Vec<_>>(),
+            "seconds": ok.iter().map(|run| run.seconds).collect::<Vec<_>>(),
+            "program_ns": ns_spread.map(|s| s.median), "program_ns_rounds": ns,
+            "above_empty_ns": above_spread.map(|s| s.median), "above_empty_ns_rounds": above,
+            "cpu_ns_per_packet_rounds": cpu, "verdicts": verdicts}));
     }
+    drop(specs);
     match &user {
         Ok(run) => {
             let d = run.report.duration.as_secs_f64().max(1e-9);

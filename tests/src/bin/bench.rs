@@ -22,7 +22,8 @@
 
 use std::any::Any;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -43,6 +44,7 @@ use supervisor_tests::bench::procfs::{self, CpuMeter, CpuUse};
 use supervisor_tests::bench::rounds;
 use supervisor_tests::bench::table::{Table, ms, percent, thousands};
 use supervisor_tests::bench::xdp as bench_xdp;
+use supervisor_tests::bench::xdp_program_cost;
 use supervisor_tests::bench::xdp_replace::{self as bench_xdp_replace, XdpReplacePlan};
 use supervisor_tests::plain::run_plain_baseline;
 use supervisor_tests::{
@@ -2840,6 +2842,122 @@ fn xdp_floor_row(
     }
 }
 
+/// The echo service on `target` behind the filter with the realistic ruleset
+/// (`prefixes` deny prefixes per family, a rate limit of 1000/s per source), the
+/// sender's address of `target`'s family also denied (its /32 or /128) with
+/// `deny_sender`.
+fn filter_config(
+    lab: &XdpLab,
+    target: SocketAddr,
+    mode: &str,
+    prefixes: usize,
+    deny_sender: bool,
+    pins: &PinDir,
+    runtime: &TempDir,
+) -> ServiceConfig {
+    let mut cfg = ServiceConfig::echo(1, target, pins, runtime.path());
+    let mut deny = deny_list(prefixes);
+    if deny_sender {
+        deny.push(if target.is_ipv6() {
+            format!("{}/128", lab.source6)
+        } else {
+            format!("{}/32", lab.source)
+        });
+    }
+    let deny: Vec<String> = deny.iter().map(|p| format!("\"{p}\"")).collect();
+    cfg.extra_toml = format!(
+        "[xdp]\ninterface = \"{}\"\nmode = \"{mode}\"\nrate_limit = {{ packets_per_second = 1000 }}\ndeny = [{}]\n",
+        lab.ifname,
+        deny.join(", ")
+    );
+    cfg
+}
+
+/// Runs of the program alone per `BPF_PROG_TEST_RUN` call, enough that the kernel's
+/// mean is steady (about 0.1 s per call).
+const XDP_TEST_RUN_REPEAT: u32 = 2_000_000;
+
+/// The filter's cost per path with nothing but the program running (see
+/// [`xdp_program_cost`]): the supervisor's filter as the veth rows run it (the
+/// realistic ruleset, the sender denied by its /32 or /128), once per family, on
+/// frames that take each path, next to the empty program.
+fn xdp_program_alone(
+    lab: &XdpLab,
+    prefixes: usize,
+    round_count: usize,
+) -> Result<Vec<xdp_program_cost::PathCost>, String> {
+    use xdp_program_cost::{FramePath, udp_frame};
+    let next_v4 = Ipv4Addr::from(u32::from(lab.source) + 1);
+    let next_v6 = Ipv6Addr::from(u128::from(lab.source6) + 1);
+    let path = |label: &str, src: IpAddr, target: SocketAddr| FramePath {
+        label: label.into(),
+        frame: udp_frame(src, target, 22),
+    };
+    let families = [
+        (
+            lab.target,
+            vec![
+                path(
+                    "IPv4, rate-limited (in no prefix)",
+                    next_v4.into(),
+                    lab.target,
+                ),
+                path("IPv4, denied by its /32", lab.source.into(), lab.target),
+                path(
+                    "IPv4, denied by one of the /24s",
+                    Ipv4Addr::new(100, 64, 5, 9).into(),
+                    lab.target,
+                ),
+            ],
+        ),
+        (
+            lab.target6,
+            vec![
+                path(
+                    "IPv6, rate-limited (no prefix under its first 16 bits)",
+                    "2a02:1::9".parse::<Ipv6Addr>().unwrap().into(),
+                    lab.target6,
+                ),
+                path(
+                    "IPv6, rate-limited (next to the denied /128)",
+                    next_v6.into(),
+                    lab.target6,
+                ),
+                path("IPv6, denied by its /128", lab.source6.into(), lab.target6),
+                path(
+                    "IPv6, denied by one of the /48s",
+                    "2001:db8:5::9".parse::<Ipv6Addr>().unwrap().into(),
+                    lab.target6,
+                ),
+            ],
+        ),
+    ];
+    let mut costs = Vec::new();
+    for (target, paths) in families {
+        let pins = PinDir::new();
+        let runtime = TempDir::new("sup-run");
+        let cfg = filter_config(lab, target, "native", prefixes, true, &pins, &runtime);
+        let mut sup = Supervisor::start(&lab.server, cfg);
+        let pin = pins
+            .path()
+            .join(SERVICE)
+            .join("xdp")
+            .join(&lab.ifname)
+            .join("program");
+        let measured = aya::programs::ProgramInfo::from_pin(&pin)
+            .and_then(|info| info.fd())
+            .map_err(|e| format!("the filter program at {}: {e}", pin.display()))
+            .and_then(|program| {
+                xdp_program_cost::measure(program.as_fd(), &paths, round_count, XDP_TEST_RUN_REPEAT)
+            });
+        sup.stop();
+        let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
+        bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
+        costs.extend(measured?);
+    }
+    Ok(costs)
+}
+
 /// The supervisor's filter with the realistic ruleset (`prefixes` deny prefixes per
 /// family, a rate limit of 1000/s per source), the sender also denied by its /32 (or
 /// /128) when `deny_sender`, else only rate-limited. With `ipv6`, the service listens
@@ -2855,21 +2973,7 @@ fn xdp_filter_row(
     let pins = PinDir::new();
     let runtime = TempDir::new("sup-run");
     let target = if ipv6 { lab.target6 } else { lab.target };
-    let mut cfg = ServiceConfig::echo(1, target, &pins, runtime.path());
-    let mut deny = deny_list(prefixes);
-    if deny_sender {
-        deny.push(if ipv6 {
-            format!("{}/128", lab.source6)
-        } else {
-            format!("{}/32", lab.source)
-        });
-    }
-    let deny: Vec<String> = deny.iter().map(|p| format!("\"{p}\"")).collect();
-    cfg.extra_toml = format!(
-        "[xdp]\ninterface = \"{}\"\nmode = \"{mode}\"\nrate_limit = {{ packets_per_second = 1000 }}\ndeny = [{}]\n",
-        lab.ifname,
-        deny.join(", ")
-    );
+    let cfg = filter_config(lab, target, mode, prefixes, deny_sender, &pins, &runtime);
     let mut sup = Supervisor::start(&lab.server, cfg);
     let native = sup.status_json()["xdp"]["mode"].as_str() == Some("native");
     let napi = if native {
@@ -3121,6 +3225,10 @@ fn xdp_cost(plan: &Plan) -> Section {
             ));
         }
     }
+    let alone = measure("xdp cost: the filter alone (BPF_PROG_TEST_RUN)", || {
+        xdp_program_alone(lab, prefixes, round_count)
+    })
+    .and_then(|r| r);
     let user = measure("xdp cost: user-space discard", || {
         discard_in_user_space(lab, d)
     });
@@ -3239,6 +3347,50 @@ fn xdp_cost(plan: &Plan) -> Section {
         }
     }
     s.tables.push(t);
+    let mut alone_json = Vec::new();
+    match &alone {
+        Ok(costs) => {
+            let mut t = Table::new(&[
+                "path (the filter alone, BPF_PROG_TEST_RUN)",
+                ">filter ns per run",
+                ">empty program ns per run",
+                ">above empty",
+                "action",
+            ]);
+            for c in costs {
+                let cell =
+                    |s: Option<rounds::Spread>, signed| s.map_or("-".into(), |s| s.cell(signed));
+                t.row([
+                    c.label.clone(),
+                    cell(c.filter(), false),
+                    cell(c.empty(), false),
+                    cell(rounds::Spread::of(&c.above()), true),
+                    match c.action {
+                        1 => "drop".to_string(),
+                        2 => "pass".to_string(),
+                        other => format!("action {other}"),
+                    },
+                ]);
+                alone_json.push(json!({"path": c.label, "filter_ns_rounds": c.filter_ns,
+                    "empty_ns_rounds": c.empty_ns, "above_empty_ns": rounds::Spread::of(&c.above()).map(|s| s.median),
+                    "action": c.action}));
+            }
+            s.tables.push(t);
+            s.notes.push(format!(
+                "The filter alone: the kernel runs the supervisor's filter program (the ruleset above, the sender \
+                 denied by its /32 or /128; one supervisor per family) on one crafted frame {} times per call \
+                 (`BPF_PROG_TEST_RUN`), and the empty program on the same frame right after; {} rounds, the paths \
+                 in alternating order, median (min..max) of the kernel's mean per run. The frame stays in the cache \
+                 and nothing else runs, so this is the program's own work per path; the veth rows above add what \
+                 fetching a frame another CPU just wrote costs (an IPv6 header reaches into a second cache line).",
+                thousands(u64::from(XDP_TEST_RUN_REPEAT)),
+                round_count
+            ));
+        }
+        Err(e) => s
+            .notes
+            .push(format!("The filter alone (BPF_PROG_TEST_RUN): failed: {e}")),
+    }
     match &switched {
         Ok((r, done, filter_dropped)) => {
             s.notes.push(format!(
@@ -3278,6 +3430,6 @@ fn xdp_cost(plan: &Plan) -> Section {
             .into(),
     );
     let switches_json = s.json["switches"].take();
-    s.json = json!({"prefixes_per_family": prefixes, "rows": j, "switches": switches_json});
+    s.json = json!({"prefixes_per_family": prefixes, "rows": j, "alone": alone_json, "switches": switches_json});
     s
 }

@@ -117,11 +117,8 @@ pub(super) fn pins_reusable(dir: &Path, object: &ObjectLayout) -> bool {
             return false;
         }
     }
-    let word = MapData::from_pin(dir.join(pin_names::CONTROL))
-        .map_err(anyhow::Error::from)
-        .and_then(|data| Ok(Array::<MapData, u64>::try_from(Map::Array(data))?.get(&0, 0)?));
-    match word {
-        Ok(word) if RulesetControl::from_word(word).layout == object.fingerprint => true,
+    match pinned_layout(dir) {
+        Some(layout) if layout == object.fingerprint => true,
         _ => {
             tracing::info!(
                 "xdp: pinned maps were written by a build with another layout; using fresh maps"
@@ -129,6 +126,17 @@ pub(super) fn pins_reusable(dir: &Path, object: &ObjectLayout) -> bool {
             false
         }
     }
+}
+
+/// The layout fingerprint in the control word pinned in `dir` (that of the build
+/// that last switched a ruleset in), if the pin is there and readable.
+pub(super) fn pinned_layout(dir: &Path) -> Option<u16> {
+    let data = MapData::from_pin(dir.join(pin_names::CONTROL)).ok()?;
+    let word = Array::<MapData, u64>::try_from(Map::Array(data))
+        .ok()?
+        .get(&0, 0)
+        .ok()?;
+    Some(RulesetControl::from_word(word).layout)
 }
 
 /// Removes the map and program pins in `dir`, keeping the link pin.

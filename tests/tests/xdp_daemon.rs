@@ -389,7 +389,8 @@ fn replacing_the_filter_program_under_load_loses_no_allowed_datagram() {
 /// were added): the check before the exec does not ask for the new maps' pins,
 /// and the new build puts fresh maps in place with its link update, under load.
 /// The build with other layouts is stood in for by its traces: the control word
-/// naming another layout, and no pins for the maps it did not have.
+/// naming another layout, no pins for the maps it did not have, and one for a map
+/// this build does not have (left behind, the pin would hold that map's memory).
 #[test]
 fn reexec_into_a_build_with_other_xdp_map_layouts_replaces_the_maps() {
     let lab = Lab::new();
@@ -417,6 +418,11 @@ fn reexec_into_a_build_with_other_xdp_map_layouts_replaces_the_maps() {
     ] {
         std::fs::remove_file(dir.join(pin)).unwrap();
     }
+    // A map of that build that this one does not know: removed with the rest.
+    aya::maps::MapData::from_pin(dir.join("rules"))
+        .unwrap()
+        .pin(dir.join("prefixes-v7"))
+        .unwrap();
     let control = aya::maps::MapData::from_pin(dir.join("control")).unwrap();
     let mut control = aya::maps::Array::<_, u64>::try_from(aya::maps::Map::Array(control)).unwrap();
     let word = control.get(&0, 0).unwrap();

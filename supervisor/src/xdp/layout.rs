@@ -139,14 +139,17 @@ pub(super) fn pinned_layout(dir: &Path) -> Option<u16> {
     Some(RulesetControl::from_word(word).layout)
 }
 
-/// Removes the map and program pins in `dir`, keeping the link pin.
+/// Removes every pin in `dir` but the link: the program and the maps, this build's
+/// and those of builds with other layouts (a newer build's extra maps, after a
+/// downgrade, would otherwise stay pinned, holding their rulesets' memory).
 pub(super) fn remove_map_pins(dir: &Path) -> Result<()> {
-    for pin in map_names::ALL
-        .iter()
-        .map(|(_, pin)| *pin)
-        .chain([pin_names::PROGRAM])
-    {
-        let path = dir.join(pin);
+    let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        if entry.file_name() == pin_names::LINK {
+            continue;
+        }
+        let path = entry.path();
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

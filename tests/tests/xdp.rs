@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{setsockopt, sockopt};
 use supervisor::error::InputError;
 use supervisor::xdp::{AttachMode, RateLimit, XdpConfig, XdpCounters, XdpFilter, XdpMode};
-use supervisor_common::xdp::{VERDICT_ALLOW, VERDICT_DENY, VERDICT_NOT_ALLOWED};
+use supervisor_common::xdp::{VERDICT_ALLOW, VERDICT_DENY, VERDICT_NOT_ALLOWED, prefix_table};
 use supervisor_tests::netns::ip;
 use supervisor_tests::packet::FrameSender;
 use supervisor_tests::{PinDir, TestNet, require_root};
@@ -1203,6 +1203,10 @@ fn ipv6_prefixes_match_through_chunks_skips_and_the_trie() {
     config.deny.push("3000:1:2:3:4:5:6:7/128".into());
     config.deny.push("2a00:aa00:bb00::/40".into());
     config.deny.push("2a00:aa00:bb00:1::7/128".into());
+    // Past the table's chunks, two /128s parting at byte 12, alone under their first
+    // 16 bits: a skip from the first level (bytes 2 to 11) whose match asks the trie.
+    config.deny.push("3100:1:2:3:4:5:6:7/128".into());
+    config.deny.push("3100:1:2:3:4:5:ff06:7/128".into());
     config.allow = vec!["2000::/3".into()];
     let ruleset =
         supervisor::xdp::rules::compile(&config, &[SocketAddr::new(service.into(), PORT)]).unwrap();
@@ -1210,19 +1214,38 @@ fn ipv6_prefixes_match_through_chunks_skips_and_the_trie() {
         ruleset.v6_table.asks_trie,
         "the ruleset must overflow the table to test the trie"
     );
+    let first = |top: u32| {
+        let (_, entry) = ruleset
+            .v6_table
+            .first
+            .iter()
+            .find(|(i, _)| *i == top)
+            .unwrap();
+        *entry
+    };
+    let deep = first(0x3100);
+    assert_ne!(deep & prefix_table::SKIP, 0, "{deep:#x}");
+    let skip = ruleset.v6_table.skips[(deep & !prefix_table::SKIP) as usize];
+    assert_eq!(
+        (skip.next, skip.resume),
+        (prefix_table::ASK_TRIE, 12),
+        "{skip:?}"
+    );
     let filter = lab
         .start(&config, &[SocketAddr::new(service.into(), PORT)])
         .unwrap();
 
     let last_group = 0x2400 + groups - 1;
     let denied = vec![
-        host(0x2400, 1, 7),                     // chunk, then a skip to the end
-        host(0x2400, 2, 7),                     // the other branch
-        host(last_group, 1, 7),                 // past the table: the trie
-        host(last_group, 2, 7),                 // the trie again
-        "3000:1:2:3:4:5:6:7".parse().unwrap(),  // one skip from the first level
-        "2a00:aa00:bb00:2::9".parse().unwrap(), // the /40
-        "2a00:aa00:bb00:1::7".parse().unwrap(), // a /128 inside the /40
+        host(0x2400, 1, 7),                       // chunk, then a skip to the end
+        host(0x2400, 2, 7),                       // the other branch
+        host(last_group, 1, 7),                   // past the table: the trie
+        host(last_group, 2, 7),                   // the trie again
+        "3000:1:2:3:4:5:6:7".parse().unwrap(),    // one skip from the first level
+        "2a00:aa00:bb00:2::9".parse().unwrap(),   // the /40
+        "2a00:aa00:bb00:1::7".parse().unwrap(),   // a /128 inside the /40
+        "3100:1:2:3:4:5:6:7".parse().unwrap(),    // a skip, then the trie
+        "3100:1:2:3:4:5:ff06:7".parse().unwrap(), // ... its other /128
     ];
     let passed = vec![
         host(0x2400, 1, 8),                    // the skip misses in its last byte
@@ -1231,6 +1254,8 @@ fn ipv6_prefixes_match_through_chunks_skips_and_the_trie() {
         "3000:1:2:3:4:5:6:8".parse().unwrap(), // the first-level skip misses
         "3000:1:2:4:4:5:6:7".parse().unwrap(), // ... in its middle
         "2a00:aa00:bc00::1".parse().unwrap(),  // next to the /40
+        "3100:1:2:3:4:5:6:8".parse().unwrap(), // the skip matches, the trie misses
+        "3100:1:2:3:9:5:6:7".parse().unwrap(), // the skip misses (byte 9)
     ];
     let not_allowed: Vec<std::net::Ipv6Addr> = vec![
         "fc00::5".parse().unwrap(), // outside 2000::/3

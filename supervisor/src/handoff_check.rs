@@ -132,6 +132,13 @@ pub fn pin_problems(config: &Config) -> Vec<String> {
             PROG_TYPE_XDP,
             &mut problems,
         );
+        // The maps of a filter pinned by a build with other map layouts (across
+        // an upgrade that adds or changes an XDP map) are not reused: adoption puts
+        // fresh ones in place in the same link update as the program, so their pins
+        // need not be this build's. Only the control word saying so must be there.
+        if crate::xdp::pinned_by_another_layout(&dir) {
+            return problems;
+        }
         let object = aya_obj::Object::parse(crate::ebpf::XDP_OBJECT).ok();
         for (map, pin) in xdp::map_names::ALL {
             let expected = object

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{setsockopt, sockopt};
 use supervisor::error::InputError;
 use supervisor::xdp::{AttachMode, RateLimit, XdpConfig, XdpCounters, XdpFilter, XdpMode};
+use supervisor_common::xdp::{VERDICT_ALLOW, VERDICT_DENY, VERDICT_NOT_ALLOWED, prefix_table};
 use supervisor_tests::netns::ip;
 use supervisor_tests::packet::FrameSender;
 use supervisor_tests::{PinDir, TestNet, require_root};
@@ -1202,6 +1203,10 @@ fn ipv6_prefixes_match_through_chunks_skips_and_the_trie() {
     config.deny.push("3000:1:2:3:4:5:6:7/128".into());
     config.deny.push("2a00:aa00:bb00::/40".into());
     config.deny.push("2a00:aa00:bb00:1::7/128".into());
+    // Past the table's chunks, two /128s parting at byte 12, alone under their first
+    // 16 bits: a skip from the first level (bytes 2 to 11) whose match asks the trie.
+    config.deny.push("3100:1:2:3:4:5:6:7/128".into());
+    config.deny.push("3100:1:2:3:4:5:ff06:7/128".into());
     config.allow = vec!["2000::/3".into()];
     let ruleset =
         supervisor::xdp::rules::compile(&config, &[SocketAddr::new(service.into(), PORT)]).unwrap();
@@ -1209,19 +1214,38 @@ fn ipv6_prefixes_match_through_chunks_skips_and_the_trie() {
         ruleset.v6_table.asks_trie,
         "the ruleset must overflow the table to test the trie"
     );
+    let first = |top: u32| {
+        let (_, entry) = ruleset
+            .v6_table
+            .first
+            .iter()
+            .find(|(i, _)| *i == top)
+            .unwrap();
+        *entry
+    };
+    let deep = first(0x3100);
+    assert_ne!(deep & prefix_table::SKIP, 0, "{deep:#x}");
+    let skip = ruleset.v6_table.skips[(deep & !prefix_table::SKIP) as usize];
+    assert_eq!(
+        (skip.next, skip.resume),
+        (prefix_table::ASK_TRIE, 12),
+        "{skip:?}"
+    );
     let filter = lab
         .start(&config, &[SocketAddr::new(service.into(), PORT)])
         .unwrap();
 
     let last_group = 0x2400 + groups - 1;
     let denied = vec![
-        host(0x2400, 1, 7),                     // chunk, then a skip to the end
-        host(0x2400, 2, 7),                     // the other branch
-        host(last_group, 1, 7),                 // past the table: the trie
-        host(last_group, 2, 7),                 // the trie again
-        "3000:1:2:3:4:5:6:7".parse().unwrap(),  // one skip from the first level
-        "2a00:aa00:bb00:2::9".parse().unwrap(), // the /40
-        "2a00:aa00:bb00:1::7".parse().unwrap(), // a /128 inside the /40
+        host(0x2400, 1, 7),                       // chunk, then a skip to the end
+        host(0x2400, 2, 7),                       // the other branch
+        host(last_group, 1, 7),                   // past the table: the trie
+        host(last_group, 2, 7),                   // the trie again
+        "3000:1:2:3:4:5:6:7".parse().unwrap(),    // one skip from the first level
+        "2a00:aa00:bb00:2::9".parse().unwrap(),   // the /40
+        "2a00:aa00:bb00:1::7".parse().unwrap(),   // a /128 inside the /40
+        "3100:1:2:3:4:5:6:7".parse().unwrap(),    // a skip, then the trie
+        "3100:1:2:3:4:5:ff06:7".parse().unwrap(), // ... its other /128
     ];
     let passed = vec![
         host(0x2400, 1, 8),                    // the skip misses in its last byte
@@ -1230,6 +1254,8 @@ fn ipv6_prefixes_match_through_chunks_skips_and_the_trie() {
         "3000:1:2:3:4:5:6:8".parse().unwrap(), // the first-level skip misses
         "3000:1:2:4:4:5:6:7".parse().unwrap(), // ... in its middle
         "2a00:aa00:bc00::1".parse().unwrap(),  // next to the /40
+        "3100:1:2:3:4:5:6:8".parse().unwrap(), // the skip matches, the trie misses
+        "3100:1:2:3:9:5:6:7".parse().unwrap(), // the skip misses (byte 9)
     ];
     let not_allowed: Vec<std::net::Ipv6Addr> = vec![
         "fc00::5".parse().unwrap(), // outside 2000::/3
@@ -1255,6 +1281,185 @@ fn ipv6_prefixes_match_through_chunks_skips_and_the_trie() {
     assert_eq!(c.denied, denied.len() as u64, "{c:?}");
     assert_eq!(c.passed, passed.len() as u64, "{c:?}");
     assert_eq!(c.not_allowed, not_allowed.len() as u64, "{c:?}");
+    filter.remove().unwrap();
+}
+
+/// The program's walk of the IPv6 table answers like a longest-prefix match for
+/// prefixes of every length (not multiples of 8 included) that part from each
+/// other around the address's word boundaries (bytes 3/4, 7/8, 11/12), nested
+/// under allow and deny prefixes of /1 and /15 and a /0 "not allowed": skips merged
+/// across words, skips straight from the first level followed by chunks, skips
+/// whose mismatch answer is a shorter prefix's verdict. Every prefix's first and
+/// last address, the addresses just outside it and one near it are sent; the
+/// expected verdict comes from a brute-force longest match of the resolved rules.
+#[test]
+fn ipv6_table_walk_answers_like_a_longest_match_at_every_length() {
+    let lab = Lab::new();
+    let service: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+    let mut state = 0x5eed_1234_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let as_prefix = |addr: u128, len: u32| {
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
+        (addr & mask, len)
+    };
+    let mut config = lab.config();
+    let mut seen = HashSet::new();
+    let roots: Vec<u128> = (0..6)
+        .map(|i| (0x2400 + i as u128) << 112 | u128::from(next()) << 40)
+        .collect();
+    let mut lists = (Vec::new(), Vec::new());
+    while seen.len() < 400 {
+        let mut addr = roots[(next() % roots.len() as u64) as usize];
+        // Depart from the root at one byte around a word boundary, then vary.
+        let at = [2u32, 3, 4, 7, 8, 11, 12, 15][(next() % 8) as usize];
+        addr ^= 1u128 << (8 * (15 - at) + (next() % 8) as u32);
+        if next() % 2 == 0 {
+            addr ^= u128::from(next() as u16) << (8 * (13 - at.min(13)));
+        }
+        let len = [
+            16u32, 17, 23, 31, 32, 33, 47, 63, 64, 65, 95, 96, 97, 120, 127, 128,
+        ][(next() % 16) as usize];
+        let len = if next() % 3 == 0 {
+            17 + (next() % 112) as u32
+        } else {
+            len
+        };
+        let (addr, len) = as_prefix(addr, len);
+        if seen.insert((addr, len)) {
+            let text = format!("{}/{len}", std::net::Ipv6Addr::from(addr));
+            if next() % 2 == 0 {
+                lists.0.push(text)
+            } else {
+                lists.1.push(text)
+            }
+        }
+    }
+    // Alone under their first 16 bits (a skip from the first level, merged across
+    // words) and pairs parting at byte 6, 9 or 13 (a skip, then a chunk), some under
+    // a shorter prefix of their own (the skip's mismatch answer).
+    for k in 0..24u128 {
+        let base = (0x2600 + k) << 112 | u128::from(next()) << 64 | u128::from(next());
+        let len = [128u32, 127, 100, 65, 64, 33][(k % 6) as usize];
+        let mut add = |addr: u128, len: u32, deny: bool| {
+            let (addr, len) = as_prefix(addr, len);
+            if seen.insert((addr, len)) {
+                let text = format!("{}/{len}", std::net::Ipv6Addr::from(addr));
+                if deny {
+                    lists.0.push(text)
+                } else {
+                    lists.1.push(text)
+                }
+            }
+        };
+        add(base, len, k % 2 == 0);
+        let part = [6u32, 9, 13][(k % 3) as usize];
+        let twin = (0x2700 + k) << 112 | (base & (u128::MAX >> 16));
+        add(twin, 128, true);
+        add(twin ^ (1 << (8 * (15 - part))), 128, false);
+        if k % 4 == 0 {
+            add(twin, 8 * (part - 1) - 3, k % 8 == 0);
+        }
+    }
+    config.deny = lists.0;
+    config.allow = lists.1;
+    config.allow.push("::/1".into());
+    config.allow.push("2404::/15".into());
+    config.deny.push("2402::/15".into());
+    let listeners = [SocketAddr::new(service.into(), PORT)];
+    let ruleset = supervisor::xdp::rules::compile(&config, &listeners).unwrap();
+    assert!(!ruleset.v6_table.asks_trie, "the table alone must answer");
+    let (chunks, skips) = (ruleset.v6_table.chunks.len(), ruleset.v6_table.skips.len());
+    assert!(chunks > 10 && skips > 10, "{chunks} chunks, {skips} skips");
+    let verdict = |src: u128| {
+        ruleset
+            .v6
+            .iter()
+            .filter(|(len, p, _)| as_prefix(src, *len).0 == u128::from_be_bytes(*p))
+            .max_by_key(|(len, _, _)| *len)
+            .map_or(0, |(_, _, v)| *v)
+    };
+    let mut probes = Vec::new();
+    for (len, p, _) in &ruleset.v6 {
+        let lo = u128::from_be_bytes(*p);
+        let hi = lo
+            | if *len == 0 {
+                u128::MAX
+            } else {
+                !(u128::MAX << (128 - len))
+            };
+        let near = lo ^ (u128::from(next() as u8) << (8 * (next() % 14)));
+        probes.extend([lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1), near]);
+    }
+    probes.sort_unstable();
+    probes.dedup();
+    let filter = lab.start(&config, &listeners).unwrap();
+    let frame = |src: u128| {
+        Ipv6Packet {
+            src_mac: lab.client_mac,
+            dst_mac: lab.server_mac,
+            src: std::net::Ipv6Addr::from(src),
+            dst: service,
+            next_header: 17,
+            extensions: vec![],
+            payload: udp_bytes(PORT, &[6u8; 12], None),
+            payload_len: None,
+        }
+        .frame()
+    };
+    let count = |v: u32| probes.iter().filter(|p| verdict(**p) == v).count() as u64;
+    let (denied, not_allowed) = (count(VERDICT_DENY), count(VERDICT_NOT_ALLOWED));
+    let passed = probes.len() as u64 - denied - not_allowed;
+    assert!(
+        denied > 100 && not_allowed > 10 && passed > 100,
+        "{denied} {not_allowed} {passed}"
+    );
+    for batch in probes.chunks(256) {
+        let frames: Vec<Vec<u8>> = batch.iter().map(|p| frame(*p)).collect();
+        lab.send_frames(&frames);
+    }
+    let total = probes.len() as u64;
+    let c = counters_when(&filter, |c| c.passed + c.denied + c.not_allowed >= total);
+    if (c.denied, c.not_allowed, c.passed) != (denied, not_allowed, passed) {
+        // Which sources the program judges otherwise, one frame at a time.
+        let mut wrong = Vec::new();
+        for src in &probes {
+            let before = filter.status().counters;
+            lab.send_frames(&[frame(*src)]);
+            let after = counters_when(&filter, |c| {
+                c.passed + c.denied + c.not_allowed
+                    > before.passed + before.denied + before.not_allowed
+            });
+            let got = if after.denied > before.denied {
+                VERDICT_DENY
+            } else if after.not_allowed > before.not_allowed {
+                VERDICT_NOT_ALLOWED
+            } else {
+                0
+            };
+            let want = match verdict(*src) {
+                VERDICT_ALLOW => 0,
+                v => v,
+            };
+            if got != want && wrong.len() < 20 {
+                wrong.push(format!(
+                    "{} got {got} want {want}",
+                    std::net::Ipv6Addr::from(*src)
+                ));
+            }
+        }
+        panic!(
+            "counters {c:?}, expected denied {denied} not allowed {not_allowed} passed {passed}; wrong: {wrong:#?}"
+        );
+    }
     filter.remove().unwrap();
 }
 

@@ -117,11 +117,8 @@ pub(super) fn pins_reusable(dir: &Path, object: &ObjectLayout) -> bool {
             return false;
         }
     }
-    let word = MapData::from_pin(dir.join(pin_names::CONTROL))
-        .map_err(anyhow::Error::from)
-        .and_then(|data| Ok(Array::<MapData, u64>::try_from(Map::Array(data))?.get(&0, 0)?));
-    match word {
-        Ok(word) if RulesetControl::from_word(word).layout == object.fingerprint => true,
+    match pinned_layout(dir) {
+        Some(layout) if layout == object.fingerprint => true,
         _ => {
             tracing::info!(
                 "xdp: pinned maps were written by a build with another layout; using fresh maps"
@@ -131,14 +128,28 @@ pub(super) fn pins_reusable(dir: &Path, object: &ObjectLayout) -> bool {
     }
 }
 
-/// Removes the map and program pins in `dir`, keeping the link pin.
+/// The layout fingerprint in the control word pinned in `dir` (that of the build
+/// that last switched a ruleset in), if the pin is there and readable.
+pub(super) fn pinned_layout(dir: &Path) -> Option<u16> {
+    let data = MapData::from_pin(dir.join(pin_names::CONTROL)).ok()?;
+    let word = Array::<MapData, u64>::try_from(Map::Array(data))
+        .ok()?
+        .get(&0, 0)
+        .ok()?;
+    Some(RulesetControl::from_word(word).layout)
+}
+
+/// Removes every pin in `dir` but the link: the program and the maps, this build's
+/// and those of builds with other layouts (a newer build's extra maps, after a
+/// downgrade, would otherwise stay pinned, holding their rulesets' memory).
 pub(super) fn remove_map_pins(dir: &Path) -> Result<()> {
-    for pin in map_names::ALL
-        .iter()
-        .map(|(_, pin)| *pin)
-        .chain([pin_names::PROGRAM])
-    {
-        let path = dir.join(pin);
+    let entries = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        if entry.file_name() == pin_names::LINK {
+            continue;
+        }
+        let path = entry.path();
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -55,6 +55,7 @@ pub use rulesets::{PreparedRuleset, ReadersGone};
 pub use status::{XdpCounters, XdpStatus};
 
 use crate::error::InputError;
+use layout::{ObjectLayout, pinned_layout};
 use link::program_info;
 use rulesets::FilterMaps;
 
@@ -185,5 +186,17 @@ impl XdpFilter {
         }
         tracing::info!("xdp: filter removed from {interface}");
         Ok(())
+    }
+}
+
+/// Whether the filter pinned at `dir` (`<service_pin_dir>/xdp/<ifname>/`) was set
+/// up by a build whose map layouts differ from this one's (its control word says
+/// so). A start of this build does not reuse such map pins, whatever they are: it
+/// puts fresh maps in place and moves the link onto them with its program update.
+/// Reads only, logs nothing.
+pub fn pinned_by_another_layout(dir: &Path) -> bool {
+    match (pinned_layout(dir), ObjectLayout::parse()) {
+        (Some(layout), Ok(object)) => layout != object.fingerprint,
+        _ => false,
     }
 }

@@ -468,6 +468,53 @@ mod tests {
         }
     }
 
+    /// Every length, and prefixes that share long runs and part from each other at
+    /// word boundaries (bytes 3/4, 7/8, 11/12) and mid-byte, nested under /0, /1
+    /// and /15 allow and deny verdicts: skips merged across words, skips whose
+    /// `otherwise` is a shorter prefix's verdict, skips straight from the first
+    /// level followed by chunks.
+    #[test]
+    fn every_length_and_word_boundary_answers_like_a_trie() {
+        let mut rng = Rng(0x5eed_0bad);
+        for round in 0..40 {
+            let root: [u8; 16] = std::array::from_fn(|_| rng.next() as u8);
+            let mut prefixes = vec![(0, [0; 16], VERDICT_NOT_ALLOWED)];
+            let mut seen = std::collections::HashSet::new();
+            while prefixes.len() < 60 {
+                let mut addr = root;
+                // Depart from the root at one byte near a word boundary.
+                let at = [2, 3, 4, 7, 8, 11, 12, 15][rng.below(8) as usize];
+                addr[at] ^= 1 << rng.below(8);
+                for byte in addr.iter_mut().skip(at + 1) {
+                    if rng.below(4) == 0 {
+                        *byte = rng.next() as u8;
+                    }
+                }
+                let len = if round % 2 == 0 {
+                    1 + rng.below(128) as u32
+                } else {
+                    [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 96, 97, 127, 128]
+                        [rng.below(14) as usize]
+                };
+                let addr = masked(addr, len);
+                if seen.insert((len, addr)) {
+                    let verdict = [VERDICT_ALLOW, VERDICT_DENY][rng.below(2) as usize];
+                    prefixes.push((len, addr, verdict));
+                }
+            }
+            let table = expand(&prefixes, V6).unwrap();
+            check_against_trie(&prefixes, &table, &mut rng);
+            for capacity in [(1, 1), (2, 5), (8, 2)] {
+                let small = Capacity {
+                    chunks: capacity.0,
+                    skips: capacity.1,
+                    when_full: WhenFull::AskTrie,
+                };
+                check_against_trie(&prefixes, &expand(&prefixes, small).unwrap(), &mut rng);
+            }
+        }
+    }
+
     /// With too few chunks or skips, the entries the table could not refine ask
     /// the trie, and every answer is still the longest match.
     #[test]

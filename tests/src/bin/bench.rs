@@ -3382,7 +3382,7 @@ fn xdp_cost(plan: &Plan) -> Section {
                  (`BPF_PROG_TEST_RUN`), and the empty program on the same frame right after; {} rounds, the paths \
                  in alternating order, median (min..max) of the kernel's mean per run. The frame stays in the cache \
                  and nothing else runs, so this is the program's own work per path; the veth rows above add what \
-                 fetching a frame another CPU just wrote costs (an IPv6 header reaches into a second cache line).",
+                 fetching the frame's headers, written by another CPU just before, costs.",
                 thousands(u64::from(XDP_TEST_RUN_REPEAT)),
                 round_count
             ));

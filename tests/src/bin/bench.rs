@@ -3031,10 +3031,16 @@ fn xdp_filter_row(
 /// Allowed traffic (echoed, every datagram counted) while `switches` upgrades each
 /// switch the filter to another ruleset of `prefixes` deny prefixes per family (the
 /// sender never denied, the rate limit far above the rate).
-/// Returns the load's report, the upgrades done, and the packets the filter dropped
-/// meanwhile (its `denied`, `not_allowed`, `rate_limited` and `malformed` counters):
-/// losses the filter did not count happened elsewhere (sockets, the upgrades).
-fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Report, u32, u64) {
+/// Returns the load's report, the upgrades done, the packets the filter dropped
+/// meanwhile (its `denied`, `not_allowed`, `rate_limited` and `malformed` counters),
+/// and the UDP receive-buffer overflows in the server's and the client's namespaces
+/// (a worker's socket, the load generator's): losses neither counted happened
+/// elsewhere (the upgrades, the veth).
+fn xdp_switches_under_load(
+    lab: &XdpLab,
+    prefixes: usize,
+    switches: u32,
+) -> (Report, u32, u64, (Option<u64>, Option<u64>)) {
     let pins = PinDir::new();
     let runtime = TempDir::new("sup-run");
     let config = |round: u32| {
@@ -3063,6 +3069,13 @@ fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Rep
             .sum::<u64>()
     };
     let dropped_before = dropped(&sup);
+    let overflows = || {
+        (
+            lab.server.run_in(procfs::udp_rcvbuf_errors),
+            lab.client.run_in(procfs::udp_rcvbuf_errors),
+        )
+    };
+    let overflows_before = overflows();
     let mut done = 0;
     for round in 1..=switches {
         sup.set_config(config(round));
@@ -3073,10 +3086,16 @@ fn xdp_switches_under_load(lab: &XdpLab, prefixes: usize, switches: u32) -> (Rep
     std::thread::sleep(LEAD_OUT);
     let report = load.finish();
     let filter_dropped = dropped(&sup).saturating_sub(dropped_before);
+    let overflows_after = overflows();
     sup.stop();
     let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
     bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
-    (report, done, filter_dropped)
+    let since = |after: Option<u64>, before: Option<u64>| Some(after?.saturating_sub(before?));
+    let overflowed = (
+        since(overflows_after.0, overflows_before.0),
+        since(overflows_after.1, overflows_before.1),
+    );
+    (report, done, filter_dropped, overflowed)
 }
 
 fn xdp_cost(plan: &Plan) -> Section {
@@ -3392,20 +3411,25 @@ fn xdp_cost(plan: &Plan) -> Section {
             .push(format!("The filter alone (BPF_PROG_TEST_RUN): failed: {e}")),
     }
     match &switched {
-        Ok((r, done, filter_dropped)) => {
+        Ok((r, done, filter_dropped, (server_overflows, client_overflows))) => {
+            let count = |n: &Option<u64>| n.map_or("?".into(), thousands);
             s.notes.push(format!(
                 "Ruleset switches under load: {done} upgrades, each switching the filter to a new ruleset ({} prefixes \
                  per family, one /24 more or less than the last; the sender allowed), while 20 000 datagrams/s were \
-                 echoed: {} sent, {} lost, {} duplicated, {} refused; the filter dropped {} of them (its drop counters).",
+                 echoed: {} sent, {} lost, {} duplicated, {} refused; the filter dropped {} of them (its drop counters); \
+                 UDP receive-buffer overflows meanwhile: {} in the server's namespace (the worker's socket), {} in the \
+                 client's (the load generator's socket, the replies).",
                 thousands(prefixes as u64),
                 thousands(r.sent),
                 thousands(r.lost),
                 thousands(r.duplicated),
                 thousands(r.refused),
-                thousands(*filter_dropped)
+                thousands(*filter_dropped),
+                count(server_overflows),
+                count(client_overflows),
             ));
-            s.json["switches"] =
-                json!({"upgrades": done, "report": r.to_json(), "filter_dropped": filter_dropped});
+            s.json["switches"] = json!({"upgrades": done, "report": r.to_json(), "filter_dropped": filter_dropped,
+                "rcvbuf_errors_server": server_overflows, "rcvbuf_errors_client": client_overflows});
         }
         Err(e) => s
             .notes

@@ -270,6 +270,28 @@ fn wait_passed(supervisor: &Supervisor, from: u64, more: u64) {
     }
 }
 
+/// The load of the replacement tests: allowed, two flows from the client's own
+/// address at 4 000/s; denied, one flow at 1 000/s from `denied` (on the deny list),
+/// whose replies would be datagrams that got through. Returns once the filter has
+/// passed some of the allowed traffic.
+fn allowed_and_denied_loads(
+    lab: &Lab,
+    supervisor: &Supervisor,
+    target: SocketAddr,
+    denied: Ipv4Addr,
+) -> (BackgroundLoad, BackgroundLoad) {
+    let allowed = BackgroundLoad::start(&lab.client, LoadConfig::new(target).senders(2).rate(4000));
+    let denied_load = BackgroundLoad::start(
+        &lab.client,
+        LoadConfig::new(target)
+            .source(denied.into())
+            .rate(1000)
+            .grace(Duration::from_millis(300)),
+    );
+    wait_passed(supervisor, xdp_counter(supervisor, "passed"), 500);
+    (allowed, denied_load)
+}
+
 #[test]
 fn replacing_the_filter_program_under_load_loses_no_allowed_datagram() {
     let lab = Lab::new();
@@ -289,18 +311,8 @@ fn replacing_the_filter_program_under_load_loses_no_allowed_datagram() {
     let original_tag = program(program_id).tag();
     let pins_before = pins.entries();
 
-    // Allowed: two flows from the client's own address. Denied: one flow from a
-    // source on the deny list, whose replies would be datagrams that got through.
-    let allowed = BackgroundLoad::start(&lab.client, LoadConfig::new(target).senders(2).rate(4000));
     let denied_before = xdp_counter(&supervisor, "denied");
-    let denied_load = BackgroundLoad::start(
-        &lab.client,
-        LoadConfig::new(target)
-            .source(denied.into())
-            .rate(1000)
-            .grace(Duration::from_millis(300)),
-    );
-    wait_passed(&supervisor, xdp_counter(&supervisor, "passed"), 500);
+    let (allowed, denied_load) = allowed_and_denied_loads(&lab, &supervisor, target, denied);
 
     // Into the variant build and back, three times: each re-exec finds the link
     // pinned and moves it onto its own program with a link update.
@@ -429,15 +441,7 @@ fn reexec_into_a_build_with_other_xdp_map_layouts_replaces_the_maps() {
     // Bits 16-31: the layout fingerprint of the build that wrote the word.
     control.set(0, word ^ (0x5a5a << 16), 0).unwrap();
 
-    let allowed = BackgroundLoad::start(&lab.client, LoadConfig::new(target).senders(2).rate(4000));
-    let denied_load = BackgroundLoad::start(
-        &lab.client,
-        LoadConfig::new(target)
-            .source(denied.into())
-            .rate(1000)
-            .grace(Duration::from_millis(300)),
-    );
-    wait_passed(&supervisor, xdp_counter(&supervisor, "passed"), 500);
+    let (allowed, denied_load) = allowed_and_denied_loads(&lab, &supervisor, target, denied);
     supervisor.reexec_into(&bin_path("supervisor"));
     let after = xdp_status(&supervisor);
     assert_eq!(after["link_id"].as_u64().unwrap(), link_id, "{after}");

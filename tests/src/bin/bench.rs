@@ -2371,6 +2371,15 @@ impl XdpLab {
         bench_xdp::flood(&self.client, target, duration, self.send_cpu).expect("load generator")
     }
 
+    /// Detaches the filter a stopped supervisor left on the veth, so the next run
+    /// starts from a bare interface: the link's pin outlives the supervisor by design
+    /// (a restart keeps filtering), and removing it detaches the filter. Whether the
+    /// interface is bare within 3 s.
+    fn detach_filter(&self, pins: &PinDir) -> bool {
+        let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
+        bench_xdp::wait_detached(&self.server, &self.ifname, Duration::from_secs(3))
+    }
+
     /// Busy time of the receiving CPU so far.
     fn recv_busy(&self) -> Option<Duration> {
         self.recv_cpu.and_then(procfs::cpu_busy)
@@ -2453,10 +2462,7 @@ fn discard_with_xdp(lab: &XdpLab, duration: Duration, mode: &str) -> DiscardRun 
     let after = xdp_status(&sup);
     let stats_fd = stats_fd.map(drop);
     sup.stop();
-    // The link's pin outlives the supervisor by design (a restart keeps filtering);
-    // removing it detaches the filter, so the next run starts from a bare interface.
-    let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
-    let detached = bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
+    let detached = lab.detach_filter(&pins);
     let delta = |v: &dyn Fn(&Value) -> &Value| {
         v(&after)
             .as_u64()
@@ -2951,8 +2957,7 @@ fn xdp_program_alone(
                 xdp_program_cost::measure(program.as_fd(), &paths, round_count, XDP_TEST_RUN_REPEAT)
             });
         sup.stop();
-        let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
-        bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
+        lab.detach_filter(&pins);
         costs.extend(measured?);
     }
     Ok(costs)
@@ -2992,8 +2997,7 @@ fn xdp_filter_row(
     let busy_after = lab.recv_busy();
     let stats_fd = stats_fd.map(drop);
     sup.stop();
-    let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
-    bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
+    lab.detach_filter(&pins);
     let delta = |f: &dyn Fn(&Value) -> &Value| {
         f(&after)
             .as_u64()
@@ -3088,8 +3092,7 @@ fn xdp_switches_under_load(
     let filter_dropped = dropped(&sup).saturating_sub(dropped_before);
     let overflows_after = overflows();
     sup.stop();
-    let _ = std::fs::remove_dir_all(pins.path().join(SERVICE).join("xdp"));
-    bench_xdp::wait_detached(&lab.server, &lab.ifname, Duration::from_secs(3));
+    lab.detach_filter(&pins);
     let since = |after: Option<u64>, before: Option<u64>| Some(after?.saturating_sub(before?));
     let overflowed = (
         since(overflows_after.0, overflows_before.0),

@@ -1,7 +1,7 @@
 //! Clients of the stateful example worker (`stateful-worker`), for the tests of
 //! `flow` and `cookie` affinity: the worker counts datagrams per client, so a client
 //! that lands on another worker (or generation) sees its count start over.
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
@@ -96,7 +96,14 @@ pub fn client(
     echo_cookie: bool,
     stop: Arc<AtomicBool>,
 ) -> ClientLog {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // The loopback address of the target's family: the tests' services listen on
+    // 127.0.0.1 or ::1.
+    let local: IpAddr = if target.is_ipv6() {
+        Ipv6Addr::LOCALHOST.into()
+    } else {
+        Ipv4Addr::LOCALHOST.into()
+    };
+    let socket = UdpSocket::bind((local, 0)).unwrap();
     socket.connect(target).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))

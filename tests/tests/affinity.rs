@@ -665,27 +665,16 @@ fn flow_mode_keeps_ipv6_clients_on_their_generation_across_an_upgrade() {
     config.address = "[::1]:5400".parse().unwrap();
     let target = config.address;
     let supervisor = Supervisor::start(&net, config);
+    // Never stopped: every client sends all its datagrams.
+    let stop = Arc::new(AtomicBool::new(false));
     let v6_client = |datagrams: u64| {
-        let socket = UdpSocket::bind("[::1]:0").unwrap();
-        socket.connect(target).unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let mut log = ClientLog::default();
-        let mut buf = [0u8; 128];
-        for sequence in 0..datagrams {
-            let mut request = [0u8; 16];
-            request[8..].copy_from_slice(&sequence.to_le_bytes());
-            socket.send(&request).unwrap();
-            match socket.recv(&mut buf) {
-                Ok(n) => log
-                    .replies
-                    .push(parse(&buf[..n]).expect("a stateful reply")),
-                Err(_) => log.lost += 1,
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        log
+        client(
+            target,
+            datagrams,
+            Duration::from_millis(20),
+            false,
+            stop.clone(),
+        )
     };
     let (old, new) = net.run_in(|| {
         thread::scope(|scope| {
